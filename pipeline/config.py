@@ -1,0 +1,356 @@
+"""Typed configuration: every number of the method as a named field.
+
+Defaults are the paper's (DESIGN.md section 3). Presets in ``configs/*.yaml`` override any
+subset of fields; ``--set section.key=value`` overrides on top. Every problem is a
+``ConfigError`` whose message is one line naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; ``str(err)`` is one line."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, **extra: Any) -> dict[str, Any]:
+    return {"min": lo, "max": hi, **extra}
+
+
+def _f(default: Any, lo: float | None = None, hi: float | None = None, **extra: Any) -> Any:
+    """A field with range metadata; mutable defaults are copied per instance."""
+    meta = _range(lo, hi, **extra)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: json.loads(json.dumps(default)), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelsConfig:
+    # The tiny set replaces every model id below with a locally built random-weight model.
+    tiny: bool = False
+    tiny_cache_dir: str = ""  # "" -> $REFEREE_SYNTH_CACHE or ~/.cache/referee-synth
+    tiny_seed: int = _f(0, 0)
+    stable_diffusion: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    referee: str = "Salesforce/blip2-itm-vit-g"
+    vqa: str = "Salesforce/blip-vqa-capfilt-large"
+    revision: str = "main"
+    dtype: str = _f("float32", choices=["float32", "bfloat16", "float16"])
+    device: str = _f("auto", choices=["auto", "cpu", "cuda"])
+
+
+@dataclass
+class EngineConfig:
+    batch_size: int = _f(4, 1)  # (prompt, sample) pairs optimised together
+    autocast: str = _f("auto", choices=["auto", "none", "bf16", "fp16"])  # auto: bf16 on CUDA
+    view_chunk: int = _f(0, 0)  # views per referee pass; 0 = all at once (same math)
+    trace: bool = False  # record per-iteration losses and grad norms
+    compile: bool = False  # torch.compile the referee and VAE decoder
+    channels_last: bool = True  # channels-last VAE on CUDA
+    max_restarts: int = _f(2, 0)  # restarts of a sample whose latents go non-finite
+
+
+@dataclass
+class LatentConfig:
+    channels: int = _f(4, 1)
+    size: int = _f(64, 1)  # 64 -> 512 px image with SD's VAE
+    scale: float = _f(0.18215, 0.0)
+
+
+@dataclass
+class AugmentConfig:
+    num_views: int = _f(30, 1)
+    top_k: int = _f(0, 0)  # keep the k hardest views; 0 = all
+    affine_degrees: float = _f(30.0, 0.0, 180.0)
+    affine_translate: float = _f(0.1, 0.0, 1.0)
+    perspective_distortion: float = _f(0.2, 0.0, 1.0)
+    perspective_p: float = _f(0.4, 0.0, 1.0)
+    jitter_brightness: float = _f(0.1, 0.0)
+    jitter_contrast: float = _f(0.1, 0.0)
+    jitter_saturation: float = _f(0.1, 0.0)
+    jitter_hue: float = _f(0.1, 0.0, 0.5)
+    jitter_p: float = _f(0.5, 0.0, 1.0)
+    erasing_scale: list[float] = _f([0.1, 0.4], 0.0, 1.0, length=2)
+    erasing_ratio: list[float] = _f([0.3, 3.3], 0.0, length=2)
+    erasing_p: float = _f(1.0, 0.0, 1.0)
+    noise_std_max: float = _f(0.1, 0.0)  # first noise: per-view std ~ U(0, max)
+    noise_std: float = _f(0.2, 0.0)  # second noise: fixed std
+    clip_mean: list[float] = _f([0.48145466, 0.4578275, 0.40821073], 0.0, 1.0, length=3)
+    clip_std: list[float] = _f([0.26862954, 0.26130258, 0.27577711], 0.0, 1.0, length=3)
+
+
+@dataclass
+class RefereeConfig:
+    max_tokens: int = _f(32, 2)
+    strip_chars: str = '.!"()*#:;~'
+    label_smoothing: float = _f(0.1, 0.0, 1.0)
+    itm_weight: float = _f(1.0, 0.0)
+    caption_weight: float = _f(1.0, 0.0)
+
+
+@dataclass
+class SdsConfig:
+    prefix: str = "A photo exactly contains "
+    t_min: int = _f(50, 0, 999)
+    t_max: int = _f(949, 0, 999)
+    guidance_scale: float = _f(30.0, 0.0)
+    grad_scale: float = _f(2.0, 0.0)  # w in grad = w (eps_hat - eps)
+    weight_start: float = _f(800.0, 0.0)
+    weight_end: float = _f(400.0, 0.0)
+    normalizer: float = _f(4096.0, 1.0)  # 64 * 64, the authors' loss normalisation
+
+
+@dataclass
+class OptimConfig:
+    iterations: int = _f(150, 1)  # referee + SDS iterations
+    tail_iterations: int = _f(10, 0)  # SDS-only iterations after them
+    optimizer: str = _f("adam", choices=["adam", "sgd"])
+    lr_start: float = _f(1.0, 0.0)
+    lr_end: float = _f(0.5, 0.0)
+    warmup: int = _f(10, 0)
+    betas: list[float] = _f([0.9, 0.999], 0.0, 1.0, length=2)
+    weight_decay: float = _f(5e-4, 0.0)
+    momentum: float = _f(0.0, 0.0, 1.0)  # SGD only
+    ref_to_sds_ratio: float = _f(2.0, 0.0)  # ||g_ref|| = ratio * ||g_sds||
+    sds_step: float = _f(1.0, 0.0)
+    noise_std: float = _f(0.2, 0.0)  # added to the gradient and to z each step
+    tail_noise_std: float = _f(0.01, 0.0)
+    ema_decay: float = _f(0.95, 0.0, 1.0)
+    ema_restarts: list[int] = _f([40, 100], 0)
+
+
+@dataclass
+class VqaConfig:
+    image_size: int = _f(480, 16)
+    max_questions: int = _f(8, 1)
+    skip_chunks: list[str] = _f(["top", "the side", "the left", "the right"])
+    strip_chars: str = '.!"()*#:;~'
+    round_digits: int = _f(4, 0, 10)
+    spacy_model: str = "en_core_web_sm"
+    batch_size: int = _f(32, 1)  # questions per decoder pass
+
+
+@dataclass
+class FilterConfig:
+    default_threshold: float = _f(0.5, 0.0, 1.0)
+    thresholds: dict[str, float] = _f({}, 0.0, 1.0)
+
+
+@dataclass
+class JobConfig:
+    seed: int = _f(0, 0)
+    samples_per_prompt: int = _f(1, 1)
+    shard_size: int = _f(64, 1)
+    num_actors: int = _f(0, 0)  # 0 = one per GPU, or 2 on a CPU-only machine
+    gpus_per_actor: float = _f(1.0, 0.0)
+    cpus_per_actor: float = _f(1.0, 0.0)
+    max_shard_retries: int = _f(3, 0)
+    image_format: str = _f("png", choices=["png", "jpg", "webp"])
+    max_prompt_chars: int = _f(1000, 1)
+    max_prompt_id_chars: int = _f(128, 1)
+
+
+@dataclass
+class Config:
+    version: int = CONFIG_VERSION
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    referee: RefereeConfig = field(default_factory=RefereeConfig)
+    sds: SdsConfig = field(default_factory=SdsConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    vqa: VqaConfig = field(default_factory=VqaConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    job: JobConfig = field(default_factory=JobConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        """Stable hash of everything that changes the images or the scores."""
+        data = self.to_dict()
+        data["job"] = {k: v for k, v in data["job"].items() if k not in _RUN_ONLY_JOB_KEYS}
+        data["engine"] = {k: v for k, v in data["engine"].items() if k not in _RUN_ONLY_ENGINE_KEYS}
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Keys that change how a run is executed but not what it produces.
+_RUN_ONLY_JOB_KEYS = {"num_actors", "gpus_per_actor", "cpus_per_actor", "max_shard_retries"}
+_RUN_ONLY_ENGINE_KEYS = {"trace", "compile", "view_chunk"}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_scalar(key: str, value: Any, tp: Any) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config: {key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config: {key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config: {key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config: {key} must be a string, got {value!r}")
+    raise ConfigError(f"config: {key} has unsupported type {_type_name(tp)}")
+
+
+def _check_bounds(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"config: {key} must be one of {', '.join(choices)}, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if lo is not None and value < lo:
+            raise ConfigError(f"config: {key} must be >= {lo}, got {value!r}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"config: {key} must be <= {hi}, got {value!r}")
+
+
+def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config: {key} must be a list of {_type_name(item_tp)}, got {value!r}")
+        length = meta.get("length")
+        if length is not None and len(value) != length:
+            raise ConfigError(f"config: {key} must have {length} items, got {len(value)}")
+        items = [_check_scalar(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+        for i, v in enumerate(items):
+            _check_bounds(f"{key}[{i}]", v, meta)
+        return items
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: {key} must be a mapping, got {value!r}")
+        out = {}
+        for k, v in value.items():
+            out[str(k)] = _check_scalar(f"{key}.{k}", v, val_tp)
+            _check_bounds(f"{key}.{k}", out[str(k)], meta)
+        return out
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"config: {key} has unsupported type {tp}")
+    checked = _check_scalar(key, value, tp)
+    _check_bounds(key, checked, meta)
+    return checked
+
+
+def _build_section(name: str, cls: type, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config: section '{name}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            known = ", ".join(fields)
+            raise ConfigError(f"config: unknown key '{name}.{key}' (known keys: {known})")
+        kwargs[key] = _check_value(f"{name}.{key}", value, hints[key], fields[key].metadata)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Validate a nested mapping (a partial one is fine) and build a Config."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: top level must be a mapping of sections, got {type(data).__name__}")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    kwargs: dict[str, Any] = {}
+    for name, values in data.items():
+        if name not in sections:
+            raise ConfigError(f"config: unknown section '{name}' (known: {', '.join(sections)})")
+        if name == "version":
+            if values != CONFIG_VERSION:
+                raise ConfigError(f"config: version must be {CONFIG_VERSION}, got {values!r}")
+            continue
+        kwargs[name] = _build_section(name, hints[name], values)
+    cfg = Config(**kwargs)
+    _check_cross_fields(cfg)
+    return cfg
+
+
+def _check_cross_fields(cfg: Config) -> None:
+    if cfg.sds.t_min > cfg.sds.t_max:
+        raise ConfigError(f"config: sds.t_min must be <= sds.t_max, got {cfg.sds.t_min} > {cfg.sds.t_max}")
+    if cfg.augment.top_k > cfg.augment.num_views:
+        raise ConfigError(
+            f"config: augment.top_k must be <= augment.num_views ({cfg.augment.num_views}), got {cfg.augment.top_k}"
+        )
+    lo, hi = cfg.augment.erasing_scale
+    if lo > hi:
+        raise ConfigError(f"config: augment.erasing_scale must be [low, high] with low <= high, got {[lo, hi]}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], parsed YAML value)."""
+    if "=" not in text:
+        raise ConfigError(f"config: --set expects section.key=value, got {text!r}")
+    path, raw = text.split("=", 1)
+    keys = path.strip().split(".")
+    if len(keys) < 2 or not all(keys):
+        raise ConfigError(f"config: --set expects section.key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"config: --set {path} has a value that is not valid YAML: {raw!r}") from None
+    return keys, value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config: {p} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {p} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then ``section.key=value`` overrides."""
+    data: dict[str, Any] = read_yaml(path) if path else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"config: --set {'.'.join(keys)}: '{k}' is not a section")
+            node = child
+        node[keys[-1]] = value
+    return from_dict(data)
+
+
+def preset_path(name: str) -> Path:
+    """Path of a shipped preset (``paper``, ``vlminv``, ``tiny``, ``gors``)."""
+    return Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"

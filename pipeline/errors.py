@@ -1,0 +1,7 @@
+"""Errors a user can cause. Entry points print ``str(err)`` (one line) and exit 2."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A usage, input-file or environment problem; the message is one line that says what to do."""

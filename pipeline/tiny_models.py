@@ -1,0 +1,217 @@
+"""The ``tiny`` model set: the real architectures from small configs, random weights.
+
+Built once, from a fixed seed, into a cache folder, then loaded by ``pipeline.models`` through
+the same ``from_pretrained`` code as real checkpoints. Images made with it are noise and its
+scores are meaningless; the plumbing is real. Concurrent builders are safe: each builds in a
+private temporary folder and renames it into place; the loser of the race discards its copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pipeline.caption_head import Blip2CaptionHead, Blip2CaptionHeadConfig
+
+TINY_LAYOUT_VERSION = "tiny-v1"
+
+# Whole words kept in the tiny BERT vocabulary; anything else falls back to letter pieces.
+_BERT_WORDS = (
+    "a an the of and on in with to yes no photo exactly contains red blue green yellow black white "
+    "brown pink purple orange gray round square cube sphere metallic wooden plastic fluffy leather "
+    "glass car dog cat bird cup book chair table apple banana bowl left right top side near next"
+).split()
+_BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# BLIP puts these two after the BERT vocabulary: [DEC] is the decoder's BOS, [ENC] the question's.
+_BLIP_SPECIALS = ["[DEC]", "[ENC]"]
+
+_CLIP_MERGES = ["t h", "th e</w>", "a n", "an d</w>", "r e", "e d</w>", "o n</w>", "i n"]
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("REFEREE_SYNTH_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "referee-synth"
+
+
+def tiny_root(cache_dir: str | Path | None = None, seed: int = 0) -> Path:
+    base = Path(cache_dir) if cache_dir else default_cache_dir()
+    return base / f"{TINY_LAYOUT_VERSION}-seed{seed}"
+
+
+def _bert_vocab() -> list[str]:
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    digits = [str(d) for d in range(10)]
+    punct = list(".,!?'\"()*#:;~-_/&")
+    pieces = [f"##{c}" for c in letters + digits]
+    return _BERT_SPECIALS + letters + digits + punct + pieces + _BERT_WORDS
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def _write_clip_tokenizer_files(folder: Path) -> None:
+    base = list(_bytes_to_unicode().values())
+    tokens = base + [t + "</w>" for t in base]
+    tokens += ["".join(m.split()) for m in _CLIP_MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(_CLIP_MERGES) + "\n")
+
+
+def _build_tokenizers(work: Path):
+    from transformers import BertTokenizer, CLIPTokenizer
+
+    raw = work / "_raw"
+    raw.mkdir()
+    (raw / "vocab.txt").write_text("\n".join(_bert_vocab()) + "\n")
+    bert = BertTokenizer(vocab=str(raw / "vocab.txt"))
+    bert.add_special_tokens({"bos_token": "[DEC]"})
+    bert.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    _write_clip_tokenizer_files(raw / "clip")
+    clip = CLIPTokenizer(vocab=str(raw / "clip" / "vocab.json"), merges=str(raw / "clip" / "merges.txt"))
+    clip.model_max_length = 77
+    return bert, clip
+
+
+def _build_sd(folder: Path, clip_tokenizer) -> None:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    vae.save_pretrained(folder / "vae")
+    text_cfg = CLIPTextConfig(
+        vocab_size=len(clip_tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=clip_tokenizer.bos_token_id,
+        eos_token_id=clip_tokenizer.eos_token_id,
+        pad_token_id=clip_tokenizer.pad_token_id,
+    )
+    CLIPTextModel(text_cfg).save_pretrained(folder / "text_encoder")
+    clip_tokenizer.save_pretrained(folder / "tokenizer")
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    unet.save_pretrained(folder / "unet")
+    # SD 1.5's noise schedule, so timesteps and alphas behave as in the real model.
+    DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    ).save_pretrained(folder / "scheduler")
+
+
+def _build_referee(folder: Path, bert) -> None:
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval
+
+    cfg = Blip2Config(
+        vision_config=dict(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            image_size=32, patch_size=8,
+        ),
+        qformer_config=dict(
+            vocab_size=len(bert), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=37, encoder_hidden_size=32, cross_attention_frequency=1,
+            max_position_embeddings=64,
+        ),
+        num_query_tokens=4,
+        image_text_hidden_size=16,
+    )
+    Blip2ForImageTextRetrieval(cfg).save_pretrained(folder)
+    bert.save_pretrained(folder)
+    head = Blip2CaptionHead(Blip2CaptionHeadConfig(hidden_size=32, vocab_size=len(bert)))
+    head.save_pretrained(folder / "caption_head")
+
+
+def _build_vqa(folder: Path, bert) -> None:
+    from transformers import BlipConfig, BlipForQuestionAnswering
+
+    cfg = BlipConfig(
+        vision_config=dict(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            image_size=480, patch_size=48,
+        ),
+        text_config=dict(
+            vocab_size=len(bert), hidden_size=32, encoder_hidden_size=32, intermediate_size=37,
+            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+            bos_token_id=bert.convert_tokens_to_ids("[DEC]"), pad_token_id=bert.pad_token_id,
+            sep_token_id=bert.sep_token_id, eos_token_id=bert.sep_token_id,
+        ),
+    )
+    BlipForQuestionAnswering(cfg).save_pretrained(folder)
+    bert.save_pretrained(folder)
+
+
+def build_tiny_models(cache_dir: str | Path | None = None, seed: int = 0) -> Path:
+    """Build the tiny set if absent; return its folder. Safe under concurrent callers."""
+    root = tiny_root(cache_dir, seed)
+    if (root / "DONE").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        torch.manual_seed(seed)
+        bert, clip = _build_tokenizers(work)
+        _build_sd(work / "sd", clip)
+        _build_referee(work / "referee", bert)
+        _build_vqa(work / "vqa", bert)
+        shutil.rmtree(work / "_raw")
+        (work / "DONE").write_text(json.dumps({"layout": TINY_LAYOUT_VERSION, "seed": seed}))
+        try:
+            os.rename(work, root)
+        except OSError:
+            # Another process finished first; its copy is equivalent (same seed, same code).
+            if not (root / "DONE").is_file():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return root
+
+
+def tiny_sources(cache_dir: str | Path | None = None, seed: int = 0) -> dict[str, str]:
+    """Model folders of the tiny set, keyed like ``ModelsConfig``'s id fields."""
+    root = build_tiny_models(cache_dir, seed)
+    return {
+        "stable_diffusion": str(root / "sd"),
+        "referee": str(root / "referee"),
+        "vqa": str(root / "vqa"),
+    }
