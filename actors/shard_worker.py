@@ -1,0 +1,63 @@
+"""The Ray actor: loads the frozen model set once, then processes one shard per call.
+
+Thin on purpose: all the work is ``pipeline.process_shard.ShardProcessor``, which runs without Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+
+# Debug hooks for fault tests, off unless set: "SHARD:N" makes the first N attempts at SHARD
+# kill the actor's process (KILL) or raise (RAISE) midway.
+KILL_ENV = "REFEREE_SYNTH_KILL_ACTOR_ON_SHARD"
+RAISE_ENV = "REFEREE_SYNTH_RAISE_ON_SHARD"
+
+
+def _hook_fires(env: str, shard: int, attempt: int) -> bool:
+    spec = os.environ.get(env, "")
+    if not spec:
+        return False
+    target, _, times = spec.partition(":")
+    return int(target) == shard and attempt < int(times or 1)
+
+
+class ShardWorker:
+    def __init__(self, cfg_dict: dict[str, Any], output: str, model_ids: dict[str, str], progress: Any) -> None:
+        import torch
+
+        from pipeline.config import from_dict
+        from pipeline.models import load_generator_models, load_vqa_models
+        from pipeline.process_shard import ShardProcessor
+        from pipeline.storage import filesystem_for
+
+        cfg = from_dict(cfg_dict)
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, int(cfg.job.cpus_per_actor)))
+        self.processor = ShardProcessor(cfg, load_generator_models(cfg), load_vqa_models(cfg), model_ids)
+        self.fs, self.out = filesystem_for(output)
+        self.progress = progress
+
+    def ready(self) -> bool:
+        return True
+
+    def process(self, spec: Any, attempt: int) -> dict[str, Any]:
+        def report(counts: dict[str, int]) -> None:
+            if _hook_fires(KILL_ENV, spec.shard, attempt):
+                os._exit(1)  # simulate a crashed worker process mid-shard
+            if _hook_fires(RAISE_ENV, spec.shard, attempt):
+                raise RuntimeError(f"injected failure in shard {spec.shard}")
+            if self.progress is not None:
+                self.progress.put_nowait((spec.shard, attempt, counts))
+
+        return self.processor.process(spec, self.fs, self.out, progress=report).to_dict()
+
+
+def remote_worker_class(num_cpus: float, num_gpus: float, env_vars: dict[str, str]) -> Any:
+    """The actor class with this run's resources; failures are retried by the driver, not by Ray."""
+    return ray.remote(
+        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0,
+        runtime_env={"env_vars": env_vars} if env_vars else None,
+    )(ShardWorker)

@@ -1,0 +1,244 @@
+"""The main job: prompts (Parquet) in, WebDataset shards of accepted (image, caption, score) out.
+
+    python jobs/synthesize.py --prompts PATH --output PATH [--config FILE] [--set k=v ...]
+        [--num-actors N] [--shard-size N] [--samples-per-prompt K] [--seed S] [--threshold X] [--force]
+
+On a cluster: ``ray job submit --working-dir . -- python jobs/synthesize.py ...`` (or with
+RAY_ADDRESS set). Otherwise a local Ray starts, its dashboard bound to 127.0.0.1.
+Exit codes: 0 every shard complete; 1 some shards failed after retries (rerun to resume);
+2 usage, configuration or input-file error; 130 interrupted (rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jobs.cli import EXIT_FAILED, EXIT_OK, fail, run_main  # noqa: E402
+from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Environment the actors need to see as the driver does (debug hooks, model cache, hub settings).
+_FORWARDED_ENV_PREFIXES = ("REFEREE_SYNTH_", "HF_", "TRANSFORMERS_", "AWS_")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="synthesize.py", description=__doc__.split("\n")[0])
+    p.add_argument("--prompts", required=True, help="Parquet file or folder (local, s3://, gs://)")
+    p.add_argument("--output", required=True, help="run folder (local, s3://, gs://)")
+    p.add_argument("--config", help="YAML preset, e.g. configs/paper.yaml or configs/tiny.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
+    p.add_argument("--num-actors", type=int, help="actors in the pool (default: one per GPU)")
+    p.add_argument("--shard-size", type=int, help="prompt rows per shard")
+    p.add_argument("--samples-per-prompt", type=int, help="images per prompt (rows may override)")
+    p.add_argument("--seed", type=int, help="run seed")
+    p.add_argument("--threshold", type=float, help="acceptance threshold for every category")
+    p.add_argument("--force", action="store_true", help="redo a run whose config or input changed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    sets = list(args.set)
+    flags = {
+        "job.num_actors": args.num_actors, "job.shard_size": args.shard_size,
+        "job.samples_per_prompt": args.samples_per_prompt, "job.seed": args.seed,
+    }
+    sets += [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if args.threshold is not None:
+        sets += [f"filter.default_threshold={args.threshold}", "filter.thresholds={}"]
+    return load_config(args.config, sets)
+
+
+def _forwarded_env(local: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV_PREFIXES)}
+    if local:  # on a cluster, `ray job submit --working-dir` puts the project on the path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def start_ray() -> bool:
+    """Connect to a cluster if one is given, else start a local one. Returns True if we started it."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return False
+    ray.init(
+        include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+        runtime_env={"env_vars": _forwarded_env(local=True)},
+    )
+    return True
+
+
+def _pool_size(cfg: Config) -> tuple[int, float]:
+    """(actors, GPUs per actor) from the cluster's resources and the config."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    per = cfg.job.gpus_per_actor if gpus > 0 else 0.0
+    if cfg.job.num_actors:
+        return cfg.job.num_actors, per
+    if per > 0:
+        return max(1, int(gpus // per)), per
+    return max(1, min(2, int(ray.cluster_resources().get("CPU", 1) // max(cfg.job.cpus_per_actor, 1e-3)))), 0.0
+
+
+class Progress:
+    """tqdm over samples with accepted / rejected / failed counts and images per hour."""
+
+    def __init__(self, total: int, done: int, disable: bool) -> None:
+        from tqdm import tqdm
+
+        self.counts = {"accepted": 0, "rejected": 0, "failed": 0, "invalid_input": 0}
+        self.t0 = time.time()
+        self.bar = tqdm(total=total, initial=done, unit="sample", disable=disable, dynamic_ncols=True)
+
+    def update(self, counts: dict[str, int]) -> None:
+        for k, v in counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+        self.bar.update(sum(counts.values()))
+        made = self.counts["accepted"] + self.counts["rejected"] + self.counts["failed"]
+        rate = 3600 * made / max(time.time() - self.t0, 1e-6)
+        self.bar.set_postfix(acc=self.counts["accepted"], rej=self.counts["rejected"],
+                             fail=self.counts["failed"], img_h=f"{rate:.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    plan = _plan(args, cfg)
+    if not plan["todo"]:
+        return _finish(plan, cfg, failed={}, retries=0, wall=0.0)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    import ray
+
+    started = start_ray()
+    pool = None
+    t0 = time.time()
+    try:
+        pool = _make_pool(cfg, args.output, plan["model_ids"])
+        progress = Progress(plan["total_samples"], plan["done_samples"], args.no_progress)
+        result = pool.run(plan["todo"], progress.update, lambda stats: None)
+        progress.close()
+        return _finish(plan, cfg, failed=result.failed, retries=result.retries, wall=time.time() - t0)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: completed shards are kept; rerun the same command to resume ({args.output})",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if started:
+            ray.shutdown()
+
+
+def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
+    from pipeline.models import model_sources
+    from pipeline.run_folder import make_run_info, prepare_run, remove_leftovers
+    from pipeline.shards import plan_shards, shard_is_complete
+    from pipeline.storage import filesystem_for
+    from schemas.prompts import fingerprint, read_prompt_tables, samples_of, validate_rows
+
+    files, tables = read_prompt_tables(args.prompts)
+    rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars)
+    specs = plan_shards(rows, cfg.job.shard_size)
+    model_ids = _model_ids(cfg, model_sources(cfg.models))
+    fs, out = filesystem_for(args.output)
+    info = make_run_info(cfg, model_ids, fingerprint(files), args.prompts, len(specs))
+    try:
+        prepare_run(fs, out, info, args.force, args.output)
+        remove_leftovers(fs, out)
+    except OSError as err:
+        raise UserError(f"output {args.output}: cannot write ({str(err).splitlines()[0]})") from None
+    todo = [s for s in specs if not shard_is_complete(fs, out, s.shard, info.config_hash)]
+    done = {s.shard for s in specs} - {s.shard for s in todo}
+    total = sum(samples_of(r) for r in rows)
+    done_samples = sum(samples_of(r) for s in specs if s.shard in done for r in s.rows)
+    if done:
+        print(f"resuming: {len(done)} of {len(specs)} shards already complete", file=sys.stderr)
+    return dict(fs=fs, out=out, specs=specs, todo=todo, model_ids=model_ids, rows=rows,
+                total_samples=total, done_samples=done_samples, skipped=len(done))
+
+
+def _model_ids(cfg: Config, sources: dict[str, str]) -> dict[str, str]:
+    if cfg.models.tiny:  # local cache paths differ per machine; name the set instead
+        from pipeline.tiny_models import TINY_LAYOUT_VERSION
+
+        return {k: f"{TINY_LAYOUT_VERSION}-seed{cfg.models.tiny_seed}/{k}" for k in sources}
+    return {k: f"{v}@{cfg.models.revision}" for k, v in sources.items()}
+
+
+def _make_pool(cfg: Config, output: str, model_ids: dict[str, str]):
+    from actors.pool import ShardPool
+    from actors.shard_worker import remote_worker_class
+
+    n, gpus = _pool_size(cfg)
+    env = _forwarded_env(local=False) if os.environ.get("RAY_ADDRESS") else {}
+    worker = remote_worker_class(cfg.job.cpus_per_actor, gpus, env)
+    cfg_dict = cfg.to_dict()
+    pool = ShardPool(lambda q: worker.remote(cfg_dict, output, model_ids, q), n, cfg.job.max_shard_retries)
+    _wait_ready(pool)
+    return pool
+
+
+def _wait_ready(pool: Any) -> None:
+    from ray.exceptions import RayActorError
+
+    try:
+        pool.wait_ready()
+    except RayActorError as err:
+        pool.shutdown()
+        raise UserError(f"actors could not start: {_cause_line(err)}") from None
+
+
+def _cause_line(err: Exception) -> str:
+    """The user-facing line of an actor constructor's error (e.g. a missing model)."""
+    for line in reversed(str(err).splitlines()):
+        for name in ("ModelLoadError: ", "ConfigError: ", "UserError: "):
+            if name in line:
+                return line.split(name, 1)[1].strip()
+    lines = [t for t in str(err).splitlines() if t.strip()]
+    return lines[-1].strip() if lines else type(err).__name__
+
+
+def _finish(plan: dict[str, Any], cfg: Config, failed: dict[int, str], retries: int, wall: float) -> int:
+    from pipeline.run_folder import summarize, write_summary
+
+    summary = summarize(plan["fs"], plan["out"], len(plan["specs"]), list(failed), wall, retries, plan["skipped"])
+    write_summary(plan["fs"], plan["out"], summary)
+    print(
+        f"done: {summary.shards_completed}/{summary.shards_total} shards, {summary.samples} samples: "
+        f"{summary.accepted} accepted, {summary.rejected} rejected, {summary.failed} failed, "
+        f"{summary.invalid_input} invalid input; {summary.images_per_hour:.0f} images/hour",
+        file=sys.stderr,
+    )
+    if failed:
+        for shard, why in sorted(failed.items()):
+            print(f"shard {shard:06d} failed: {why}", file=sys.stderr)
+        fail(f"{len(failed)} shard(s) failed after retries: {', '.join(f'{s:06d}' for s in sorted(failed))}; "
+             "rerun the same command to resume", EXIT_FAILED)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    run_main(main)

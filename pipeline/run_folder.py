@@ -1,0 +1,118 @@
+"""The run folder: ``run.json`` (what a resume must match), leftovers of crashes, ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from pipeline import storage
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.shards import SHARDS_DIR, read_stats
+from schemas.run import RunInfo, ShardStats, Summary
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def code_version() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def make_run_info(
+    cfg: Config, model_ids: dict[str, str], fingerprint: dict[str, Any], prompts_uri: str, num_shards: int
+) -> RunInfo:
+    t = now()
+    return RunInfo(
+        config=cfg.to_dict(), config_hash=cfg.hash(), model_ids=model_ids, input=fingerprint,
+        prompts_uri=prompts_uri, shard_size=cfg.job.shard_size, num_shards=num_shards,
+        code_version=code_version(), created_at=t, updated_at=t,
+    )
+
+
+def _mismatch(old: dict[str, Any], new: RunInfo) -> str | None:
+    if old.get("config_hash") != new.config_hash:
+        return "the configuration differs"
+    if old.get("input") != new.input:
+        return "the input prompts differ (files, sizes or row counts)"
+    if old.get("shard_size") != new.shard_size:
+        return "the shard size differs"
+    return None
+
+
+def prepare_run(fs: pafs.FileSystem, out: str, info: RunInfo, force: bool, output_uri: str) -> bool:
+    """Write or check ``run.json``. Returns True when this resumes an earlier run."""
+    path = storage.join(out, "run.json")
+    fs.create_dir(storage.join(out, SHARDS_DIR), recursive=True)
+    resumed = False
+    if storage.exists(fs, path):
+        try:
+            old = json.loads(storage.read_bytes(fs, path))
+        except ValueError:
+            old = {}
+        problem = _mismatch(old, info)
+        if problem and not force:
+            raise UserError(
+                f"output {output_uri} holds a run whose {problem.split(' ', 1)[1]}; "
+                "use a new --output, or --force to redo every shard with the new settings"
+            )
+        if problem:
+            _drop_markers(fs, out)
+        else:
+            info.created_at = old.get("created_at", info.created_at)
+            resumed = True
+    storage.write_atomic(fs, path, json.dumps(info.to_dict(), indent=1, default=str).encode())
+    return resumed
+
+
+def _drop_markers(fs: pafs.FileSystem, out: str) -> None:
+    """--force: forget old completions first, so a crash now cannot leave stale 'done' shards."""
+    selector = pafs.FileSelector(storage.join(out, SHARDS_DIR), allow_not_found=True)
+    for info in fs.get_file_info(selector):
+        if info.path.endswith(".stats.json"):
+            fs.delete_file(info.path)
+
+
+def remove_leftovers(fs: pafs.FileSystem, out: str) -> int:
+    """Delete temporary files a crashed writer left behind (never a final name)."""
+    selector = pafs.FileSelector(storage.join(out, SHARDS_DIR), allow_not_found=True)
+    removed = 0
+    for info in fs.get_file_info(selector):
+        if ".tmp-" in info.path.rsplit("/", 1)[-1]:
+            fs.delete_file(info.path)
+            removed += 1
+    return removed
+
+
+def summarize(
+    fs: pafs.FileSystem, out: str, num_shards: int, failed: list[int], wall: float, retries: int, skipped: int
+) -> Summary:
+    stats: list[ShardStats] = [s for s in (read_stats(fs, out, i) for i in range(num_shards)) if s is not None]
+    done = {s.shard for s in stats}
+    total = {k: sum(getattr(s, k) for s in stats) for k in ("rows", "samples", "accepted", "rejected", "failed",
+                                                              "invalid_input")}
+    generated = total["accepted"] + total["rejected"] + total["failed"]
+    return Summary(
+        shards_total=num_shards, shards_completed=len(done), shards_failed=sorted(failed),
+        wall_seconds=round(wall, 3), images_per_hour=round(3600 * generated / wall, 1) if wall > 0 else 0.0,
+        finished_at=now(), retries=retries, skipped_shards=skipped, **total,
+    )
+
+
+def write_summary(fs: pafs.FileSystem, out: str, summary: Summary) -> None:
+    storage.write_atomic(fs, storage.join(out, "summary.json"), json.dumps(summary.to_dict(), indent=1).encode())

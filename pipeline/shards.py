@@ -1,0 +1,131 @@
+"""Shard planning and the shard writer: WebDataset tar, Parquet sidecar, stats marker last.
+
+Shard ``i`` holds rows ``[i*S, (i+1)*S)`` of the validated input in planned order. The tar and
+the sidecar are built in a local temporary folder and published whole; the stats marker is
+written only after both are in place, so a crash never leaves a shard that looks done.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from pipeline import storage
+from schemas.prompts import PromptRow
+from schemas.run import ShardStats
+from schemas.samples import ACCEPTED, FAILED, INVALID_INPUT, MAX_SHARD_SIZE, REJECTED, SampleRecord, sidecar_table
+
+SHARDS_DIR = "shards"
+_PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+@dataclass
+class ShardSpec:
+    shard: int
+    rows: list[PromptRow]
+
+
+def plan_shards(rows: list[PromptRow], shard_size: int) -> list[ShardSpec]:
+    """Deterministic: shard i = rows [i*S, (i+1)*S) of the planned order."""
+    if not 1 <= shard_size <= MAX_SHARD_SIZE:
+        raise ValueError(f"shard size must be between 1 and {MAX_SHARD_SIZE}, got {shard_size}")
+    return [ShardSpec(i // shard_size, rows[i:i + shard_size]) for i in range(0, len(rows), shard_size)]
+
+
+def shard_paths(out: str, shard: int) -> dict[str, str]:
+    base = storage.join(out, SHARDS_DIR, f"{shard:06d}")
+    return {"tar": f"{base}.tar", "parquet": f"{base}.parquet", "stats": f"{base}.stats.json"}
+
+
+def read_stats(fs: pafs.FileSystem, out: str, shard: int) -> ShardStats | None:
+    path = shard_paths(out, shard)["stats"]
+    if not storage.exists(fs, path):
+        return None
+    try:
+        return ShardStats.from_dict(json.loads(storage.read_bytes(fs, path)))
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def shard_is_complete(fs: pafs.FileSystem, out: str, shard: int, config_hash: str) -> bool:
+    """Marker present, made with this config, and the files it vouches for have their recorded sizes."""
+    stats = read_stats(fs, out, shard)
+    if stats is None or stats.config_hash != config_hash:
+        return False
+    paths = shard_paths(out, shard)
+    return (
+        storage.file_size(fs, paths["tar"]) == stats.tar_bytes
+        and storage.file_size(fs, paths["parquet"]) == stats.parquet_bytes
+    )
+
+
+def encode_image(image: torch.Tensor, fmt: str) -> bytes:
+    """3xHxW float in [0, 1] -> encoded bytes."""
+    arr = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=_PIL_FORMATS[fmt])
+    return buf.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # reproducible tars
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+class ShardWriter:
+    """Collects one shard's samples locally, then publishes tar, sidecar and marker in that order."""
+
+    def __init__(self, fs: pafs.FileSystem, out: str, shard: int, image_format: str) -> None:
+        self.fs, self.out, self.shard, self.fmt = fs, out, shard, image_format
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"shard-{shard:06d}-")
+        self._tar_path = Path(self._tmp.name) / "shard.tar"
+        self._tar = tarfile.open(self._tar_path, "w", format=tarfile.PAX_FORMAT)
+        self.records: list[SampleRecord] = []
+
+    def add(self, record: SampleRecord, image: torch.Tensor | None = None) -> None:
+        if record.status == ACCEPTED:
+            if image is None:
+                raise ValueError(f"accepted sample {record.key} has no image")
+            # Member names come from the digits-only key, never from user strings.
+            _add_member(self._tar, f"{record.key}.{self.fmt}", encode_image(image, self.fmt))
+            _add_member(self._tar, f"{record.key}.txt", (record.prompt or "").encode())
+            meta = json.dumps(record.to_json_dict(), ensure_ascii=False, sort_keys=True)
+            _add_member(self._tar, f"{record.key}.json", meta.encode())
+        self.records.append(record)
+
+    def finish(self, rows: int, seconds: float, config_hash: str) -> ShardStats:
+        self._tar.close()
+        parquet_path = Path(self._tmp.name) / "shard.parquet"
+        pq.write_table(sidecar_table(self.records), parquet_path)
+        paths = shard_paths(self.out, self.shard)
+        storage.upload_file_atomic(self.fs, str(self._tar_path), paths["tar"])
+        storage.upload_file_atomic(self.fs, str(parquet_path), paths["parquet"])
+        counts = {s: sum(r.status == s for r in self.records) for s in (ACCEPTED, REJECTED, FAILED, INVALID_INPUT)}
+        stats = ShardStats(
+            shard=self.shard, rows=rows, samples=len(self.records), accepted=counts[ACCEPTED],
+            rejected=counts[REJECTED], failed=counts[FAILED], invalid_input=counts[INVALID_INPUT],
+            seconds=round(seconds, 3), config_hash=config_hash, tar_bytes=self._tar_path.stat().st_size,
+            parquet_bytes=parquet_path.stat().st_size, finished_at=datetime.now(timezone.utc).isoformat(),
+        )
+        storage.write_atomic(self.fs, paths["stats"], json.dumps(stats.to_dict(), indent=1).encode())
+        self.close()
+        return stats
+
+    def close(self) -> None:
+        if not self._tar.closed:
+            self._tar.close()
+        self._tmp.cleanup()

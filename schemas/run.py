@@ -1,0 +1,80 @@
+"""The run folder's JSON files: ``run.json``, per-shard stats markers, ``summary.json``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+RUN_SCHEMA_VERSION = 1
+STATS_SCHEMA_VERSION = 1
+SUMMARY_SCHEMA_VERSION = 1
+
+
+@dataclass
+class ShardStats:
+    """Written last for each shard: its presence means the shard is complete."""
+
+    shard: int
+    rows: int
+    samples: int
+    accepted: int
+    rejected: int
+    failed: int
+    invalid_input: int
+    seconds: float
+    config_hash: str
+    tar_bytes: int
+    parquet_bytes: int
+    finished_at: str
+    version: int = STATS_SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShardStats:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+@dataclass
+class RunInfo:
+    """``run.json``: what a resumed run must match (config hash and input fingerprint)."""
+
+    config: dict[str, Any]
+    config_hash: str
+    model_ids: dict[str, str]
+    input: dict[str, Any]  # fingerprint: files, sizes, row counts
+    prompts_uri: str
+    shard_size: int
+    num_shards: int
+    code_version: str
+    created_at: str
+    updated_at: str
+    version: int = RUN_SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Summary:
+    shards_total: int
+    shards_completed: int
+    shards_failed: list[int]
+    rows: int
+    samples: int
+    accepted: int
+    rejected: int
+    failed: int
+    invalid_input: int
+    wall_seconds: float
+    images_per_hour: float
+    finished_at: str
+    retries: int = 0
+    skipped_shards: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    version: int = SUMMARY_SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

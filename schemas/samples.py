@@ -1,0 +1,96 @@
+"""One record per (prompt row, sample): the tar's ``KEY.json`` and the shard's Parquet sidecar row."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+SAMPLE_SCHEMA_VERSION = 1
+
+ACCEPTED = "accepted"
+REJECTED = "rejected"
+FAILED = "failed"
+INVALID_INPUT = "invalid_input"
+STATUSES = (ACCEPTED, REJECTED, FAILED, INVALID_INPUT)
+
+SHARD_DIGITS, ROW_DIGITS, SAMPLE_DIGITS = 6, 5, 2
+MAX_SHARD_SIZE = 10**ROW_DIGITS - 1
+
+
+def sample_key(shard: int, row_in_shard: int, sample: int) -> str:
+    """Digits only, unique in the run and the same on every rerun."""
+    if not (0 <= row_in_shard < 10**ROW_DIGITS and 0 <= sample < 10**SAMPLE_DIGITS and 0 <= shard < 10**SHARD_DIGITS):
+        raise ValueError(f"key out of range: shard={shard} row={row_in_shard} sample={sample}")
+    return f"{shard:0{SHARD_DIGITS}d}{row_in_shard:0{ROW_DIGITS}d}{sample:0{SAMPLE_DIGITS}d}"
+
+
+@dataclass
+class SampleRecord:
+    key: str
+    shard: int
+    row: int
+    prompt_id: str
+    prompt: str | None
+    category: str | None
+    sample_index: int
+    seed: int | None
+    status: str
+    error: str | None = None
+    vqa_score: float | None = None
+    vqa_questions: list[str] = field(default_factory=list)
+    vqa_answers: list[float] = field(default_factory=list)
+    threshold: float | None = None
+    itm_score: float | None = None
+    final_losses: dict[str, float] = field(default_factory=dict)
+    iterations: int = 0
+    config_hash: str = ""
+    model_ids: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    version: int = SAMPLE_SCHEMA_VERSION
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_STR_MAP = pa.map_(pa.string(), pa.string())
+SIDECAR_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("shard", pa.int32()),
+    ("row", pa.int64()),
+    ("prompt_id", pa.string()),
+    ("prompt", pa.string()),
+    ("category", pa.string()),
+    ("sample_index", pa.int32()),
+    ("seed", pa.int64()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("vqa_score", pa.float64()),
+    ("vqa_questions", pa.list_(pa.string())),
+    ("vqa_answers", pa.list_(pa.float64())),
+    ("threshold", pa.float64()),
+    ("itm_score", pa.float64()),
+    ("final_losses", pa.map_(pa.string(), pa.float64())),
+    ("iterations", pa.int32()),
+    ("config_hash", pa.string()),
+    ("model_ids", _STR_MAP),
+    ("seconds", pa.float64()),
+    ("extra", pa.string()),  # JSON of the input's extra columns
+    ("version", pa.int32()),
+], metadata={"referee_synth_sample_schema": str(SAMPLE_SCHEMA_VERSION)})
+
+
+def sidecar_table(records: list[SampleRecord]) -> pa.Table:
+    import json
+
+    cols: dict[str, list[Any]] = {name: [] for name in SIDECAR_SCHEMA.names}
+    for rec in records:
+        d = rec.to_json_dict()
+        d["final_losses"] = list(d["final_losses"].items())
+        d["model_ids"] = list(d["model_ids"].items())
+        d["extra"] = json.dumps(d["extra"], ensure_ascii=False)
+        for name in cols:
+            cols[name].append(d[name])
+    return pa.table(cols, schema=SIDECAR_SCHEMA)

@@ -1,0 +1,53 @@
+"""Shared fixtures: the tiny model set in a per-session cache, loaded once; no network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the hub; set before transformers / huggingface_hub are imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+COMPBENCH = SHARED / "data" / "t2i-compbench"
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder for the tiny set, exported so subprocesses (jobs, Ray workers) share it."""
+    path = tmp_path_factory.mktemp("tiny-cache")
+    os.environ["REFEREE_SYNTH_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tiny_cache: Path):
+    from pipeline.config import load_config, preset_path
+
+    return load_config(preset_path("tiny"), [f"models.tiny_cache_dir={tiny_cache}"])
+
+
+@pytest.fixture(scope="session")
+def generator_models(tiny_cfg):
+    from pipeline.models import load_generator_models
+
+    return load_generator_models(tiny_cfg)
+
+
+@pytest.fixture(scope="session")
+def vqa_models(tiny_cfg):
+    from pipeline.models import load_vqa_models
+
+    return load_vqa_models(tiny_cfg)
+
+
+def compbench_prompts(name: str, limit: int | None = None) -> list[str]:
+    """Prompts from a shared T2I-CompBench list, e.g. ``color_val``."""
+    lines = (COMPBENCH / f"{name}.txt").read_text().splitlines()
+    prompts = [line.strip() for line in lines if line.strip()]
+    return prompts[:limit] if limit else prompts

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.config import Config, ConfigError, from_dict, load_config, preset_path
+from tests.conftest import ROOT
+
+
+def test_defaults_are_the_papers_numbers() -> None:
+    c = Config()
+    # Latent and image (DESIGN.md section 3).
+    assert (c.latent.channels, c.latent.size, c.latent.scale) == (4, 64, 0.18215)
+    # Views.
+    a = c.augment
+    assert a.num_views == 30 and a.top_k == 0
+    assert (a.affine_degrees, a.affine_translate) == (30.0, 0.1)
+    assert (a.perspective_distortion, a.perspective_p) == (0.2, 0.4)
+    assert (a.jitter_brightness, a.jitter_contrast, a.jitter_saturation, a.jitter_hue, a.jitter_p) == (
+        0.1, 0.1, 0.1, 0.1, 0.5,
+    )
+    assert (a.erasing_scale, a.erasing_ratio, a.erasing_p) == ([0.1, 0.4], [0.3, 3.3], 1.0)
+    assert (a.noise_std_max, a.noise_std) == (0.1, 0.2)
+    assert a.clip_mean == [0.48145466, 0.4578275, 0.40821073]
+    assert a.clip_std == [0.26862954, 0.26130258, 0.27577711]
+    # Referee.
+    assert (c.referee.max_tokens, c.referee.strip_chars, c.referee.label_smoothing) == (32, '.!"()*#:;~', 0.1)
+    # SDS.
+    s = c.sds
+    assert s.prefix == "A photo exactly contains "
+    assert (s.t_min, s.t_max, s.guidance_scale, s.grad_scale) == (50, 949, 30.0, 2.0)
+    assert (s.weight_start, s.weight_end, s.normalizer) == (800.0, 400.0, 64 * 64)
+    # Update rule.
+    o = c.optim
+    assert (o.iterations, o.tail_iterations, o.optimizer) == (150, 10, "adam")
+    assert (o.lr_start, o.lr_end, o.warmup) == (1.0, 0.5, 10)
+    assert (o.betas, o.weight_decay) == ([0.9, 0.999], 5e-4)
+    assert (o.ref_to_sds_ratio, o.sds_step, o.noise_std, o.tail_noise_std) == (2.0, 1.0, 0.2, 0.01)
+    assert (o.ema_decay, o.ema_restarts) == (0.95, [40, 100])
+    # Scoring.
+    v = c.vqa
+    assert (v.image_size, v.max_questions, v.round_digits) == (480, 8, 4)
+    assert v.skip_chunks == ["top", "the side", "the left", "the right"]
+
+
+def test_paper_preset_is_exactly_the_defaults() -> None:
+    assert load_config(preset_path("paper")) == Config()
+
+
+@pytest.mark.parametrize("name", ["paper", "vlminv", "tiny", "gors"])
+def test_presets_load(name: str) -> None:
+    cfg = load_config(preset_path(name))
+    assert isinstance(cfg, Config)
+
+
+def test_vlminv_preset_is_the_public_code() -> None:
+    cfg = load_config(preset_path("vlminv"))
+    assert cfg.optim.optimizer == "sgd" and cfg.augment.num_views == 10
+    assert 0 < cfg.augment.top_k < cfg.augment.num_views
+
+
+def test_yaml_round_trip(tmp_path) -> None:
+    cfg = load_config(preset_path("tiny"), ["sds.guidance_scale=12.5", "filter.thresholds={color: 0.9}"])
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_config(path)
+    assert again == cfg
+    assert again.hash() == cfg.hash()
+    assert yaml.safe_load(path.read_text())["sds"]["guidance_scale"] == 12.5
+
+
+def test_hash_ignores_run_only_keys_but_not_method_keys() -> None:
+    base = Config()
+    assert load_config(overrides=["job.num_actors=7"]).hash() == base.hash()
+    assert load_config(overrides=["sds.guidance_scale=7.5"]).hash() != base.hash()
+
+
+def test_override_sets_typed_values() -> None:
+    cfg = load_config(overrides=["optim.iterations=12", "sds.prefix='a picture of '", "optim.ema_restarts=[3, 6]"])
+    assert cfg.optim.iterations == 12 and cfg.sds.prefix == "a picture of " and cfg.optim.ema_restarts == [3, 6]
+    # An integer is accepted where a float is expected.
+    assert load_config(overrides=["sds.guidance_scale=7"]).sds.guidance_scale == 7.0
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("sds.nope=1", "unknown key 'sds.nope'"),
+        ("nosection.key=1", "unknown section 'nosection'"),
+        ("optim.iterations=abc", "optim.iterations must be an integer"),
+        ("optim.iterations=1.5", "optim.iterations must be an integer"),
+        ("optim.iterations=0", "optim.iterations must be >= 1"),
+        ("augment.jitter_p=1.5", "augment.jitter_p must be <= 1.0"),
+        ("optim.optimizer=rmsprop", "optim.optimizer must be one of adam, sgd"),
+        ("models.tiny=maybe", "models.tiny must be true or false"),
+        ("augment.erasing_scale=[0.1]", "augment.erasing_scale must have 2 items"),
+        ("sds.t_min=960", "sds.t_min must be <= sds.t_max"),
+        ("nodot", "--set expects section.key=value"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    msg = str(info.value)
+    assert needle in msg
+    assert "\n" not in msg
+
+
+def test_bad_yaml_file_is_one_line(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("sds: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_wrong_section_shape() -> None:
+    with pytest.raises(ConfigError, match="section 'sds' must be a mapping"):
+        from_dict({"sds": 3})
+
+
+def test_cli_set_error_is_one_line_without_traceback() -> None:
+    """An entry point turns a bad --set into one line on stderr and exit code 2."""
+    code = (
+        "import sys; from jobs.cli import run_main; from pipeline.config import load_config\n"
+        "run_main(lambda argv: load_config(overrides=['optim.iterations=-3']) and 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["error: config: optim.iterations must be >= 1, got -3"]

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import json
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.shards import ShardWriter, plan_shards, shard_is_complete, shard_paths
+from pipeline.storage import filesystem_for
+from schemas.prompts import PromptRow
+from schemas.samples import SampleRecord, sample_key
+
+
+def _rec(shard: int, row: int, sample: int, status: str) -> SampleRecord:
+    return SampleRecord(
+        key=sample_key(shard, row, sample), shard=shard, row=row, prompt_id=f"p{row}", prompt=f"prompt {row}",
+        category="color", sample_index=sample, seed=sample, status=status, vqa_score=0.5, config_hash="h",
+    )
+
+
+def test_plan_is_deterministic_contiguous_and_complete() -> None:
+    rows = [PromptRow(i, f"p{i}", str(i), None, None, 1) for i in range(10)]
+    specs = plan_shards(rows, 4)
+    assert [s.shard for s in specs] == [0, 1, 2]
+    assert [[r.row for r in s.rows] for s in specs] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    with pytest.raises(ValueError):
+        plan_shards(rows, 100_000)
+
+
+def test_keys_are_digits_and_unique() -> None:
+    keys = {sample_key(s, r, k) for s in range(3) for r in range(5) for k in range(3)}
+    assert len(keys) == 45 and all(k.isdigit() and len(k) == 13 for k in keys)
+
+
+def test_writer_publishes_tar_sidecar_then_marker(tmp_path) -> None:
+    fs, out = filesystem_for(str(tmp_path / "run"))
+    w = ShardWriter(fs, out, 3, "png")
+    img = torch.rand(3, 16, 16)
+    w.add(_rec(3, 0, 0, "accepted"), img)
+    w.add(_rec(3, 0, 1, "rejected"))
+    w.add(_rec(3, 1, 0, "failed"))
+    paths = shard_paths(out, 3)
+    assert not fs.get_file_info(paths["stats"]).is_file  # nothing is marked before finish
+    stats = w.finish(rows=2, seconds=1.0, config_hash="h")
+    assert (stats.accepted, stats.rejected, stats.failed, stats.samples) == (1, 1, 1, 3)
+    with tarfile.open(paths["tar"]) as tar:
+        names = tar.getnames()
+        meta = json.loads(tar.extractfile(f"{sample_key(3, 0, 0)}.json").read())
+    assert names == [f"{sample_key(3, 0, 0)}.{ext}" for ext in ("png", "txt", "json")]
+    assert meta["status"] == "accepted" and meta["prompt"] == "prompt 0"
+    side = pq.read_table(paths["parquet"]).to_pylist()
+    assert [r["status"] for r in side] == ["accepted", "rejected", "failed"]
+    assert shard_is_complete(fs, out, 3, "h")
+    assert not shard_is_complete(fs, out, 3, "other-config")
+    # A truncated tar behind a marker is detected.
+    data = open(paths["tar"], "rb").read()
+    open(paths["tar"], "wb").write(data[: len(data) // 2])
+    assert not shard_is_complete(fs, out, 3, "h")
+    # No temporary files are left next to the final names.
+    assert sorted(p.name for p in (tmp_path / "run" / "shards").iterdir()) == [
+        "000003.parquet", "000003.stats.json", "000003.tar",
+    ]
+
+
+def test_accepted_record_without_image_is_refused(tmp_path) -> None:
+    fs, out = filesystem_for(str(tmp_path / "run"))
+    w = ShardWriter(fs, out, 0, "png")
+    with pytest.raises(ValueError):
+        w.add(_rec(0, 0, 0, "accepted"))
+    w.close()
