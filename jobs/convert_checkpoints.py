@@ -25,9 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     b2 = sub.add_parser("blip2", help="LAVIS BLIP-2 stage-1 checkpoint -> referee folder")
     b2.add_argument("--lavis-checkpoint", required=True, type=Path)
     b2.add_argument("--output", required=True, type=Path)
+    b2.add_argument("--tokenizer", type=Path, default=None, help="bert-base-uncased folder (default: HF cache)")
     vqa = sub.add_parser("blip-vqa", help="original BLIP VQA checkpoint (480 px) -> VQA folder")
     vqa.add_argument("--checkpoint", required=True, type=Path)
     vqa.add_argument("--output", required=True, type=Path)
+    vqa.add_argument("--tokenizer", type=Path, default=None, help="bert-base-uncased folder (default: HF cache)")
     return parser
 
 
@@ -36,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "blip2":
         from pipeline.convert_blip2 import convert_lavis_blip2
 
-        out = convert_lavis_blip2(args.lavis_checkpoint, args.output)
+        out = convert_lavis_blip2(args.lavis_checkpoint, args.output, args.tokenizer)
     else:
         from pipeline.convert_blip_vqa import convert_blip_vqa
 
-        out = convert_blip_vqa(args.checkpoint, args.output)
+        out = convert_blip_vqa(args.checkpoint, args.output, args.tokenizer)
     print(f"wrote {out}")
     return 0
 

@@ -160,6 +160,8 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
 
     files, tables = read_prompt_tables(args.prompts)
     rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars)
+    if not rows:
+        raise UserError(f"prompts: {args.prompts}: no prompt rows")
     specs = plan_shards(rows, cfg.job.shard_size)
     model_ids = _model_ids(cfg, model_sources(cfg.models))
     fs, out = filesystem_for(args.output)

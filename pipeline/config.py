@@ -161,6 +161,7 @@ class JobConfig:
     cpus_per_actor: float = _f(1.0, 0.0)
     max_shard_retries: int = _f(3, 0)
     image_format: str = _f("png", choices=["png", "jpg", "webp"])
+    keep_rejected_images: bool = True  # rejected images go to {shard}.rejected.tar (reports, analysis)
     max_prompt_chars: int = _f(1000, 1)
     max_prompt_id_chars: int = _f(128, 1)
 

@@ -17,6 +17,7 @@ import torch
 
 from pipeline.caption_head import Blip2CaptionHead
 from pipeline.config import Config, ModelsConfig
+from pipeline.quiet import quiet_library_logs
 from pipeline.tiny_models import tiny_sources
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,17 +45,6 @@ def model_sources(mcfg: ModelsConfig) -> dict[str, str]:
     if mcfg.tiny:
         return tiny_sources(mcfg.tiny_cache_dir or None, mcfg.tiny_seed)
     return {"stable_diffusion": mcfg.stable_diffusion, "referee": mcfg.referee, "vqa": mcfg.vqa}
-
-
-def _quiet_library_logs() -> None:
-    """Weight-loading progress bars and notices would drown the job's own progress bar."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
 
 
 def _load(what: str, key: str, loader: Callable[..., Any], source: str, **kwargs: Any) -> Any:
@@ -107,7 +97,7 @@ def load_generator_models(cfg: Config) -> GeneratorModels:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, Blip2ForImageTextRetrieval, CLIPTextModel, CLIPTokenizer
 
-    _quiet_library_logs()
+    quiet_library_logs()
     m = cfg.models
     src = model_sources(m)
     device, dtype = resolve_device(m.device), DTYPES[m.dtype]
@@ -150,7 +140,7 @@ def _load_caption_head(referee_source: str, rev: dict[str, str]) -> Blip2Caption
 def load_vqa_models(cfg: Config) -> VqaModels:
     from transformers import AutoTokenizer, BlipForQuestionAnswering
 
-    _quiet_library_logs()
+    quiet_library_logs()
     m = cfg.models
     src = model_sources(m)["vqa"]
     device, dtype = resolve_device(m.device), DTYPES[m.dtype]

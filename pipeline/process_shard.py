@@ -116,19 +116,19 @@ class ShardProcessor:
                 rec = self._record(spec, p, FAILED, error=reason[:500], **common)
                 writer.add(rec)
             else:
-                thr = threshold_for(p.row.category, self.cfg)
+                thr = threshold_for(p.row.category, self.cfg.filter)
                 status = ACCEPTED if s.score >= thr else REJECTED
                 rec = self._record(
                     spec, p, status, vqa_score=s.score, vqa_questions=list(s.questions),
                     vqa_answers=list(s.answers), threshold=thr, **common,
                 )
-                writer.add(rec, r.image if status == ACCEPTED else None)
+                writer.add(rec, r.image)
             counts[rec.status] += 1
         return counts
 
     def process(self, spec: ShardSpec, fs: pafs.FileSystem, out: str, progress: ProgressFn | None = None) -> ShardStats:
         t0 = time.perf_counter()
-        writer = ShardWriter(fs, out, spec.shard, self.cfg.job.image_format)
+        writer = ShardWriter(fs, out, spec.shard, self.cfg.job.image_format, self.cfg.job.keep_rejected_images)
         try:
             invalid = self._invalid_records(spec)
             for rec in invalid:

@@ -45,7 +45,10 @@ def plan_shards(rows: list[PromptRow], shard_size: int) -> list[ShardSpec]:
 
 def shard_paths(out: str, shard: int) -> dict[str, str]:
     base = storage.join(out, SHARDS_DIR, f"{shard:06d}")
-    return {"tar": f"{base}.tar", "parquet": f"{base}.parquet", "stats": f"{base}.stats.json"}
+    return {
+        "tar": f"{base}.tar", "rejected": f"{base}.rejected.tar", "parquet": f"{base}.parquet",
+        "stats": f"{base}.stats.json",
+    }
 
 
 def read_stats(fs: pafs.FileSystem, out: str, shard: int) -> ShardStats | None:
@@ -67,6 +70,7 @@ def shard_is_complete(fs: pafs.FileSystem, out: str, shard: int, config_hash: st
     return (
         storage.file_size(fs, paths["tar"]) == stats.tar_bytes
         and storage.file_size(fs, paths["parquet"]) == stats.parquet_bytes
+        and (not stats.rejected_tar_bytes or storage.file_size(fs, paths["rejected"]) == stats.rejected_tar_bytes)
     )
 
 
@@ -87,24 +91,31 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 class ShardWriter:
-    """Collects one shard's samples locally, then publishes tar, sidecar and marker in that order."""
+    """Collects one shard's samples locally, then publishes tars, sidecar and marker in that order.
 
-    def __init__(self, fs: pafs.FileSystem, out: str, shard: int, image_format: str) -> None:
+    Accepted samples go to ``{shard}.tar`` (the training data). With ``keep_rejected``, rejected
+    samples' images go to a separate ``{shard}.rejected.tar`` for reports and analysis.
+    """
+
+    def __init__(self, fs: pafs.FileSystem, out: str, shard: int, image_format: str, keep_rejected: bool) -> None:
         self.fs, self.out, self.shard, self.fmt = fs, out, shard, image_format
         self._tmp = tempfile.TemporaryDirectory(prefix=f"shard-{shard:06d}-")
         self._tar_path = Path(self._tmp.name) / "shard.tar"
         self._tar = tarfile.open(self._tar_path, "w", format=tarfile.PAX_FORMAT)
+        self._rej_path = Path(self._tmp.name) / "rejected.tar"
+        self._rej = tarfile.open(self._rej_path, "w", format=tarfile.PAX_FORMAT) if keep_rejected else None
         self.records: list[SampleRecord] = []
 
     def add(self, record: SampleRecord, image: torch.Tensor | None = None) -> None:
-        if record.status == ACCEPTED:
-            if image is None:
-                raise ValueError(f"accepted sample {record.key} has no image")
+        if record.status == ACCEPTED and image is None:
+            raise ValueError(f"accepted sample {record.key} has no image")
+        tar = self._tar if record.status == ACCEPTED else self._rej if record.status == REJECTED else None
+        if tar is not None and image is not None:
             # Member names come from the digits-only key, never from user strings.
-            _add_member(self._tar, f"{record.key}.{self.fmt}", encode_image(image, self.fmt))
-            _add_member(self._tar, f"{record.key}.txt", (record.prompt or "").encode())
+            _add_member(tar, f"{record.key}.{self.fmt}", encode_image(image, self.fmt))
+            _add_member(tar, f"{record.key}.txt", (record.prompt or "").encode())
             meta = json.dumps(record.to_json_dict(), ensure_ascii=False, sort_keys=True)
-            _add_member(self._tar, f"{record.key}.json", meta.encode())
+            _add_member(tar, f"{record.key}.json", meta.encode())
         self.records.append(record)
 
     def finish(self, rows: int, seconds: float, config_hash: str) -> ShardStats:
@@ -113,19 +124,26 @@ class ShardWriter:
         pq.write_table(sidecar_table(self.records), parquet_path)
         paths = shard_paths(self.out, self.shard)
         storage.upload_file_atomic(self.fs, str(self._tar_path), paths["tar"])
+        rejected_bytes = 0
+        if self._rej is not None:
+            self._rej.close()
+            rejected_bytes = self._rej_path.stat().st_size
+            storage.upload_file_atomic(self.fs, str(self._rej_path), paths["rejected"])
         storage.upload_file_atomic(self.fs, str(parquet_path), paths["parquet"])
         counts = {s: sum(r.status == s for r in self.records) for s in (ACCEPTED, REJECTED, FAILED, INVALID_INPUT)}
         stats = ShardStats(
             shard=self.shard, rows=rows, samples=len(self.records), accepted=counts[ACCEPTED],
             rejected=counts[REJECTED], failed=counts[FAILED], invalid_input=counts[INVALID_INPUT],
             seconds=round(seconds, 3), config_hash=config_hash, tar_bytes=self._tar_path.stat().st_size,
-            parquet_bytes=parquet_path.stat().st_size, finished_at=datetime.now(timezone.utc).isoformat(),
+            parquet_bytes=parquet_path.stat().st_size, rejected_tar_bytes=rejected_bytes,
+            finished_at=datetime.now(timezone.utc).isoformat(),
         )
         storage.write_atomic(self.fs, paths["stats"], json.dumps(stats.to_dict(), indent=1).encode())
         self.close()
         return stats
 
     def close(self) -> None:
-        if not self._tar.closed:
-            self._tar.close()
+        for tar in (self._tar, self._rej):
+            if tar is not None and not tar.closed:
+                tar.close()
         self._tmp.cleanup()

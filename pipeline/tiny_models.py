@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from pipeline.caption_head import Blip2CaptionHead, Blip2CaptionHeadConfig
+from pipeline.quiet import quiet_library_logs
 
-TINY_LAYOUT_VERSION = "tiny-v1"
+TINY_LAYOUT_VERSION = "tiny-v2"
 
 # Whole words kept in the tiny BERT vocabulary; anything else falls back to letter pieces.
 _BERT_WORDS = (
@@ -140,23 +141,38 @@ def _build_sd(folder: Path, clip_tokenizer) -> None:
     ).save_pretrained(folder / "scheduler")
 
 
-def _build_referee(folder: Path, bert) -> None:
-    from transformers import Blip2Config, Blip2ForImageTextRetrieval
+def _referee_config(bert, v2: bool):
+    from transformers import Blip2Config
 
+    # tiny-v2: the Q-Former gets its text layers (ITM and captioning run text through it), and the
+    # vision tower a normal init (transformers' default of 1e-10 makes it blind to the image).
     cfg = Blip2Config(
         vision_config=dict(
             hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            image_size=32, patch_size=8,
+            image_size=32, patch_size=8, **({"initializer_range": 0.02} if v2 else {}),
         ),
         qformer_config=dict(
             vocab_size=len(bert), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=37, encoder_hidden_size=32, cross_attention_frequency=1,
-            max_position_embeddings=64,
+            max_position_embeddings=64, use_qformer_text_input=v2,
         ),
         num_query_tokens=4,
         image_text_hidden_size=16,
     )
-    Blip2ForImageTextRetrieval(cfg).save_pretrained(folder)
+    return cfg
+
+
+def _build_referee(folder: Path, bert) -> None:
+    from transformers import Blip2ForImageTextRetrieval
+
+    # Draw the RNG exactly as tiny-v1 did, so every other tiny model keeps its tiny-v1 weights;
+    # the tiny-v2 referee itself comes from a fork of the RNG.
+    Blip2ForImageTextRetrieval(_referee_config(bert, v2=False))
+    cfg = _referee_config(bert, v2=True)
+    with torch.random.fork_rng(devices=[]):
+        referee = Blip2ForImageTextRetrieval(cfg)
+        referee.query_tokens.data.normal_(std=cfg.initializer_range)  # as LAVIS; zeros make all queries equal
+    referee.save_pretrained(folder)
     bert.save_pretrained(folder)
     head = Blip2CaptionHead(Blip2CaptionHeadConfig(hidden_size=32, vocab_size=len(bert)))
     head.save_pretrained(folder / "caption_head")
@@ -188,6 +204,7 @@ def build_tiny_models(cache_dir: str | Path | None = None, seed: int = 0) -> Pat
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    quiet_library_logs()
     try:
         torch.manual_seed(seed)
         bert, clip = _build_tokenizers(work)

@@ -26,6 +26,7 @@ class ShardStats:
     tar_bytes: int
     parquet_bytes: int
     finished_at: str
+    rejected_tar_bytes: int = 0  # 0: no rejected-images tar for this shard
     version: int = STATS_SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

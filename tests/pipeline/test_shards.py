@@ -36,10 +36,10 @@ def test_keys_are_digits_and_unique() -> None:
 
 def test_writer_publishes_tar_sidecar_then_marker(tmp_path) -> None:
     fs, out = filesystem_for(str(tmp_path / "run"))
-    w = ShardWriter(fs, out, 3, "png")
+    w = ShardWriter(fs, out, 3, "png", keep_rejected=True)
     img = torch.rand(3, 16, 16)
     w.add(_rec(3, 0, 0, "accepted"), img)
-    w.add(_rec(3, 0, 1, "rejected"))
+    w.add(_rec(3, 0, 1, "rejected"), torch.rand(3, 16, 16))
     w.add(_rec(3, 1, 0, "failed"))
     paths = shard_paths(out, 3)
     assert not fs.get_file_info(paths["stats"]).is_file  # nothing is marked before finish
@@ -50,6 +50,8 @@ def test_writer_publishes_tar_sidecar_then_marker(tmp_path) -> None:
         meta = json.loads(tar.extractfile(f"{sample_key(3, 0, 0)}.json").read())
     assert names == [f"{sample_key(3, 0, 0)}.{ext}" for ext in ("png", "txt", "json")]
     assert meta["status"] == "accepted" and meta["prompt"] == "prompt 0"
+    with tarfile.open(paths["rejected"]) as tar:
+        assert tar.getnames() == [f"{sample_key(3, 0, 1)}.{ext}" for ext in ("png", "txt", "json")]
     side = pq.read_table(paths["parquet"]).to_pylist()
     assert [r["status"] for r in side] == ["accepted", "rejected", "failed"]
     assert shard_is_complete(fs, out, 3, "h")
@@ -60,13 +62,13 @@ def test_writer_publishes_tar_sidecar_then_marker(tmp_path) -> None:
     assert not shard_is_complete(fs, out, 3, "h")
     # No temporary files are left next to the final names.
     assert sorted(p.name for p in (tmp_path / "run" / "shards").iterdir()) == [
-        "000003.parquet", "000003.stats.json", "000003.tar",
+        "000003.parquet", "000003.rejected.tar", "000003.stats.json", "000003.tar",
     ]
 
 
 def test_accepted_record_without_image_is_refused(tmp_path) -> None:
     fs, out = filesystem_for(str(tmp_path / "run"))
-    w = ShardWriter(fs, out, 0, "png")
+    w = ShardWriter(fs, out, 0, "png", keep_rejected=False)
     with pytest.raises(ValueError):
         w.add(_rec(0, 0, 0, "accepted"))
     w.close()

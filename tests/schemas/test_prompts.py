@@ -39,7 +39,8 @@ def test_bad_rows_get_statuses_and_good_rows_pass(tmp_path) -> None:
 
 
 def test_defaults_and_extra_columns(tmp_path) -> None:
-    path = _write(tmp_path / "p.parquet", prompt=["a", "b"], source=["x", "y"], num_samples=pa.array([3, None], pa.int32()))
+    num = pa.array([3, None], pa.int32())
+    path = _write(tmp_path / "p.parquet", prompt=["a", "b"], source=["x", "y"], num_samples=num)
     rows = _rows(path, samples=5)
     assert [r.prompt_id for r in rows] == ["0", "1"]
     assert [r.num_samples for r in rows] == [3, 5]
@@ -61,7 +62,7 @@ def test_folder_is_read_in_sorted_order_and_fingerprinted(tmp_path) -> None:
     ("make", "needle"),
     [
         (lambda p: str(p / "missing.parquet"), "no such file or folder"),
-        (lambda p: (p.joinpath("x.parquet").write_text("not parquet"), str(p / "x.parquet"))[1], "not a readable Parquet"),
+        (lambda p: (p.joinpath("x.parquet").write_text("junk"), str(p / "x.parquet"))[1], "not a readable Parquet"),
         (lambda p: _write(p / "n.parquet", text=["a"]), "no 'prompt' column"),
         (lambda p: _write(p / "t.parquet", prompt=[1, 2]), "column 'prompt' must be string"),
         (lambda p: _write(p / "s.parquet", prompt=["a"], seed=["x"]), "column 'seed' must be int64"),

@@ -1,0 +1,144 @@
+"""Export a run as the layout T2I-CompBench's GORS finetuning reads.
+
+    python jobs/export_gors.py --run RUN_DIR --output DIR [--include-rejected] [--map-unsafe]
+
+Writes ``DIR/samples/{prompt}_{idx:06d}.png`` (idx runs over the whole export), ``DIR/reward/
+vqa_result.json`` (``[{"question_id": idx, "answer": "0.xxxx"}]`` in the same order) and
+``DIR/dataset.txt`` (the prompts, one a line). GORS takes the prompt back by splitting the file
+name at ``_``, so a prompt holding ``_``, ``/`` or a character a file system refuses cannot be
+written faithfully: it is reported and skipped, or, with ``--map-unsafe``, written with those
+characters replaced by spaces (the reported mapping goes to ``DIR/mapped_prompts.jsonl``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jobs.cli import run_main  # noqa: E402
+from pipeline import storage  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
+from pipeline.reader import sidecar_records  # noqa: E402
+from pipeline.shards import shard_paths  # noqa: E402
+
+# Characters GORS or a common file system cannot carry in a file name.
+_UNSAFE = re.compile(r'[_/\\\x00-\x1f<>:"|?*]')
+_MAX_NAME_BYTES = 240  # ext4 and most others stop at 255 bytes per name
+
+
+def prompt_problem(prompt: str) -> str | None:
+    if _UNSAFE.search(prompt):
+        return "holds '_', '/', or a character file systems refuse"
+    if prompt.strip() != prompt or prompt in (".", ".."):
+        return "has leading/trailing spaces or is a dot name"
+    if len(prompt.encode()) > _MAX_NAME_BYTES:
+        return "is too long for a file name"
+    return None
+
+
+def mapped(prompt: str) -> str:
+    return re.sub(r"\s+", " ", _UNSAFE.sub(" ", prompt)).strip()[:_MAX_NAME_BYTES]
+
+
+def _shard_images(fs, out: str, shard: int, want: set[str]) -> dict[str, bytes]:
+    """Images of the wanted keys from one shard's tars (accepted, and rejected when kept)."""
+    import tarfile
+
+    found: dict[str, bytes] = {}
+    paths = shard_paths(out, shard)
+    for path in (paths["tar"], paths["rejected"]):
+        if not storage.exists(fs, path):
+            continue
+        with fs.open_input_file(path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if key in want and ext in ("png", "jpg", "webp"):
+                    found[key] = tar.extractfile(member).read()
+    return found
+
+
+def _to_png(data: bytes) -> bytes:
+    import io
+
+    from PIL import Image
+
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return data
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def export(run: str, output: Path, include_rejected: bool, map_unsafe: bool) -> dict[str, int]:
+    """Shard by shard in key order, so memory holds one shard's images at a time."""
+    wanted = ("accepted", "rejected") if include_rejected else ("accepted",)
+    records = [r for r in sidecar_records(run) if r["status"] in wanted]
+    fs, out = storage.filesystem_for(run)
+    samples_dir = output / "samples"
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    rewards, prompts, mapped_rows = [], [], []
+    counts = {"skipped": 0, "no_image": 0}
+    for shard in sorted({r["shard"] for r in records}):
+        recs = [r for r in records if r["shard"] == shard]
+        images = _shard_images(fs, out, shard, {r["key"] for r in recs})
+        for rec in recs:
+            if rec["key"] not in images:  # rejected samples of a run without keep_rejected_images
+                counts["no_image"] += 1
+                continue
+            problem = prompt_problem(rec["prompt"])
+            if problem and not map_unsafe:
+                print(f"skipped {rec['key']}: prompt {rec['prompt']!r} {problem}", file=sys.stderr)
+                counts["skipped"] += 1
+                continue
+            name = mapped(rec["prompt"]) if problem else rec["prompt"]
+            if problem:
+                mapped_rows.append({"key": rec["key"], "prompt": rec["prompt"], "written_as": name})
+            idx = len(rewards)
+            _write(samples_dir / f"{name}_{idx:06d}.png", _to_png(images[rec["key"]]))
+            rewards.append({"question_id": idx, "answer": f"{rec['vqa_score']:.4f}"})
+            prompts.append(name)
+    if counts["no_image"]:
+        print(f"note: {counts['no_image']} samples have no stored image and are left out", file=sys.stderr)
+    (output / "reward").mkdir(exist_ok=True)
+    _write(output / "reward" / "vqa_result.json", json.dumps(rewards).encode())
+    _write(output / "dataset.txt", ("\n".join(prompts) + "\n" if prompts else "").encode())
+    if mapped_rows:
+        _write(output / "mapped_prompts.jsonl", "".join(json.dumps(m) + "\n" for m in mapped_rows).encode())
+    return {"exported": len(rewards), "skipped": counts["skipped"], "mapped": len(mapped_rows)}
+
+
+def _write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="export_gors.py", description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="run folder written by jobs/synthesize.py")
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--include-rejected", action="store_true", help="also rejected samples that have images")
+    p.add_argument("--map-unsafe", action="store_true", help="write unsafe prompts with those characters as spaces")
+    args = p.parse_args(argv)
+    fs, out = storage.filesystem_for(args.run)
+    if not storage.exists(fs, storage.join(out, "run.json")):
+        raise UserError(f"export: {args.run} is not a run folder (no run.json)")
+    if args.output.exists() and any((args.output / "samples").glob("*.png")):
+        raise UserError(f"export: {args.output}/samples is not empty; choose a new --output")
+    counts = export(args.run, args.output, args.include_rejected, args.map_unsafe)
+    print(f"exported {counts['exported']} samples to {args.output} "
+          f"({counts['skipped']} skipped, {counts['mapped']} mapped)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,177 @@
+"""A visual report of a run: ``RUN_DIR/report/index.html`` with its PNGs beside it.
+
+    python jobs/report.py --run RUN_DIR [--samples 24]
+
+Totals, acceptance rate and throughput; per category a histogram of VQA scores with the
+threshold marked; a contact sheet of accepted and rejected samples with prompt and score; and
+per-question answer rates (which noun phrases fail most).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import io
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jobs.cli import run_main  # noqa: E402
+from pipeline import storage  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
+from pipeline.reader import completed_shards, sidecar_records  # noqa: E402
+from pipeline.shards import shard_paths  # noqa: E402
+
+_THUMB = 160
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}
+.sheet{display:flex;flex-wrap:wrap;gap:10px}.card{width:170px;font-size:12px}
+.card img{width:160px;height:160px;image-rendering:pixelated;border:3px solid #ccc}
+.accepted img{border-color:#2a2}.rejected img{border-color:#c33}
+"""
+
+
+def _histogram(scores: list[float], threshold: float | None, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    ax.hist(scores, bins=20, range=(0.0, 1.0), color="#4a7ebb")
+    if threshold is not None:
+        ax.axvline(threshold, color="#c33", linestyle="--", label=f"threshold {threshold:g}")
+        ax.legend()
+    ax.set_xlabel("BLIP-VQA score")
+    ax.set_ylabel("samples")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _thumbnails(run: str, keys: set[str], folder: Path) -> dict[str, str]:
+    """Write a PNG thumbnail per wanted key; returns key -> file name relative to the report."""
+    import tarfile
+
+    from PIL import Image
+
+    fs, out = storage.filesystem_for(run)
+    names: dict[str, str] = {}
+    for shard in completed_shards(fs, out):
+        paths = shard_paths(out, shard)
+        for path in (paths["tar"], paths["rejected"]):
+            if not storage.exists(fs, path):
+                continue
+            with fs.open_input_file(path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    if key in keys and ext in ("png", "jpg", "webp"):
+                        img = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
+                        img.thumbnail((_THUMB, _THUMB))
+                        names[key] = f"thumbs/{key}.png"
+                        img.save(folder / names[key])
+    return names
+
+
+def question_rates(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per question: how often asked, mean p(yes), share answered below 0.5; worst first."""
+    answers: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        for q, a in zip(r.get("vqa_questions") or [], r.get("vqa_answers") or []):
+            answers[q].append(a)
+    rows = [
+        {"question": q, "count": len(v), "mean_yes": sum(v) / len(v), "fail_rate": sum(a < 0.5 for a in v) / len(v)}
+        for q, v in answers.items()
+    ]
+    return sorted(rows, key=lambda r: (-r["fail_rate"], r["mean_yes"], r["question"]))
+
+
+def _pick(records: list[dict[str, Any]], status: str, n: int) -> list[dict[str, Any]]:
+    return [r for r in records if r["status"] == status][:n]
+
+
+def _card(rec: dict[str, Any], thumb: str | None) -> str:
+    img = f'<img src="{html.escape(thumb)}" alt="{html.escape(rec["key"])}">' if thumb else "<div>(no image)</div>"
+    score = f"{rec['vqa_score']:.4f}" if rec.get("vqa_score") is not None else "n/a"
+    return (f'<div class="card {rec["status"]}">{img}<div>{html.escape(rec["prompt"] or "")}</div>'
+            f"<div>score {score}</div></div>")
+
+
+def build_report(run: str, samples: int) -> Path:
+    fs, out = storage.filesystem_for(run)
+    if not storage.is_local(fs):
+        raise UserError("report: --run must be a local folder (copy the run's shards locally first)")
+    if not storage.exists(fs, storage.join(out, "run.json")):
+        raise UserError(f"report: {run} is not a run folder (no run.json)")
+    records = sidecar_records(run)
+    folder = Path(out) / "report"
+    (folder / "thumbs").mkdir(parents=True, exist_ok=True)
+    summary_path = Path(out) / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    made = [r for r in records if r["status"] in ("accepted", "rejected")]
+    parts = [f"<h1>Run report: {html.escape(Path(out).name)}</h1>", _totals(records, summary)]
+    parts.append("<h2>VQA scores per category</h2>")
+    by_cat: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in made:
+        by_cat[r["category"] or "(none)"].append(r)
+    for i, (cat, recs) in enumerate(sorted(by_cat.items())):
+        name = f"hist_{i}.png"
+        thresholds = {r["threshold"] for r in recs if r["threshold"] is not None}
+        thr = thresholds.pop() if len(thresholds) == 1 else None
+        _histogram([r["vqa_score"] for r in recs], thr, f"{cat} ({len(recs)} samples)", folder / name)
+        parts.append(f'<img src="{name}" alt="histogram {html.escape(cat)}">')
+    shown = _pick(records, "accepted", samples) + _pick(records, "rejected", samples)
+    thumbs = _thumbnails(run, {r["key"] for r in shown}, folder)
+    for status in ("accepted", "rejected"):
+        cards = "".join(_card(r, thumbs.get(r["key"])) for r in shown if r["status"] == status)
+        parts.append(f"<h2>{status.capitalize()} samples</h2><div class='sheet'>{cards or 'none'}</div>")
+    parts.append(_question_table(question_rates(made)))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>referee-synth report</title>"
+            f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
+    (folder / "index.html").write_text(page, encoding="utf-8")
+    return folder / "index.html"
+
+
+def _totals(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    count = defaultdict(int)
+    for r in records:
+        count[r["status"]] += 1
+    judged = count["accepted"] + count["rejected"]
+    rate = count["accepted"] / judged if judged else 0.0
+    rows = [("samples", len(records)), ("accepted", count["accepted"]), ("rejected", count["rejected"]),
+            ("failed", count["failed"]), ("invalid input", count["invalid_input"]),
+            ("acceptance rate", f"{rate:.1%}"),
+            ("throughput (images/hour)", summary.get("images_per_hour", "n/a")),
+            ("wall time (s)", summary.get("wall_seconds", "n/a"))]
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f"<h2>Totals</h2><table>{body}</table>"
+
+
+def _question_table(rates: list[dict[str, Any]]) -> str:
+    body = "".join(
+        f"<tr><td>{html.escape(r['question'])}</td><td>{r['count']}</td><td>{r['mean_yes']:.3f}</td>"
+        f"<td>{r['fail_rate']:.1%}</td></tr>" for r in rates[:50]
+    )
+    head = "<tr><th>question</th><th>asked</th><th>mean p(yes)</th><th>answered no (&lt; 0.5)</th></tr>"
+    return f"<h2>Questions that fail most</h2><table>{head}{body}</table>"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="local run folder")
+    p.add_argument("--samples", type=int, default=24, help="accepted and rejected samples shown (each)")
+    args = p.parse_args(argv)
+    path = build_report(args.run, args.samples)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

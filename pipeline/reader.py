@@ -1,0 +1,72 @@
+"""Read a run back: sidecar records, and a WebDataset stream of (image, caption, score) for finetuning."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from pipeline import storage
+from pipeline.shards import SHARDS_DIR, read_stats
+
+
+def completed_shards(fs: pafs.FileSystem, out: str) -> list[int]:
+    """Shards with a stats marker, in order (incomplete shards are never read)."""
+    selector = pafs.FileSelector(storage.join(out, SHARDS_DIR), allow_not_found=True)
+    shards = []
+    for info in fs.get_file_info(selector):
+        name = info.path.rsplit("/", 1)[-1]
+        if name.endswith(".stats.json") and name[:6].isdigit():
+            shards.append(int(name[:6]))
+    return sorted(s for s in shards if read_stats(fs, out, s) is not None)
+
+
+def sidecar_records(run: str) -> list[dict[str, Any]]:
+    """Every sample record of the run's completed shards, in key order."""
+    fs, out = storage.filesystem_for(run)
+    rows: list[dict[str, Any]] = []
+    for shard in completed_shards(fs, out):
+        with fs.open_input_file(storage.join(out, SHARDS_DIR, f"{shard:06d}.parquet")) as handle:
+            rows += pq.read_table(handle).to_pylist()
+    return sorted(rows, key=lambda r: r["key"])
+
+
+def tar_urls(run: str) -> list[str]:
+    fs, out = storage.filesystem_for(run)
+    paths = [storage.join(out, SHARDS_DIR, f"{s:06d}.tar") for s in completed_shards(fs, out)]
+    if storage.is_local(fs):
+        return paths
+    # webdataset streams object stores through a shell pipe; pyarrow's path keeps the bucket.
+    scheme = run.split("://", 1)[0]
+    return [f"pipe:python -m pipeline.cat {scheme}://{p}" for p in paths]
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Encoded image -> 3xHxW float tensor in [0, 1]."""
+    arr = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def finetune_stream(run: str, min_score: float = 0.0) -> Iterator[tuple[torch.Tensor, str, float]]:
+    """(image, caption, VQA score) of every accepted sample, streamed from the tars with webdataset.
+
+    Use the score as the reward weight of a GORS-style reward-weighted finetuning loss.
+    """
+    import webdataset as wds
+
+    urls = tar_urls(run)
+    if not urls:
+        return
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    for sample in dataset:
+        image_key = next(k for k in ("png", "jpg", "webp") if k in sample)
+        meta = json.loads(sample["json"])
+        if meta["vqa_score"] >= min_score:
+            yield decode_image(sample[image_key]), sample["txt"].decode(), float(meta["vqa_score"])

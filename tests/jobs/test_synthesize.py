@@ -1,0 +1,264 @@
+"""The distributed job end to end: real local Ray, tiny models, real tar and Parquet files."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import ROOT, compbench_prompts
+
+pytestmark = pytest.mark.slow
+SYNTH = str(ROOT / "jobs" / "synthesize.py")
+
+
+def _env(tiny_cache: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, REFEREE_SYNTH_CACHE=str(tiny_cache), HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    env.update(extra)
+    return env
+
+
+def _run(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, SYNTH, "--config", "configs/tiny.yaml", "--no-progress", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _prompts(path: Path, prompts: list, **cols) -> Path:
+    pq.write_table(pa.table({"prompt": prompts, **cols}), path)
+    return path
+
+
+def _sidecars(out: Path) -> list[dict]:
+    rows = []
+    for f in sorted((out / "shards").glob("*.parquet")):
+        rows += pq.read_table(f).to_pylist()
+    return rows
+
+
+def _tar_samples(out: Path) -> dict[str, dict]:
+    import webdataset as wds
+
+    urls = [str(p) for p in sorted((out / "shards").glob("*.tar")) if not p.name.endswith(".rejected.tar")]
+    samples = {}
+    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        samples[s["__key__"]] = s
+    return samples
+
+
+def _check_complete_run(out: Path, expected: set[tuple[int, int]]) -> list[dict]:
+    """Every (row, sample) exactly once; accepted ones in a tar with image, caption and metadata."""
+    from PIL import Image
+
+    side = _sidecars(out)
+    got = [(r["row"], r["sample_index"]) for r in side]
+    assert len(got) == len(set(got)), "a sample was written twice"
+    assert set(got) == expected
+    keys = [r["key"] for r in side]
+    assert all(k.isdigit() for k in keys) and len(keys) == len(set(keys))
+    tars = _tar_samples(out)
+    accepted = {r["key"]: r for r in side if r["status"] == "accepted"}
+    assert set(tars) == set(accepted)
+    for key, s in tars.items():
+        assert {"png", "txt", "json"} <= set(s)
+        assert Image.open(io.BytesIO(s["png"])).size == (64, 64)
+        meta = json.loads(s["json"])
+        assert s["txt"].decode() == accepted[key]["prompt"] == meta["prompt"]
+        assert meta["vqa_score"] >= meta["threshold"]
+    for r in side:
+        if r["status"] == "rejected":
+            assert r["vqa_score"] < r["threshold"]
+    n_shards = len(list((out / "shards").glob("*.parquet")))
+    assert len(list((out / "shards").glob("*.stats.json"))) == n_shards
+    return side
+
+
+def test_end_to_end_two_actors_with_bad_rows(tmp_path, tiny_cache) -> None:
+    good = compbench_prompts("color_val", 7)
+    prompts = good[:3] + [None, "", "   ", "x" * 1001] + good[3:] + [good[0]]
+    ids = [f"id{i}" for i in range(len(prompts) - 1)] + ["id0"]  # last one duplicates id0
+    # Tiny-model scores are meaningless; per-category thresholds make the accept/reject split certain.
+    cats = ["color", "shape"] * 6
+    path = _prompts(tmp_path / "p.parquet", prompts, prompt_id=ids, category=cats)
+    out = tmp_path / "run"
+    job = ["--prompts", str(path), "--output", str(out), "--num-actors", "2", "--shard-size", "3",
+           "--samples-per-prompt", "2", "--set", "filter.thresholds={color: 0.0, shape: 1.0}"]
+    proc = _run(job, _env(tiny_cache))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bad = {3, 4, 5, 6, 11}
+    expected = {(r, k) for r in range(len(prompts)) if r not in bad for k in range(2)} | {(r, 0) for r in bad}
+    side = _check_complete_run(out, expected)
+    status = {r["row"]: r for r in side if r["sample_index"] == 0}
+    assert status[3]["error"] == "prompt is null" and status[4]["error"] == "prompt is empty"
+    assert status[5]["error"] == "prompt is whitespace only" and "1001 characters" in status[6]["error"]
+    assert status[11]["error"].startswith("duplicate prompt_id")
+    assert all(status[r]["status"] == "invalid_input" for r in bad)
+    made = [r for r in side if r["row"] not in bad]
+    assert {r["status"] for r in made if r["category"] == "color"} == {"accepted"}
+    assert {r["status"] for r in made if r["category"] == "shape"} == {"rejected"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shards_completed"] == summary["shards_total"] == 4
+    assert summary["samples"] == len(side) and summary["invalid_input"] == 5
+    run = json.loads((out / "run.json").read_text())
+    assert run["input"]["total_rows"] == len(prompts) and run["num_shards"] == 4
+
+    # Rerun: everything complete, nothing rewritten.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    again = _run(job, _env(tiny_cache))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == mtimes
+
+    # A different config on the same output is refused with one line, unless forced.
+    changed = _run(["--prompts", str(path), "--output", str(out), "--shard-size", "3", "--samples-per-prompt", "2",
+                    "--threshold", "0.5"], _env(tiny_cache))
+    assert changed.returncode == 2
+    assert changed.stderr.strip().splitlines()[-1].startswith("error: output ")
+    assert "--force" in changed.stderr and "Traceback" not in changed.stderr
+
+
+def test_driver_sigkill_then_resume(tmp_path, tiny_cache) -> None:
+    prompts = compbench_prompts("shape_val", 12)
+    path = _prompts(tmp_path / "p.parquet", prompts)
+    out = tmp_path / "run"
+    args = ["--prompts", str(path), "--output", str(out), "--num-actors", "1", "--shard-size", "2"]
+    cmd = [sys.executable, SYNTH, "--config", "configs/tiny.yaml", "--no-progress", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tiny_cache), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((out / "shards").glob("*.stats.json"))) < 2:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = sorted(p.name for p in (out / "shards").glob("*.stats.json"))
+    assert 2 <= len(done_before) < 6, "kill landed too late to test a resume"
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()
+            if p.name.split(".")[0] + ".stats.json" in done_before}
+    time.sleep(3)  # let the orphaned local Ray notice its driver is gone
+    again = _run(args, _env(tiny_cache))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming:" in again.stderr
+    _check_complete_run(out, {(r, 0) for r in range(len(prompts))})
+    for name, mtime in kept.items():
+        assert (out / "shards" / name).stat().st_mtime_ns == mtime, f"{name} was rewritten"
+
+
+@pytest.mark.parametrize("hook", ["REFEREE_SYNTH_KILL_ACTOR_ON_SHARD", "REFEREE_SYNTH_RAISE_ON_SHARD"])
+def test_actor_death_or_error_mid_shard_is_retried(tmp_path, tiny_cache, hook) -> None:
+    path = _prompts(tmp_path / "p.parquet", compbench_prompts("texture_val", 6))
+    out = tmp_path / "run"
+    proc = _run(["--prompts", str(path), "--output", str(out), "--num-actors", "2", "--shard-size", "2"],
+                _env(tiny_cache, **{hook: "1:1"}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_complete_run(out, {(r, 0) for r in range(6)})
+    assert json.loads((out / "summary.json").read_text())["retries"] == 1
+
+
+def test_shard_failing_every_retry_exits_1_then_rerun_completes(tmp_path, tiny_cache) -> None:
+    path = _prompts(tmp_path / "p.parquet", compbench_prompts("color_val", 4))
+    out = tmp_path / "run"
+    args = ["--prompts", str(path), "--output", str(out), "--num-actors", "2", "--shard-size", "2",
+            "--set", "job.max_shard_retries=1"]
+    proc = _run(args, _env(tiny_cache, REFEREE_SYNTH_KILL_ACTOR_ON_SHARD="1:5"))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "000001" in proc.stderr.strip().splitlines()[-1]
+    assert not (out / "shards" / "000001.stats.json").exists()
+    again = _run(args, _env(tiny_cache))
+    assert again.returncode == 0, again.stderr[-3000:]
+    _check_complete_run(out, {(r, 0) for r in range(4)})
+
+
+def _missing(p: Path) -> Path:
+    return p / "missing.parquet"
+
+
+def _not_parquet(p: Path) -> Path:
+    (p / "x.parquet").write_text("hello")
+    return p / "x.parquet"
+
+
+def _no_prompt_column(p: Path) -> Path:
+    pq.write_table(pa.table({"text": ["a"]}), p / "t.parquet")
+    return p / "t.parquet"
+
+
+def _empty_table(p: Path) -> Path:
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), p / "e.parquet")
+    return p / "e.parquet"
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (_missing, "no such file or folder"),
+        (_not_parquet, "not a readable Parquet file"),
+        (_no_prompt_column, "no 'prompt' column"),
+        (_empty_table, "no prompt rows"),
+    ],
+)
+def test_input_file_errors_exit_2_with_one_line(tmp_path, tiny_cache, make, needle) -> None:
+    proc = _run(["--prompts", str(make(tmp_path)), "--output", str(tmp_path / "run")], _env(tiny_cache), timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("error: "), proc.stderr
+
+
+def test_bad_config_override_exits_2(tmp_path, tiny_cache) -> None:
+    path = _prompts(tmp_path / "p.parquet", ["a red cube"])
+    proc = _run(["--prompts", str(path), "--output", str(tmp_path / "run"), "--set", "sds.cfg=3"], _env(tiny_cache))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: " + proc.stderr.strip().split("error: ", 1)[1]
+    ] and "unknown key 'sds.cfg'" in proc.stderr
+
+
+def test_ray_job_submit_on_a_local_head(tmp_path, tiny_cache) -> None:
+    """`ray start --head` on 127.0.0.1, then `ray job submit --working-dir . -- python jobs/synthesize.py`."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    path = _prompts(tmp_path / "p.parquet", compbench_prompts("color_val", 2))
+    out = tmp_path / "run"
+    import secrets
+
+    # Ray's token authentication, as on a real cluster: the head and the client share the token.
+    env = _env(tiny_cache, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env.pop("RAY_ADDRESS", None)
+    port = "6391"
+    start = subprocess.run(
+        [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+         "--dashboard-port=8275", "--num-cpus=2", "--disable-usage-stats"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    try:
+        assert start.returncode == 0, start.stderr[-2000:]
+        runtime_env = json.dumps({"env_vars": {"REFEREE_SYNTH_CACHE": str(tiny_cache), "HF_HUB_OFFLINE": "1"}})
+        submit = subprocess.run(
+            [ray_bin, "job", "submit", "--address", "http://127.0.0.1:8275", "--working-dir", ".",
+             "--runtime-env-json", runtime_env, "--", "python", "jobs/synthesize.py", "--prompts", str(path),
+             "--output", str(out), "--config", "configs/tiny.yaml", "--no-progress", "--num-actors", "1"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
+        assert "succeeded" in (submit.stdout + submit.stderr).lower()
+        _check_complete_run(out, {(0, 0), (1, 0)})
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_cluster_file_validates_against_rays_schema() -> None:
+    import jsonschema
+    import ray
+    import yaml
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    cluster = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    jsonschema.validate(cluster, schema)
+    # No dashboard or client port opened beyond localhost.
+    head_cmds = " ".join(cluster["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_cmds
