@@ -6,14 +6,17 @@ Thin on purpose: all the work is ``pipeline.process_shard.ShardProcessor``, whic
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
 import ray
 
 # Debug hooks for fault tests, off unless set: "SHARD:N" makes the first N attempts at SHARD
-# kill the actor's process (KILL) or raise (RAISE) midway.
+# kill the actor's process (KILL) or raise (RAISE) midway; "P:SEED" kills the actor after a
+# batch with probability P (the soak benchmark's random faults).
 KILL_ENV = "REFEREE_SYNTH_KILL_ACTOR_ON_SHARD"
 RAISE_ENV = "REFEREE_SYNTH_RAISE_ON_SHARD"
+RANDOM_KILL_ENV = "REFEREE_SYNTH_RANDOM_KILL"
 
 
 def _hook_fires(env: str, shard: int, attempt: int) -> bool:
@@ -22,6 +25,15 @@ def _hook_fires(env: str, shard: int, attempt: int) -> bool:
         return False
     target, _, times = spec.partition(":")
     return int(target) == shard and attempt < int(times or 1)
+
+
+def _random_kill_fires(shard: int, attempt: int, batch: int) -> bool:
+    spec = os.environ.get(RANDOM_KILL_ENV, "")
+    if not spec:
+        return False
+    prob, _, seed = spec.partition(":")
+    draw = random.Random(f"{seed}:{shard}:{attempt}:{batch}").random()
+    return draw < float(prob)
 
 
 class ShardWorker:
@@ -44,8 +56,10 @@ class ShardWorker:
         return True
 
     def process(self, spec: Any, attempt: int) -> dict[str, Any]:
+        batches = iter(range(1 << 30))
+
         def report(counts: dict[str, int]) -> None:
-            if _hook_fires(KILL_ENV, spec.shard, attempt):
+            if _hook_fires(KILL_ENV, spec.shard, attempt) or _random_kill_fires(spec.shard, attempt, next(batches)):
                 os._exit(1)  # simulate a crashed worker process mid-shard
             if _hook_fires(RAISE_ENV, spec.shard, attempt):
                 raise RuntimeError(f"injected failure in shard {spec.shard}")

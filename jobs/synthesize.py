@@ -126,10 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     plan = _plan(args, cfg)
     if not plan["todo"]:
         return _finish(plan, cfg, failed={}, retries=0, wall=0.0)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     import ray
 
     started = start_ray()
+    # After ray.init, which installs its own SIGTERM handler: ours stops the actors cleanly.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     pool = None
     t0 = time.time()
     try:

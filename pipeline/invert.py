@@ -177,9 +177,9 @@ def _make_optimizer(z: torch.Tensor, ocfg: OptimConfig) -> torch.optim.Optimizer
     return torch.optim.SGD([z], lr=ocfg.lr_start, momentum=ocfg.momentum, weight_decay=ocfg.weight_decay)
 
 
-def _nonfinite_rows(x: torch.Tensor) -> list[int]:
-    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-    return bad.nonzero().flatten().tolist()
+def _nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """[B] bool: rows holding a NaN or an infinity (stays on the device)."""
+    return ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -345,8 +345,6 @@ class InversionEngine:
         return g.float(), RefereeLosses(**{k: v / n for k, v in sums.items()})
 
     def _inject(self, batch: _Batch, slots: Sequence[_Slot], inject, iteration: int) -> None:
-        if inject is None:
-            return
         prompt_id, at, attempts = inject
         for b, slot in enumerate(slots):
             hit = slot.request.prompt_id == prompt_id and at == iteration
@@ -354,10 +352,14 @@ class InversionEngine:
                 with torch.no_grad():
                     batch.z[b].fill_(float("nan"))
 
-    def _check(self, batch: _Batch, tensor: torch.Tensor, what: str, iteration: int) -> None:
-        bad = [b for b in _nonfinite_rows(tensor) if batch.errors[b] is None]
-        if bad:
-            batch.freeze(bad, f"non-finite {what} at iteration {iteration}", iteration)
+    def _check(self, batch: _Batch, iteration: int, **tensors: torch.Tensor) -> None:
+        """Freeze the samples with a non-finite value in any of ``tensors`` (one device sync)."""
+        names = list(tensors)
+        flags = torch.stack([_nonfinite(t) for t in tensors.values()], dim=1).tolist()
+        for b, row in enumerate(flags):
+            if any(row) and batch.errors[b] is None:
+                what = names[row.index(True)].replace("_", " ")
+                batch.freeze([b], f"non-finite {what} at iteration {iteration}", iteration)
 
     def _joint_step(self, batch: _Batch, slots, prompts, text, i: int, total: int) -> dict:
         """One referee + SDS iteration of Algorithm 1; returns per-batch trace values."""
@@ -365,8 +367,6 @@ class InversionEngine:
         w = self.sds.weight(i, total)
         g_sds = self.sds.grad(z, prompts, seeds, i, w, self._autocast())
         g_raw, losses = self._referee_grad(z, text, seeds, i)
-        self._check(batch, losses.total.view(-1, 1), "referee loss", i)
-        self._check(batch, g_raw, "referee gradient", i)
         alive = batch.alive().view(-1, 1, 1, 1)
         g_ref = torch.where(alive, balance_gradients(torch.nan_to_num(g_raw), g_sds, ocfg.ref_to_sds_ratio), 0.0)
         lr = learning_rate(ocfg, i)
@@ -377,7 +377,8 @@ class InversionEngine:
         with torch.no_grad():
             z.sub_(ocfg.sds_step * g_sds)
             z.add_(ocfg.noise_std * self._noise(z, seeds, "z-noise", i))
-        self._check(batch, z, "latents", i)
+        # A non-finite loss or gradient only touches its own sample's row (nan_to_num above).
+        self._check(batch, i, referee_loss=losses.total.view(-1, 1), referee_gradient=g_raw, latents=z)
         batch.ema.update(z)
         if i + 1 in ocfg.ema_restarts:
             batch.ema.restart(z)
@@ -390,7 +391,7 @@ class InversionEngine:
         g_sds = self.sds.grad(z, prompts, seeds, i, w, self._autocast())
         with torch.no_grad():
             z.sub_(ocfg.sds_step * g_sds + ocfg.tail_noise_std * self._noise(z, seeds, "tail-noise", i))
-        self._check(batch, z, "latents", i)
+        self._check(batch, i, latents=z)
         return {"lr": ocfg.sds_step, "sds_weight": w, "g_sds": g_sds}
 
     def _optimise(self, slots: Sequence[_Slot], inject) -> _Outcome:
@@ -401,8 +402,9 @@ class InversionEngine:
         total = ocfg.iterations + ocfg.tail_iterations
         traces: list[list[dict]] = [[] for _ in slots]
         for i in range(total):
-            self._inject(batch, slots, inject, i)
-            self._check(batch, batch.z, "latents", i)
+            if inject is not None:
+                self._inject(batch, slots, inject, i)
+                self._check(batch, i, latents=batch.z)
             if i < ocfg.iterations:
                 info = self._joint_step(batch, slots, prompts, text, i, total)
             else:
@@ -416,8 +418,7 @@ class InversionEngine:
         """Decode the final latents and score the un-augmented images with the referee."""
         images = self._decode(batch.z.detach())
         losses = self.referee.losses(self.augmenter.plain(images), text)
-        self._check(batch, losses.total.view(-1, 1), "final referee loss", total)
-        self._check(batch, images, "image", total)
+        self._check(batch, total, final_referee_loss=losses.total.view(-1, 1), image=images)
         iterations = [total if e is None else s for e, s in zip(batch.errors, batch.stopped_at)]
         losses = RefereeLosses(losses.itm.float().cpu(), losses.caption.float().cpu(), losses.total.float().cpu())
         return _Outcome(images.float().cpu(), losses, list(batch.errors), iterations, traces)

@@ -8,6 +8,7 @@ it is closed.
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from pathlib import Path
@@ -72,8 +73,19 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
             fs.delete_file(tmp)
 
 
+# Debug hook for fault tests, off unless set: uploads whose path contains this text are refused.
+REFUSE_WRITES_ENV = "REFEREE_SYNTH_REFUSE_WRITES"
+
+
+def _maybe_refuse(path: str) -> None:
+    needle = os.environ.get(REFUSE_WRITES_ENV)
+    if needle and needle in path:
+        raise OSError(errno.EACCES, f"injected: write refused for {path}")
+
+
 def upload_file_atomic(fs: pafs.FileSystem, local_file: str, path: str) -> None:
     """Copy a finished local file to ``path`` atomically (rename locally, single upload remotely)."""
+    _maybe_refuse(path)
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     if is_local(fs):
