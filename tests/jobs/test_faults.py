@@ -37,6 +37,7 @@ def test_nan_mid_optimisation_restarts_then_fails_only_that_sample(tmp_path, tin
     assert rows["t1"]["status"] != "failed" and rows["t1"]["error"] is None
     clean = _run(["--prompts", str(path), "--output", str(tmp_path / "clean"), "--num-actors", "1"],
                  _env(tiny_cache))
+    assert clean.returncode == 0, clean.stderr[-2000:]
     base = {r["prompt_id"]: r for r in _sidecars(tmp_path / "clean")}
     assert rows["t1"]["seed"] != base["t1"]["seed"], "the restart's new seed is recorded"
     for pid in ("t0", "t2", "t3"):  # the rest of the batch is unaffected

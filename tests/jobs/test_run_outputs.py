@@ -120,7 +120,8 @@ def test_report_renders_in_chromium_with_every_image(tiny_run, tiny_cache) -> No
             "--disable-sync", "--no-first-run"])
         tab = b.new_page()
         tab.goto(page.as_uri(), wait_until="load")
-        images = tab.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
+        script = "Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])"
+        images = tab.evaluate(script)
         b.close()
     # Two histograms (color, shape) and 21 thumbnails (11 accepted, 10 rejected).
     assert len(images) == 23
