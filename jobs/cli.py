@@ -6,8 +6,7 @@ import sys
 from collections.abc import Callable
 
 from pipeline.config import ConfigError
-from pipeline.errors import UserError
-from pipeline.models import ModelLoadError
+from pipeline.errors import ModelLoadError, UserError
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -73,8 +73,9 @@ def start_ray() -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return False
+    # address="local": a fresh embedded Ray, never a cluster that `ray start` left running here.
     ray.init(
-        include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+        address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
         runtime_env={"env_vars": _forwarded_env(local=True)},
     )
     return True
@@ -153,16 +154,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
-    from pipeline.models import model_sources
-    from pipeline.run_folder import make_run_info, prepare_run, remove_leftovers
-    from pipeline.shards import plan_shards, shard_is_complete
-    from pipeline.storage import filesystem_for
     from schemas.prompts import fingerprint, read_prompt_tables, samples_of, validate_rows
 
+    # Input checks first and with light imports, so a bad file is reported in about a second.
     files, tables = read_prompt_tables(args.prompts)
     rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars)
     if not rows:
         raise UserError(f"prompts: {args.prompts}: no prompt rows")
+
+    from pipeline.models import model_sources
+    from pipeline.run_folder import make_run_info, prepare_run, remove_leftovers
+    from pipeline.shards import plan_shards, shard_is_complete
+    from pipeline.storage import filesystem_for
+
     specs = plan_shards(rows, cfg.job.shard_size)
     model_ids = _model_ids(cfg, model_sources(cfg.models))
     fs, out = filesystem_for(args.output)

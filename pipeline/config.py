@@ -41,6 +41,9 @@ def _f(default: Any, lo: float | None = None, hi: float | None = None, **extra: 
 class ModelsConfig:
     # The tiny set replaces every model id below with a locally built random-weight model.
     tiny: bool = False
+    # The small set (CPU benchmarks): same architectures, widths where compute dominates; like tiny
+    # it replaces every model id below and shares tiny_cache_dir and tiny_seed.
+    small: bool = False
     tiny_cache_dir: str = ""  # "" -> $REFEREE_SYNTH_CACHE or ~/.cache/referee-synth
     tiny_seed: int = _f(0, 0)
     stable_diffusion: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -60,6 +63,7 @@ class EngineConfig:
     compile: bool = False  # torch.compile the referee and VAE decoder
     channels_last: bool = True  # channels-last VAE on CUDA
     max_restarts: int = _f(2, 0)  # restarts of a sample whose latents go non-finite
+    oom_fallback: bool = True  # on CUDA out-of-memory in the referee pass: halve view_chunk, redo the iteration
 
 
 @dataclass
@@ -198,7 +202,7 @@ class Config:
 
 # Keys that change how a run is executed but not what it produces.
 _RUN_ONLY_JOB_KEYS = {"num_actors", "gpus_per_actor", "cpus_per_actor", "max_shard_retries"}
-_RUN_ONLY_ENGINE_KEYS = {"trace", "compile", "view_chunk"}
+_RUN_ONLY_ENGINE_KEYS = {"trace", "compile", "view_chunk", "oom_fallback"}
 _RUN_ONLY_MODEL_KEYS = {"tiny_cache_dir", "device"}
 
 
@@ -301,6 +305,8 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 
 def _check_cross_fields(cfg: Config) -> None:
+    if cfg.models.tiny and cfg.models.small:
+        raise ConfigError("config: models.tiny and models.small cannot both be true (pick one model set)")
     if cfg.sds.t_min > cfg.sds.t_max:
         raise ConfigError(f"config: sds.t_min must be <= sds.t_max, got {cfg.sds.t_min} > {cfg.sds.t_max}")
     if cfg.augment.top_k > cfg.augment.num_views:

@@ -14,10 +14,18 @@ Batching never changes the math: every norm is per sample, every random draw com
 sample's own seed (``pipeline.rng``), the optimiser is elementwise. A sample whose latents or
 losses become non-finite is frozen, then rerun with a new seed derived from the old one (up to
 engine.max_restarts times); the others are unaffected.
+
+Memory: the referee pass over B x N views is the engine's peak. ``engine.view_chunk`` caps how
+many views go through the referee at once (same sum, so the same math). With
+``engine.oom_fallback`` a CUDA out-of-memory error in the referee pass halves the chunk (the
+whole batch of views at first) and redoes that pass of the iteration; nothing of the iteration
+has been applied by then (the SDS draw before it is pure), so the result is the one the smaller
+chunk gives from the start. The smaller chunk is kept for the engine's later iterations.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -37,6 +45,11 @@ from pipeline.sds import SdsGuidance, cosine_schedule
 # Debug hook for fault tests: "prompt_id:iteration" makes that prompt's latents NaN at that
 # iteration on every attempt; "prompt_id:iteration:attempts" only on its first `attempts` attempts.
 INJECT_NAN_ENV = "REFEREE_SYNTH_INJECT_NAN"
+# Debug hook for the out-of-memory fallback: "R" makes every referee pass over more than R view
+# rows raise torch.cuda.OutOfMemoryError (as a GPU too small for them would), on any device.
+INJECT_OOM_ENV = "REFEREE_SYNTH_INJECT_OOM"
+
+log = logging.getLogger(__name__)
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -196,6 +209,9 @@ class InversionEngine:
         self.sds = SdsGuidance(models, cfg.sds)
         self.augmenter = ViewAugmenter(cfg.augment, self.referee.image_size)
         self._decode_fn = models.vae.decode
+        self.view_chunk = cfg.engine.view_chunk  # views per referee pass now; the OOM fallback lowers it
+        self.oom_fallbacks: list[dict] = []  # one record per halving (iteration, old and new chunk)
+        self._oom_rows: int | None = None
         if self.device.type == "cuda" and cfg.engine.channels_last:
             models.vae.to(memory_format=torch.channels_last)
         if cfg.engine.compile:
@@ -221,6 +237,8 @@ class InversionEngine:
         ``progress`` is called with the number of samples finished after each batch.
         """
         inject = parse_nan_injection(os.environ.get(INJECT_NAN_ENV))
+        oom_rows = os.environ.get(INJECT_OOM_ENV)
+        self._oom_rows = int(oom_rows) if oom_rows else None
         results: list[SampleResult] = []
         size = self.cfg.engine.batch_size
         for start in range(0, len(requests), size):
@@ -308,8 +326,8 @@ class InversionEngine:
         flat, rows = views.flatten(0, 1), text.repeat_rows(n)
         out = []
         with torch.no_grad(), self._autocast():
-            for c in _chunks(b * n, self.cfg.engine.view_chunk):
-                out.append(self.referee.losses(flat[c], rows.select(c)).total)
+            for c in _chunks(b * n, self.view_chunk):
+                out.append(self._referee_losses(flat[c], rows.select(c)).total)
         return torch.cat(out).view(b, n)
 
     def _hardest(self, views: torch.Tensor, text: TextBatch) -> torch.Tensor:
@@ -319,7 +337,43 @@ class InversionEngine:
         idx = self._losses_no_grad(views.detach(), text).topk(k, dim=1).indices
         return views[torch.arange(views.shape[0], device=views.device)[:, None], idx]
 
+    def _referee_losses(self, pixels: torch.Tensor, text: TextBatch) -> RefereeLosses:
+        if self._oom_rows is not None and pixels.shape[0] > self._oom_rows:
+            raise torch.cuda.OutOfMemoryError(
+                f"injected out-of-memory: {pixels.shape[0]} view rows > {self._oom_rows} ({INJECT_OOM_ENV})"
+            )
+        return self.referee.losses(pixels, text)
+
+    def _smaller_chunk(self, rows: int) -> int | None:
+        """Half the views of the current referee chunk, or None when it is one view already."""
+        current = self.view_chunk if 0 < self.view_chunk < rows else rows
+        return None if current <= 1 else (current + 1) // 2
+
     def _referee_grad(
+        self, z: torch.Tensor, text: TextBatch, seeds: Sequence[int], iteration: int
+    ) -> tuple[torch.Tensor, RefereeLosses]:
+        """``_referee_grad_once`` with the out-of-memory fallback (halve the view chunk, redo)."""
+        while True:
+            try:
+                return self._referee_grad_once(z, text, seeds, iteration)
+            except torch.cuda.OutOfMemoryError as err:
+                # rows of the largest referee pass: the selection pass sees every view
+                smaller = self._smaller_chunk(z.shape[0] * self.cfg.augment.num_views)
+                if not self.cfg.engine.oom_fallback or smaller is None:
+                    raise
+                reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else "out of memory"
+            # Out of the handler: the failed attempt's tensors, held by the traceback, are freed.
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            old = self.view_chunk
+            self.view_chunk = smaller
+            self.oom_fallbacks.append({"iteration": iteration, "view_chunk_was": old, "view_chunk": smaller})
+            log.warning(
+                "out of memory in the referee pass at iteration %d (view_chunk %s): retrying with view_chunk %d (%s)",
+                iteration, old or "all", smaller, reason,
+            )
+
+    def _referee_grad_once(
         self, z: torch.Tensor, text: TextBatch, seeds: Sequence[int], iteration: int
     ) -> tuple[torch.Tensor, RefereeLosses]:
         """d(mean over views of the referee loss)/dz per sample, and the per-sample mean losses.
@@ -335,9 +389,9 @@ class InversionEngine:
         leaf = views.detach().requires_grad_(True)
         rows, owner = text.repeat_rows(n), torch.arange(b, device=z.device).repeat_interleave(n)
         sums = {k: torch.zeros(b, device=z.device) for k in ("itm", "caption", "total")}
-        for c in _chunks(b * n, self.cfg.engine.view_chunk):
+        for c in _chunks(b * n, self.view_chunk):
             with self._autocast():
-                part = self.referee.losses(leaf.flatten(0, 1)[c], rows.select(c))
+                part = self._referee_losses(leaf.flatten(0, 1)[c], rows.select(c))
             (part.total.sum() / n).backward()
             for k in sums:
                 sums[k].index_add_(0, owner[c], getattr(part, k).detach().float())

@@ -17,8 +17,9 @@ import torch
 
 from pipeline.caption_head import Blip2CaptionHead
 from pipeline.config import Config, ModelsConfig
+from pipeline.errors import ModelLoadError
 from pipeline.quiet import quiet_library_logs
-from pipeline.tiny_models import tiny_sources
+from pipeline.tiny_models import small_sources, tiny_sources
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -26,10 +27,6 @@ _HOW_TO_PROVIDE = (
     "set models.{key} to a local folder, or put the model in the Hugging Face cache (HF_HOME) "
     "and run with HF_HUB_OFFLINE=1"
 )
-
-
-class ModelLoadError(RuntimeError):
-    """A model that cannot be loaded; ``str(err)`` is one line saying how to provide it."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,9 +38,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def model_sources(mcfg: ModelsConfig) -> dict[str, str]:
-    """The id or folder of each model, with the tiny set substituted when asked."""
+    """The id or folder of each model, with the tiny or small set substituted when asked."""
     if mcfg.tiny:
         return tiny_sources(mcfg.tiny_cache_dir or None, mcfg.tiny_seed)
+    if mcfg.small:
+        return small_sources(mcfg.tiny_cache_dir or None, mcfg.tiny_seed)
     return {"stable_diffusion": mcfg.stable_diffusion, "referee": mcfg.referee, "vqa": mcfg.vqa}
 
 
@@ -101,7 +100,7 @@ def load_generator_models(cfg: Config) -> GeneratorModels:
     m = cfg.models
     src = model_sources(m)
     device, dtype = resolve_device(m.device), DTYPES[m.dtype]
-    rev = {} if m.tiny else {"revision": m.revision}
+    rev = {} if m.tiny or m.small else {"revision": m.revision}
     sd = src["stable_diffusion"]
     sd_key, ref_key = "stable_diffusion", "referee"
     vae = _load("the SD VAE", sd_key, AutoencoderKL.from_pretrained, sd, subfolder="vae", **rev)
@@ -144,7 +143,7 @@ def load_vqa_models(cfg: Config) -> VqaModels:
     m = cfg.models
     src = model_sources(m)["vqa"]
     device, dtype = resolve_device(m.device), DTYPES[m.dtype]
-    rev = {} if m.tiny else {"revision": m.revision}
+    rev = {} if m.tiny or m.small else {"revision": m.revision}
     model = _load("the BLIP-VQA model", "vqa", BlipForQuestionAnswering.from_pretrained, src, **rev)
     tokenizer = _load("the BLIP-VQA tokenizer", "vqa", AutoTokenizer.from_pretrained, src, **rev)
     _freeze(model, device, dtype)

@@ -14,17 +14,20 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
 
 from pipeline import storage
 from schemas.prompts import PromptRow
 from schemas.run import ShardStats
 from schemas.samples import ACCEPTED, FAILED, INVALID_INPUT, MAX_SHARD_SIZE, REJECTED, SampleRecord, sidecar_table
+
+if TYPE_CHECKING:  # torch is heavy; the driver plans shards without it
+    import torch
 
 SHARDS_DIR = "shards"
 _PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}

@@ -34,13 +34,13 @@ ROW_CATALOGUE = [
 ]
 
 
-def test_row_catalogue_gets_statuses_and_run_goes_on(tmp_path, tiny_cache) -> None:
+def test_row_catalogue_gets_statuses_and_run_goes_on(tmp_path, tiny_cache, shared_ray) -> None:
     prompts = [c[1] for c in ROW_CATALOGUE]
     ids = [c[2] for c in ROW_CATALOGUE]
     pq.write_table(pa.table({"prompt": pa.array(prompts, pa.string()), "prompt_id": ids}), tmp_path / "p.parquet")
     out = tmp_path / "run"
     proc = _run(["--prompts", str(tmp_path / "p.parquet"), "--output", str(out), "--num-actors", "1",
-                 "--shard-size", "5", "--threshold", "0"], _env(tiny_cache))
+                 "--shard-size", "5", "--threshold", "0"], _env(tiny_cache, **shared_ray))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     side = {r["row"]: r for r in _sidecars(out)}

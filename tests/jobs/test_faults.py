@@ -25,18 +25,18 @@ def _table(tmp_path: Path, n: int) -> Path:
     return _prompts(tmp_path / "p.parquet", prompts, prompt_id=[f"t{i}" for i in range(n)])
 
 
-def test_nan_mid_optimisation_restarts_then_fails_only_that_sample(tmp_path, tiny_cache) -> None:
+def test_nan_mid_optimisation_restarts_then_fails_only_that_sample(tmp_path, tiny_cache, shared_ray) -> None:
     path = _table(tmp_path, 4)
     out = tmp_path / "run"
     # t1 goes non-finite at iteration 2 on its first attempt only: restarted with a new seed.
     # t2 goes non-finite on every attempt: failed after the restart budget.
-    env = _env(tiny_cache, REFEREE_SYNTH_INJECT_NAN="t1:2:1")
+    env = _env(tiny_cache, **shared_ray, REFEREE_SYNTH_INJECT_NAN="t1:2:1")
     proc = _run(["--prompts", str(path), "--output", str(out), "--num-actors", "1"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["prompt_id"]: r for r in _sidecars(out)}
     assert rows["t1"]["status"] != "failed" and rows["t1"]["error"] is None
     clean = _run(["--prompts", str(path), "--output", str(tmp_path / "clean"), "--num-actors", "1"],
-                 _env(tiny_cache))
+                 _env(tiny_cache, **shared_ray))
     assert clean.returncode == 0, clean.stderr[-2000:]
     base = {r["prompt_id"]: r for r in _sidecars(tmp_path / "clean")}
     assert rows["t1"]["seed"] != base["t1"]["seed"], "the restart's new seed is recorded"
@@ -44,7 +44,7 @@ def test_nan_mid_optimisation_restarts_then_fails_only_that_sample(tmp_path, tin
         assert rows[pid]["seed"] == base[pid]["seed"] and rows[pid]["vqa_score"] == base[pid]["vqa_score"]
 
     out2 = tmp_path / "run2"
-    env2 = _env(tiny_cache, REFEREE_SYNTH_INJECT_NAN="t2:2")
+    env2 = _env(tiny_cache, **shared_ray, REFEREE_SYNTH_INJECT_NAN="t2:2")
     proc = _run(["--prompts", str(path), "--output", str(out2), "--num-actors", "1"], env2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows2 = {r["prompt_id"]: r for r in _sidecars(out2)}
@@ -53,11 +53,11 @@ def test_nan_mid_optimisation_restarts_then_fails_only_that_sample(tmp_path, tin
     assert json.loads((out2 / "summary.json").read_text())["failed"] == 1
 
 
-def test_scoring_exception_fails_one_sample_and_the_shard_completes(tmp_path, tiny_cache) -> None:
+def test_scoring_exception_fails_one_sample_and_the_shard_completes(tmp_path, tiny_cache, shared_ray) -> None:
     path = _table(tmp_path, 4)
     out = tmp_path / "run"
     proc = _run(["--prompts", str(path), "--output", str(out), "--num-actors", "1"],
-                _env(tiny_cache, REFEREE_SYNTH_INJECT_SCORE_ERROR="t2"))
+                _env(tiny_cache, **shared_ray, REFEREE_SYNTH_INJECT_SCORE_ERROR="t2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["prompt_id"]: r for r in _sidecars(out)}
     assert rows["t2"]["status"] == "failed" and "scoring failed" in rows["t2"]["error"]
@@ -65,11 +65,11 @@ def test_scoring_exception_fails_one_sample_and_the_shard_completes(tmp_path, ti
     _check_complete_run(out, {(r, 0) for r in range(4)})
 
 
-def test_actor_killed_twice_on_one_shard_moves_on(tmp_path, tiny_cache) -> None:
+def test_actor_killed_twice_on_one_shard_moves_on(tmp_path, tiny_cache, shared_ray) -> None:
     path = _table(tmp_path, 6)
     out = tmp_path / "run"
     proc = _run(["--prompts", str(path), "--output", str(out), "--num-actors", "2", "--shard-size", "2"],
-                _env(tiny_cache, REFEREE_SYNTH_KILL_ACTOR_ON_SHARD="1:2"))
+                _env(tiny_cache, **shared_ray, REFEREE_SYNTH_KILL_ACTOR_ON_SHARD="1:2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_complete_run(out, {(r, 0) for r in range(6)})
     assert json.loads((out / "summary.json").read_text())["retries"] == 2
@@ -106,18 +106,18 @@ def test_sigterm_stops_actors_and_the_rerun_resumes(tmp_path, tiny_cache) -> Non
     _check_complete_run(out, {(r, 0) for r in range(12)})
 
 
-def test_crash_leftovers_are_detected_and_redone(tmp_path, tiny_cache) -> None:
+def test_crash_leftovers_are_detected_and_redone(tmp_path, tiny_cache, shared_ray) -> None:
     path = _table(tmp_path, 6)
     out = tmp_path / "run"
     args = ["--prompts", str(path), "--output", str(out), "--num-actors", "2", "--shard-size", "2"]
-    assert _run(args, _env(tiny_cache)).returncode == 0
+    assert _run(args, _env(tiny_cache, **shared_ray)).returncode == 0
     shards = out / "shards"
     tar0 = shards / "000000.tar"
     tar0.write_bytes(tar0.read_bytes()[:700])  # truncated tar behind a marker
     (shards / "000001.stats.json").unlink()  # sidecar and tar without their marker
     (shards / "000002.tar.tmp-deadbeef").write_bytes(b"half")  # a writer's leftover
     keep = {p.name: p.stat().st_mtime_ns for p in shards.glob("000002.*") if ".tmp-" not in p.name}
-    again = _run(args, _env(tiny_cache))
+    again = _run(args, _env(tiny_cache, **shared_ray))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming: 1 of 3 shards already complete" in again.stderr
     assert not list(shards.glob("*.tmp-*"))
@@ -125,32 +125,32 @@ def test_crash_leftovers_are_detected_and_redone(tmp_path, tiny_cache) -> None:
     _check_complete_run(out, {(r, 0) for r in range(6)})
 
 
-def test_refused_write_fails_the_shard_cleanly_and_rerun_completes(tmp_path, tiny_cache) -> None:
+def test_refused_write_fails_the_shard_cleanly_and_rerun_completes(tmp_path, tiny_cache, shared_ray) -> None:
     path = _table(tmp_path, 4)
     out = tmp_path / "run"
     args = ["--prompts", str(path), "--output", str(out), "--num-actors", "1", "--shard-size", "2",
             "--set", "job.max_shard_retries=1"]
-    proc = _run(args, _env(tiny_cache, REFEREE_SYNTH_REFUSE_WRITES="000001.parquet"))
+    proc = _run(args, _env(tiny_cache, **shared_ray, REFEREE_SYNTH_REFUSE_WRITES="000001.parquet"))
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "write refused" in proc.stderr and "000001" in proc.stderr.strip().splitlines()[-1]
     assert not (out / "shards" / "000001.stats.json").exists()
     assert json.loads((out / "summary.json").read_text())["shards_failed"] == [1]
-    again = _run(args, _env(tiny_cache))
+    again = _run(args, _env(tiny_cache, **shared_ray))
     assert again.returncode == 0, again.stderr[-3000:]
     _check_complete_run(out, {(r, 0) for r in range(4)})
 
 
-def test_rerun_after_faults_has_exactly_one_record_per_row_and_sample(tmp_path, tiny_cache) -> None:
+def test_rerun_after_faults_has_exactly_one_record_per_row_and_sample(tmp_path, tiny_cache, shared_ray) -> None:
     """Several faults at once, then a clean rerun: exactly one record per input row x sample."""
     prompts = compbench_prompts("color_val", 8)
     path = _prompts(tmp_path / "p.parquet", prompts, num_samples=pa.array([2] * 8, pa.int32()))
     out = tmp_path / "run"
     args = ["--prompts", str(path), "--output", str(out), "--num-actors", "2", "--shard-size", "2",
             "--set", "job.max_shard_retries=0"]
-    env = _env(tiny_cache, REFEREE_SYNTH_KILL_ACTOR_ON_SHARD="0:1", REFEREE_SYNTH_RAISE_ON_SHARD="2:1")
+    env = _env(tiny_cache, **shared_ray, REFEREE_SYNTH_KILL_ACTOR_ON_SHARD="0:1", REFEREE_SYNTH_RAISE_ON_SHARD="2:1")
     first = _run(args, env)
     assert first.returncode == 1
-    assert _run(args, _env(tiny_cache)).returncode == 0
+    assert _run(args, _env(tiny_cache, **shared_ray)).returncode == 0
     _check_complete_run(out, {(r, k) for r in range(8) for k in range(2)})
     assert pq.read_table(out / "shards" / "000000.parquet").num_rows == 4
     assert os.path.exists(out / "summary.json")

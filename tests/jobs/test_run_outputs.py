@@ -20,8 +20,9 @@ pytestmark = pytest.mark.slow
 UNDERSCORE_PROMPT = "a red_cube and a blue ball"
 
 
-def _env(tiny_cache: Path) -> dict[str, str]:
-    return dict(os.environ, REFEREE_SYNTH_CACHE=str(tiny_cache), HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+def _env(tiny_cache: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, REFEREE_SYNTH_CACHE=str(tiny_cache), HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    return {**env, **extra}
 
 
 def _job(script: str, args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -30,7 +31,7 @@ def _job(script: str, args: list[str], env: dict[str, str], timeout: int = 300) 
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_cache) -> Path:
+def tiny_run(tmp_path_factory, tiny_cache, shared_ray) -> Path:
     """20 shared prompts (10 color accepted, 10 shape rejected) plus one prompt holding '_'."""
     tmp = tmp_path_factory.mktemp("run-outputs")
     prompts = compbench_prompts("color_val", 10) + compbench_prompts("shape_val", 10) + [UNDERSCORE_PROMPT]
@@ -38,7 +39,8 @@ def tiny_run(tmp_path_factory, tiny_cache) -> Path:
     pq.write_table(pa.table({"prompt": prompts, "category": cats}), tmp / "p.parquet")
     proc = _job("synthesize.py", ["--prompts", str(tmp / "p.parquet"), "--output", str(tmp / "run"),
                                   "--config", "configs/tiny.yaml", "--no-progress", "--num-actors", "2",
-                                  "--set", "filter.thresholds={color: 0.0, shape: 1.0}"], _env(tiny_cache))
+                                  "--set", "filter.thresholds={color: 0.0, shape: 1.0}"],
+                _env(tiny_cache, **shared_ray))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "run"
 
@@ -129,11 +131,12 @@ def test_report_renders_in_chromium_with_every_image(tiny_run, tiny_cache) -> No
     assert broken == []
 
 
-def test_evaluate_prints_table_for_two_categories(tiny_cache, tmp_path) -> None:
+def test_evaluate_prints_table_for_two_categories(tiny_cache, shared_ray, tmp_path) -> None:
     out = tmp_path / "eval"
     proc = _job("evaluate.py", ["--prompts-dir", str(COMPBENCH), "--category", "color", "--category", "shape",
                                 "--limit", "2", "--images-per-prompt", "2", "--config", "configs/tiny.yaml",
-                                "--output", str(out), "--no-progress", "--num-actors", "1"], _env(tiny_cache))
+                                "--output", str(out), "--no-progress", "--num-actors", "1"],
+                _env(tiny_cache, **shared_ray))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| Method | Color | Shape |" in proc.stdout
     assert "| paper (Table 3) | 0.8162 | 0.6209 |" in proc.stdout

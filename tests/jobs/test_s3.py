@@ -18,23 +18,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import ROOT, compbench_prompts
+from tests.jobs.conftest import free_port
 from tests.jobs.test_synthesize import SYNTH, _env, _prompts, _run
 
 pytestmark = pytest.mark.slow
 BUCKET = "nightly"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_server():
     """moto's S3 server on loopback, started and stopped here; yields the AWS environment."""
     server = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
@@ -88,12 +83,12 @@ def _check_s3_run(env: dict[str, str], prefix: str, rows: int) -> None:
     assert sorted(seen) == [(r, 0) for r in range(rows)]
 
 
-def test_job_writes_to_s3_and_resumes_after_driver_kill(tmp_path, tiny_cache, s3_server) -> None:
+def test_job_writes_to_s3_and_resumes_after_driver_kill(tmp_path, tiny_cache, shared_ray, s3_server) -> None:
     _client(s3_server).create_bucket(Bucket=BUCKET)
     prompts = compbench_prompts("color_val", 10)
     path = _prompts(tmp_path / "p.parquet", prompts)
     output = f"s3://{BUCKET}/runs/night1"
-    env = _env(tiny_cache, **s3_server)
+    env = _env(tiny_cache, **shared_ray, **s3_server)
     args = ["--prompts", str(path), "--output", output, "--num-actors", "1", "--shard-size", "2"]
     cmd = [sys.executable, SYNTH, "--config", "configs/tiny.yaml", "--no-progress", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -93,6 +93,8 @@ def test_end_to_end_two_actors_with_bad_rows(tmp_path, tiny_cache) -> None:
            "--samples-per-prompt", "2", "--set", "filter.thresholds={color: 0.0, shape: 1.0}"]
     proc = _run(job, _env(tiny_cache))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Started a local Ray instance" in proc.stderr and "dashboard at" in proc.stderr
+    assert "http://127.0.0.1:" in proc.stderr  # the local dashboard listens on loopback only
     bad = {3, 4, 5, 6, 11}
     expected = {(r, k) for r in range(len(prompts)) if r not in bad for k in range(2)} | {(r, 0) for r in bad}
     side = _check_complete_run(out, expected)
@@ -151,26 +153,26 @@ def test_driver_sigkill_then_resume(tmp_path, tiny_cache) -> None:
 
 
 @pytest.mark.parametrize("hook", ["REFEREE_SYNTH_KILL_ACTOR_ON_SHARD", "REFEREE_SYNTH_RAISE_ON_SHARD"])
-def test_actor_death_or_error_mid_shard_is_retried(tmp_path, tiny_cache, hook) -> None:
+def test_actor_death_or_error_mid_shard_is_retried(tmp_path, tiny_cache, shared_ray, hook) -> None:
     path = _prompts(tmp_path / "p.parquet", compbench_prompts("texture_val", 6))
     out = tmp_path / "run"
     proc = _run(["--prompts", str(path), "--output", str(out), "--num-actors", "2", "--shard-size", "2"],
-                _env(tiny_cache, **{hook: "1:1"}))
+                _env(tiny_cache, **shared_ray, **{hook: "1:1"}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_complete_run(out, {(r, 0) for r in range(6)})
     assert json.loads((out / "summary.json").read_text())["retries"] == 1
 
 
-def test_shard_failing_every_retry_exits_1_then_rerun_completes(tmp_path, tiny_cache) -> None:
+def test_shard_failing_every_retry_exits_1_then_rerun_completes(tmp_path, tiny_cache, shared_ray) -> None:
     path = _prompts(tmp_path / "p.parquet", compbench_prompts("color_val", 4))
     out = tmp_path / "run"
     args = ["--prompts", str(path), "--output", str(out), "--num-actors", "2", "--shard-size", "2",
             "--set", "job.max_shard_retries=1"]
-    proc = _run(args, _env(tiny_cache, REFEREE_SYNTH_KILL_ACTOR_ON_SHARD="1:5"))
+    proc = _run(args, _env(tiny_cache, **shared_ray, REFEREE_SYNTH_KILL_ACTOR_ON_SHARD="1:5"))
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "000001" in proc.stderr.strip().splitlines()[-1]
     assert not (out / "shards" / "000001.stats.json").exists()
-    again = _run(args, _env(tiny_cache))
+    again = _run(args, _env(tiny_cache, **shared_ray))
     assert again.returncode == 0, again.stderr[-3000:]
     _check_complete_run(out, {(r, 0) for r in range(4)})
 
@@ -219,36 +221,24 @@ def test_bad_config_override_exits_2(tmp_path, tiny_cache) -> None:
     ] and "unknown key 'sds.cfg'" in proc.stderr
 
 
-def test_ray_job_submit_on_a_local_head(tmp_path, tiny_cache) -> None:
-    """`ray start --head` on 127.0.0.1, then `ray job submit --working-dir . -- python jobs/synthesize.py`."""
+def test_ray_job_submit_on_a_local_head(tmp_path, tiny_cache, shared_ray) -> None:
+    """On a head started with `ray start --head` on 127.0.0.1 (the shared one), `ray job submit
+    --working-dir . -- python jobs/synthesize.py ...` succeeds."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     path = _prompts(tmp_path / "p.parquet", compbench_prompts("color_val", 2))
     out = tmp_path / "run"
-    import secrets
-
-    # Ray's token authentication, as on a real cluster: the head and the client share the token.
-    env = _env(tiny_cache, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env = _env(tiny_cache, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=shared_ray["RAY_AUTH_TOKEN"])
     env.pop("RAY_ADDRESS", None)
-    port = "6391"
-    start = subprocess.run(
-        [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-         "--dashboard-port=8275", "--num-cpus=2", "--disable-usage-stats"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    runtime_env = json.dumps({"env_vars": {"REFEREE_SYNTH_CACHE": str(tiny_cache), "HF_HUB_OFFLINE": "1"}})
+    submit = subprocess.run(
+        [ray_bin, "job", "submit", "--address", shared_ray["REFEREE_SYNTH_TEST_DASHBOARD"], "--working-dir", ".",
+         "--runtime-env-json", runtime_env, "--", "python", "jobs/synthesize.py", "--prompts", str(path),
+         "--output", str(out), "--config", "configs/tiny.yaml", "--no-progress", "--num-actors", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
-    try:
-        assert start.returncode == 0, start.stderr[-2000:]
-        runtime_env = json.dumps({"env_vars": {"REFEREE_SYNTH_CACHE": str(tiny_cache), "HF_HUB_OFFLINE": "1"}})
-        submit = subprocess.run(
-            [ray_bin, "job", "submit", "--address", "http://127.0.0.1:8275", "--working-dir", ".",
-             "--runtime-env-json", runtime_env, "--", "python", "jobs/synthesize.py", "--prompts", str(path),
-             "--output", str(out), "--config", "configs/tiny.yaml", "--no-progress", "--num-actors", "1"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-        )
-        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
-        assert "succeeded" in (submit.stdout + submit.stderr).lower()
-        _check_complete_run(out, {(0, 0), (1, 0)})
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
+    assert "succeeded" in (submit.stdout + submit.stderr).lower()
+    _check_complete_run(out, {(0, 0), (1, 0)})
 
 
 def test_cluster_file_validates_against_rays_schema() -> None:

@@ -1,0 +1,514 @@
+"""GPU benchmark (H100 / H200): the engine at real model sizes against its FLOP floor.
+
+    python3 benchmarks/gpu.py --out results.json [--batches 1,2,3,4,5,6,7,8] [--view-chunks 0,120,60,30]
+    python benchmarks/gpu.py --dry-run --out /tmp/gpu.json      # tiny models on the CPU: plumbing only
+
+Real-size architectures (``benchmarks/real_models.py``) with random weights, built on the GPU; the
+paper preset (bf16 autocast, float32 weights, 30 views, 150 + 10 iterations). For every batch size
+and view chunk the engine first runs ``--warmup`` joint and tail iterations and its final pass
+(allocator, kernels, compilation), then ``--timed`` of each, every one timed alone (synchronised);
+seconds per image are extrapolated to the preset's full schedule: (iterations x joint step + tail
+x tail step + final pass) / batch + VQA scoring per image. Recorded per configuration: seconds
+per image, images per hour, achieved TFLOP/s (FLOPs of the same steps counted on the device with
+FlopCounterMode), the floor from ``benchmarks/flops.py`` at the nominal 989 TFLOP/s and at the
+bf16 matmul rate measured here, peak GPU memory, or ``oom``. Each sweep configuration runs with
+the OOM fallback off (so a chunk that does not fit says so); one extra run shows the fallback.
+Then the reference loop (``benchmarks/reference.py``: one prompt, all views, float32; also under
+bf16 autocast) in the same process. Results are written to ``--out`` after every configuration, so a run stopped
+by its time limit keeps what it measured; ``--budget`` (seconds) stops starting new ones.
+
+The GPU image lacks diffusers, kornia (and kornia_rs) and spaCy; ``benchmarks/prepare_gpu_site.py``
+copies the first two from this environment into a folder to carry (see benchmarks/README.md).
+spaCy is not needed: VQA is timed with fixed questions. Tokenizers are the tiny set's (no hub):
+their ids index the real embedding tables, and the prompts use only words of their vocabulary,
+so token counts are realistic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from pipeline.config import Config, load_config, preset_path  # noqa: E402
+
+# Every word is in the tiny BERT vocabulary (pipeline/tiny_models.py), so BLIP-2 token counts are
+# what bert-base-uncased gives these prompts (8-11 tokens with [CLS] and [SEP]).
+PROMPTS = [
+    "a red car and a blue bird", "a green apple on a wooden table", "a black cat near a white dog",
+    "a yellow cup and a brown book", "a pink chair next to a glass table", "a round bowl and a square book",
+    "an orange sphere on a metallic cube", "a fluffy dog and a leather chair",
+]
+QUESTIONS = [["a red car?", "a blue bird?"]] * 8  # two noun chunks each, as spaCy gives such prompts
+NOMINAL_TFLOPS = 989.0
+
+
+# ---- small helpers --------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> dict[str, float] | None:
+    if device.type != "cuda":
+        return None
+    return {"allocated": torch.cuda.max_memory_allocated(device) / 2**30,
+            "reserved": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float | None:
+    """Measured bf16 matmul rate (n x n x n, random data, 3 warm-ups)."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    dt = (time.perf_counter() - t0) / reps
+    del a, b
+    free(device)
+    return 2 * n**3 / dt / 1e12
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+
+def real_model_sets(device: torch.device, dtype: torch.dtype):
+    """GeneratorModels / VqaModels at real sizes with random weights, and the tiny set's tokenizers."""
+    from diffusers import DDPMScheduler
+
+    from benchmarks.real_models import build_real_models
+    from pipeline.models import GeneratorModels, VqaModels
+    from pipeline.tiny_models import build_tokenizers
+
+    real = build_real_models(device, dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        bert, clip = build_tokenizers(Path(tmp))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear")
+    gen = GeneratorModels(
+        vae=real.vae, unet=real.unet, text_encoder=real.text_encoder, clip_tokenizer=clip, scheduler=scheduler,
+        referee=real.referee, caption_head=real.caption_head, referee_tokenizer=bert, device=device, dtype=dtype,
+        sources={"stable_diffusion": "random:sd-1.5", "referee": "random:blip2-itm-vit-g", "vqa": "random:blip-vqa"},
+    )
+    vqa = VqaModels(model=real.vqa, tokenizer=bert, device=device, dtype=dtype, source="random:blip-vqa")
+    return gen, vqa
+
+
+def tiny_model_sets(cfg: Config):
+    from pipeline.models import load_generator_models, load_vqa_models
+
+    return load_generator_models(cfg), load_vqa_models(cfg)
+
+
+def make_scorer(vqa_models: Any, cfg: Config):
+    """A VqaScorer that does not need spaCy (the GPU image lacks it): questions are given."""
+    import pipeline.vqa as vqa_mod
+
+    try:
+        return vqa_mod.VqaScorer(vqa_models, cfg)
+    except Exception:  # noqa: BLE001 - spaCy or its model missing: score fixed questions instead
+        original = vqa_mod.spacy_model_id
+        vqa_mod.spacy_model_id = lambda name: "unavailable"
+        try:
+            return vqa_mod.VqaScorer(vqa_models, cfg)
+        finally:
+            vqa_mod.spacy_model_id = original
+
+
+# ---- measurements ---------------------------------------------------------------------------------
+
+
+def short_schedule(cfg: Config, warmup: int, timed: int) -> Config:
+    c = copy.deepcopy(cfg)
+    c.optim.iterations = warmup + timed
+    c.optim.tail_iterations = warmup + timed if cfg.optim.tail_iterations else 0
+    c.optim.warmup = 1
+    c.optim.ema_restarts = []
+    return c
+
+
+def requests(n: int, seed0: int = 1000):
+    from pipeline.invert import SampleRequest
+
+    return [SampleRequest(PROMPTS[i % len(PROMPTS)], f"bench{i}", 0, seed0 + i) for i in range(n)]
+
+
+def _timed(fn: Callable, bucket: list[float], device: torch.device) -> Callable:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sync(device)
+        bucket.append(time.perf_counter() - t0)
+        return out
+
+    return wrapper
+
+
+def count_step_flops(gen: Any, cfg: Config) -> dict[str, float]:
+    """FLOPs of one joint step, one tail step and the final pass at batch 1, counted on the device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.invert import InversionEngine
+
+    c = short_schedule(cfg, 0, 1)
+    c.engine.batch_size, c.engine.max_restarts = 1, 0
+    engine = InversionEngine(gen, c)
+    counts: dict[str, float] = {}
+
+    def counted(name: str, fn: Callable) -> Callable:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with FlopCounterMode(display=False) as counter:
+                out = fn(*args, **kwargs)
+            counts[name] = counts.get(name, 0) + counter.get_total_flops()
+            return out
+
+        return wrapper
+
+    engine._joint_step = counted("joint_step", engine._joint_step)
+    engine._tail_step = counted("tail_step", engine._tail_step)
+    engine._finish = counted("finish", engine._finish)
+    engine.run(requests(1))
+    return counts
+
+
+def engine_config(gen: Any, cfg: Config, batch: int, chunk: int, warmup: int, timed: int, fallback: bool,
+                  step_flops: dict[str, float], vqa_seconds: float) -> dict[str, Any]:
+    """One engine configuration: a warm-up run of ``warmup`` joint + tail iterations (and the final
+    pass; with engine.compile that is where compilation happens), then a run of ``timed`` of each."""
+    from pipeline.invert import InversionEngine
+
+    device = gen.device
+    c = short_schedule(cfg, 0, timed)
+    c.engine.batch_size, c.engine.view_chunk, c.engine.max_restarts = batch, chunk, 0
+    c.engine.oom_fallback = fallback
+    engine = InversionEngine(gen, c)
+    warm_cfg = short_schedule(c, 0, max(warmup, 1))
+    engine.cfg = warm_cfg
+    engine.run(requests(batch))
+    engine.cfg = c
+    joint: list[float] = []
+    tail: list[float] = []
+    finish: list[float] = []
+    engine._joint_step = _timed(engine._joint_step, joint, device)
+    engine._tail_step = _timed(engine._tail_step, tail, device)
+    engine._finish = _timed(engine._finish, finish, device)
+    reset_peak(device)
+    t0 = time.perf_counter()
+    results = engine.run(requests(batch))
+    wall = time.perf_counter() - t0
+    tj, tt = mean(joint), mean(tail) if tail else 0.0
+    it, tail_it = cfg.optim.iterations, cfg.optim.tail_iterations
+    optimise = it * tj + tail_it * tt + finish[-1]
+    per_image = optimise / batch + vqa_seconds
+    flops_image = it * step_flops["joint_step"] + tail_it * step_flops.get("tail_step", 0) + step_flops["finish"]
+    return {
+        "status": "ok", "batch": batch, "view_chunk": chunk, "oom_fallback": fallback,
+        "joint_step_seconds": tj, "tail_step_seconds": tt, "finish_seconds": finish[-1],
+        "joint_steps_seconds_all": joint, "run_wall_seconds": wall,
+        "seconds_per_image": per_image, "images_per_hour": 3600 / per_image,
+        "engine_seconds_per_image": optimise / batch,
+        "joint_step_tflops": batch * step_flops["joint_step"] / tj / 1e12,
+        "engine_tflops": batch * flops_image / optimise / 1e12,
+        "peak_gib": peak_gib(device), "oom_fallbacks": engine.oom_fallbacks, "final_view_chunk": engine.view_chunk,
+        "failed_samples": sum(r.error is not None for r in results),
+    }
+
+
+def reference_run(gen: Any, cfg: Config, style: str, autocast: bool, warmup: int, timed: int) -> dict[str, Any]:
+    from benchmarks.reference import ReferenceLoop
+
+    device = gen.device
+    c = short_schedule(cfg, 0, timed)
+    marks: list[tuple[str, float]] = []
+
+    def on_step(i: int, phase: str) -> None:
+        sync(device)
+        marks.append((phase, time.perf_counter()))
+
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else torch.autocast(device.type, enabled=False)
+    with ctx:  # warm-up: one joint and one tail iteration and the final pass
+        ReferenceLoop(gen, short_schedule(cfg, 0, max(warmup, 1)), style).run(requests(1))
+    loop = ReferenceLoop(gen, c, style, on_step=on_step)
+    reset_peak(device)
+    sync(device)
+    t0 = time.perf_counter()
+    with ctx:
+        loop.run(requests(1))
+    sync(device)
+    t_end = time.perf_counter()
+    times, prev = {"joint": [], "tail": []}, t0
+    for phase, t in marks:
+        times[phase].append(t - prev)
+        prev = t
+    tj, tt = mean(times["joint"]), mean(times["tail"]) if times["tail"] else 0.0
+    finish = t_end - prev
+    per_image = cfg.optim.iterations * tj + cfg.optim.tail_iterations * tt + finish
+    return {"status": "ok", "style": style, "autocast_bf16": autocast, "joint_step_seconds": tj,
+            "tail_step_seconds": tt, "finish_seconds": finish, "engine_seconds_per_image": per_image,
+            "peak_gib": peak_gib(device)}
+
+
+def vqa_seconds_per_image(scorer: Any, device: torch.device, batch: int, size: int) -> float:
+    images = [torch.rand(3, size, size, device=device) for _ in range(batch)]
+    with torch.no_grad():
+        scorer.answer_probs(images, QUESTIONS[:batch])  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        scorer.answer_probs(images, QUESTIONS[:batch])
+        sync(device)
+    return (time.perf_counter() - t0) / batch
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+
+def parse_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="JSON file for the results (written after every configuration)")
+    p.add_argument("--dry-run", action="store_true", help="tiny models on the CPU: check the plumbing, no GPU")
+    p.add_argument("--config", help="preset (default: configs/paper.yaml; configs/tiny.yaml with --dry-run)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--batches", type=parse_ints, help="batch sizes (default 1,2,3,4,5,6,7,8; 1,2 dry-run)")
+    p.add_argument("--view-chunks", type=parse_ints,
+                   help="view chunks per batch, 0 = all views (default 0,120,60,30; 0,2 dry-run); chunks >= "
+                        "batch x views are skipped (same as 0)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations per configuration")
+    p.add_argument("--timed", type=int, default=2, help="timed iterations per configuration")
+    p.add_argument("--bf16-weights", action="store_true",
+                   help="also run the best configuration with weights stored in bf16 (no per-pass casts)")
+    p.add_argument("--compile", action="store_true", help="also run the best configuration with engine.compile")
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--tflops", type=float, default=NOMINAL_TFLOPS, help="nominal rate for the floor")
+    p.add_argument("--budget", type=float, default=420.0,
+                   help="seconds after which no new configuration starts (default 420: the run ends under 8 min)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.dry_run:
+        device = torch.device("cpu")
+        cfg_path = Path(args.config) if args.config else preset_path("tiny")
+        cache = os.environ.get("REFEREE_SYNTH_CACHE", "")
+        cfg = load_config(cfg_path, ["models.device=cpu", *([f"models.tiny_cache_dir={cache}"] if cache else []),
+                                     *args.set])
+        batches, chunks = args.batches or [1, 2], args.view_chunks or [0, 2]
+    else:
+        if not torch.cuda.is_available():
+            print("gpu.py: no CUDA device is visible; use --dry-run for the CPU check", file=sys.stderr)
+            return 2
+        device = torch.device("cuda")
+        cfg_path = Path(args.config) if args.config else preset_path("paper")
+        cfg = load_config(cfg_path, args.set)
+        batches, chunks = args.batches or list(range(1, 9)), args.view_chunks or [0, 120, 60, 30]
+    result: dict[str, Any] = {
+        "dry_run": args.dry_run, "config": str(cfg_path), "overrides": args.set, "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "schedule": {"iterations": cfg.optim.iterations, "tail_iterations": cfg.optim.tail_iterations,
+                     "num_views": cfg.augment.num_views, "top_k": cfg.augment.top_k},
+        "warmup": args.warmup, "timed": args.timed, "configs": [], "reference": [], "errors": [],
+    }
+
+    def save() -> None:
+        result["elapsed_seconds"] = time.perf_counter() - t_start
+        write_json(out, result)
+
+    def over_budget() -> bool:
+        return time.perf_counter() - t_start > args.budget
+
+    def attempt(what: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        try:
+            return fn()
+        except torch.cuda.OutOfMemoryError as err:
+            return {"status": "oom", "error": str(err).splitlines()[0][:300] if str(err) else "oom"}
+        except Exception as err:  # noqa: BLE001 - record and go on with the next configuration
+            result["errors"].append({"what": what, "error": f"{type(err).__name__}: {err}",
+                                     "traceback": traceback.format_exc()[-3000:]})
+            return {"status": "error", "error": f"{type(err).__name__}: {err}"}
+        finally:
+            free(device)
+
+    print(f"device {result['device']}, torch {torch.__version__}", flush=True)
+    result["matmul_bf16_tflops"] = matmul_tflops(device)
+    from benchmarks.flops import count as count_flops_meta
+
+    floor_cfg = copy.deepcopy(cfg)
+    if args.dry_run:  # the tiny schedule at real sizes is still a meaningful floor for the preset given
+        floor_cfg.latent.size = 64
+    flops = count_flops_meta(floor_cfg, args.tflops)
+    result["floor"] = {
+        "flops_per_image": flops["total_flops"], "nominal_tflops": args.tflops,
+        "seconds_per_image_nominal": flops["floor_seconds_per_image"],
+        "seconds_per_image_measured_rate": (flops["total_flops"] / (result["matmul_bf16_tflops"] * 1e12)
+                                            if result["matmul_bf16_tflops"] else None),
+        "groups": flops["groups"],
+    }
+    save()
+    t0 = time.perf_counter()
+    if args.dry_run:
+        gen, vqa_models = tiny_model_sets(cfg)
+    else:
+        gen, vqa_models = real_model_sets(device, torch.float32)
+    result["model_build_seconds"] = time.perf_counter() - t0
+    print(f"models ready in {result['model_build_seconds']:.1f} s", flush=True)
+    scorer = make_scorer(vqa_models, cfg)
+    result["vqa_seconds_per_image"] = {str(b): vqa_seconds_per_image(scorer, device, b, cfg.latent.size * 8)
+                                       for b in sorted({1, max(batches)})}
+    vqa_s = result["vqa_seconds_per_image"][str(max(batches))]
+    result["step_flops_batch1"] = count_step_flops(gen, cfg)
+    sf = result["step_flops_batch1"]
+    result["flops_per_image_on_device"] = (cfg.optim.iterations * sf["joint_step"]
+                                           + cfg.optim.tail_iterations * sf.get("tail_step", 0) + sf["finish"])
+    save()
+
+    n = cfg.augment.num_views
+    for b in batches:
+        for chunk in chunks:
+            if chunk and chunk >= b * n:
+                continue  # the same as all views at once
+            if over_budget():
+                result["configs"].append({"status": "skipped (budget)", "batch": b, "view_chunk": chunk})
+                continue
+            r = attempt(f"engine b={b} chunk={chunk}", lambda b=b, chunk=chunk: engine_config(
+                gen, cfg, b, chunk, args.warmup, args.timed, False, sf, vqa_s))
+            r.setdefault("batch", b)
+            r.setdefault("view_chunk", chunk)
+            result["configs"].append(r)
+            print(_describe(r), flush=True)
+            save()
+
+    ok = [r for r in result["configs"] if r.get("status") == "ok"]
+    best = min(ok, key=lambda r: r["seconds_per_image"]) if ok else None
+    result["best"] = best
+    oomed = [r for r in result["configs"] if r.get("status") == "oom" and r.get("view_chunk") == 0]
+    if oomed and not over_budget():  # the fallback at work where all views at once did not fit
+        b = max(r["batch"] for r in oomed)
+        r = attempt("oom fallback", lambda: engine_config(gen, cfg, b, 0, args.warmup, args.timed, True, sf, vqa_s))
+        r.update(batch=b, view_chunk=0, note="oom_fallback on: view_chunk halves until the pass fits")
+        result["oom_fallback_run"] = r
+        print("fallback: " + _describe(r), flush=True)
+        save()
+    if not args.skip_reference:
+        for style, autocast in (("authors", False), ("authors", True), ("plain", False)):
+            if over_budget():
+                result["reference"].append({"status": "skipped (budget)", "style": style, "autocast_bf16": autocast})
+                continue
+            r = attempt(f"reference {style}", lambda s=style, a=autocast: reference_run(
+                gen, cfg, s, a, args.warmup, args.timed))
+            if r.get("status") == "ok":
+                r["seconds_per_image"] = r["engine_seconds_per_image"] + result["vqa_seconds_per_image"]["1"]
+            r.setdefault("style", style)
+            r.setdefault("autocast_bf16", autocast)
+            result["reference"].append(r)
+            print(f"reference {style} bf16={autocast}: {r.get('seconds_per_image', r.get('status'))}", flush=True)
+            save()
+    if best and args.bf16_weights and not over_budget():
+        def bf16_run() -> dict[str, Any]:
+            if args.dry_run:
+                gen_bf16 = tiny_model_sets(load_config(cfg_path, [*args.set, "models.dtype=bfloat16"]))[0]
+            else:
+                gen_bf16 = real_model_sets(device, torch.bfloat16)[0]
+            return engine_config(gen_bf16, cfg, best["batch"], best["view_chunk"], args.warmup, args.timed, False,
+                                 sf, vqa_s)
+
+        r = attempt("bf16 weights", bf16_run)
+        result["bf16_weights_run"] = r
+        print("bf16 weights: " + _describe(r), flush=True)
+        save()
+    # Last: engine.compile patches the shared ViT's forward for good.
+    if best and args.compile and not over_budget():
+        c2 = copy.deepcopy(cfg)
+        c2.engine.compile = True
+        r = attempt("compile", lambda: engine_config(gen, c2, best["batch"], best["view_chunk"], args.warmup,
+                                                     args.timed, False, sf, vqa_s))
+        result["compile_run"] = r
+        print("compile: " + _describe(r), flush=True)
+        save()
+    summarize(result)
+    save()
+    print(json.dumps(result.get("summary", {}), indent=1), flush=True)
+    return 0
+
+
+def _describe(r: dict[str, Any]) -> str:
+    head = f"batch {r.get('batch')} view_chunk {r.get('view_chunk')}: "
+    if r.get("status") != "ok":
+        return head + str(r.get("status")) + (f" ({r.get('error', '')[:120]})" if r.get("error") else "")
+    mem = r["peak_gib"]["allocated"] if r.get("peak_gib") else float("nan")
+    return head + (f"{r['seconds_per_image']:.2f} s/image, joint step {r['joint_step_seconds'] * 1e3:.0f} ms "
+                   f"({r['joint_step_tflops']:.0f} TFLOP/s), peak {mem:.1f} GiB")
+
+
+def summarize(result: dict[str, Any]) -> None:
+    best, floor = result.get("best"), result["floor"]
+    s: dict[str, Any] = {"floor_seconds_per_image": floor["seconds_per_image_nominal"],
+                         "floor_seconds_per_image_measured_rate": floor["seconds_per_image_measured_rate"]}
+    if best:
+        s.update(best_batch=best["batch"], best_view_chunk=best["view_chunk"],
+                 best_seconds_per_image=best["seconds_per_image"], best_engine_tflops=best["engine_tflops"],
+                 times_floor=best["seconds_per_image"] / floor["seconds_per_image_nominal"],
+                 within_2x_floor=best["seconds_per_image"] <= 2 * floor["seconds_per_image_nominal"])
+    ref = [r for r in result["reference"] if r.get("status") == "ok"]
+    if best:
+        for r in ref:
+            key = f"speedup_vs_reference_{r['style']}{'_bf16' if r['autocast_bf16'] else '_fp32'}"
+            s[key] = r["seconds_per_image"] / best["seconds_per_image"]
+    result["summary"] = s
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""benchmarks/flops.py at the real model sizes (meta device): the CLI, the totals, an analytic check."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def paper_flops() -> dict:
+    proc = subprocess.run([sys.executable, "benchmarks/flops.py", "--config", "configs/paper.yaml", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def test_json_has_the_total_and_every_component(paper_flops) -> None:
+    comps = paper_flops["components"]
+    for name in ("referee_vit_fwd_bwd", "qformer_itm_fwd_bwd", "qformer_caption_fwd_bwd", "vae_decoder_fwd_bwd",
+                 "unet_cfg_fwd", "vqa_vision_fwd", "vqa_question_fwd"):
+        assert comps[name]["flops_per_call"] > 0, name
+    assert paper_flops["total_flops"] == sum(c["flops_per_image"] for c in comps.values())
+    # The paper's multiplicities: 150 iterations x 30 views, 150 decodes, 160 CFG UNet passes.
+    assert comps["referee_vit_fwd_bwd"]["calls_per_image"] == 150 * 30
+    assert comps["vae_decoder_fwd_bwd"]["calls_per_image"] == 150
+    assert comps["unet_cfg_fwd"]["calls_per_image"] == 160
+    # DESIGN.md section 6: the ViT dominates.
+    assert paper_flops["groups"]["referee_vit"]["share"] > 0.7
+    assert paper_flops["floor_seconds_per_image"] == pytest.approx(paper_flops["total_flops"] / 989e12)
+
+
+def test_vit_count_agrees_with_two_params_tokens(paper_flops) -> None:
+    """Independent estimate: forward = 2 x params x tokens + attention (QK^T and AV: 4 L^2 d per layer);
+    backward with frozen weights = input gradients only: 1x the weight matmuls, 2x attention."""
+    params = paper_flops["parameters"]["referee_vit"]  # ViT-g/14 without its last layer: ~0.99 B
+    tokens, d, layers = (224 // 14) ** 2 + 1, 1408, 39
+    attention = 4 * tokens**2 * d * layers
+    fwd_bwd = 2 * (2 * params * tokens) + 3 * attention
+    counted = paper_flops["components"]["referee_vit_fwd_bwd"]["flops_per_call"]
+    assert counted == pytest.approx(fwd_bwd, rel=0.10)
+    assert paper_flops["analytic_check"]["ratio"] == pytest.approx(1.0, rel=0.10)
+    assert 0.9e9 < params < 1.1e9
+
+
+def test_top_k_adds_the_selection_pass() -> None:
+    from benchmarks.flops import Assumptions, calls_per_image
+    from pipeline.config import load_config, preset_path
+
+    cfg = load_config(preset_path("vlminv"))  # 10 views, the 5 hardest kept
+    calls = calls_per_image(cfg, Assumptions())
+    assert calls["referee_vit_fwd_bwd"] == 150 * 5
+    assert calls["referee_vit_fwd"] == 150 * 10 + 1
