@@ -26,8 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 from jobs.cli import run_main  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.reader import sidecar_records  # noqa: E402
-from pipeline.shards import shard_paths  # noqa: E402
+from pipeline.reader import shard_images, sidecar_records  # noqa: E402
 
 # Characters GORS or a common file system cannot carry in a file name.
 _UNSAFE = re.compile(r'[_/\\\x00-\x1f<>:"|?*]')
@@ -46,23 +45,6 @@ def prompt_problem(prompt: str) -> str | None:
 
 def mapped(prompt: str) -> str:
     return re.sub(r"\s+", " ", _UNSAFE.sub(" ", prompt)).strip()[:_MAX_NAME_BYTES]
-
-
-def _shard_images(fs, out: str, shard: int, want: set[str]) -> dict[str, bytes]:
-    """Images of the wanted keys from one shard's tars (accepted, and rejected when kept)."""
-    import tarfile
-
-    found: dict[str, bytes] = {}
-    paths = shard_paths(out, shard)
-    for path in (paths["tar"], paths["rejected"]):
-        if not storage.exists(fs, path):
-            continue
-        with fs.open_input_file(path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                if key in want and ext in ("png", "jpg", "webp"):
-                    found[key] = tar.extractfile(member).read()
-    return found
 
 
 def _to_png(data: bytes) -> bytes:
@@ -88,7 +70,7 @@ def export(run: str, output: Path, include_rejected: bool, map_unsafe: bool) -> 
     counts = {"skipped": 0, "no_image": 0}
     for shard in sorted({r["shard"] for r in records}):
         recs = [r for r in records if r["shard"] == shard]
-        images = _shard_images(fs, out, shard, {r["key"] for r in recs})
+        images = dict(shard_images(fs, out, shard, {r["key"] for r in recs}))
         for rec in recs:
             if rec["key"] not in images:  # rejected samples of a run without keep_rejected_images
                 counts["no_image"] += 1

@@ -24,8 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 from jobs.cli import run_main  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.reader import completed_shards, sidecar_records  # noqa: E402
-from pipeline.shards import shard_paths  # noqa: E402
+from pipeline.reader import completed_shards, shard_images, sidecar_records  # noqa: E402
 
 _THUMB = 160
 _STYLE = """
@@ -58,25 +57,16 @@ def _histogram(scores: list[float], threshold: float | None, title: str, path: P
 
 def _thumbnails(run: str, keys: set[str], folder: Path) -> dict[str, str]:
     """Write a PNG thumbnail per wanted key; returns key -> file name relative to the report."""
-    import tarfile
-
     from PIL import Image
 
     fs, out = storage.filesystem_for(run)
     names: dict[str, str] = {}
     for shard in completed_shards(fs, out):
-        paths = shard_paths(out, shard)
-        for path in (paths["tar"], paths["rejected"]):
-            if not storage.exists(fs, path):
-                continue
-            with fs.open_input_file(path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    if key in keys and ext in ("png", "jpg", "webp"):
-                        img = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
-                        img.thumbnail((_THUMB, _THUMB))
-                        names[key] = f"thumbs/{key}.png"
-                        img.save(folder / names[key])
+        for key, data in shard_images(fs, out, shard, keys):
+            img = Image.open(io.BytesIO(data)).convert("RGB")
+            img.thumbnail((_THUMB, _THUMB))
+            names[key] = f"thumbs/{key}.png"
+            img.save(folder / names[key])
     return names
 
 

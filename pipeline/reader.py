@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 from pipeline import storage
-from pipeline.shards import SHARDS_DIR, read_stats
+from pipeline.shards import SHARDS_DIR, read_stats, shard_paths
+
+IMAGE_EXTENSIONS = ("png", "jpg", "webp")
 
 
 def completed_shards(fs: pafs.FileSystem, out: str) -> list[int]:
@@ -36,6 +38,21 @@ def sidecar_records(run: str) -> list[dict[str, Any]]:
         with fs.open_input_file(storage.join(out, SHARDS_DIR, f"{shard:06d}.parquet")) as handle:
             rows += pq.read_table(handle).to_pylist()
     return sorted(rows, key=lambda r: r["key"])
+
+
+def shard_images(fs: pafs.FileSystem, out: str, shard: int, keys: set[str]) -> Iterator[tuple[str, bytes]]:
+    """(key, encoded image) for the wanted keys of one shard: accepted tar, then rejected tar if kept."""
+    import tarfile
+
+    paths = shard_paths(out, shard)
+    for path in (paths["tar"], paths["rejected"]):
+        if not storage.exists(fs, path):
+            continue
+        with fs.open_input_file(path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if key in keys and ext in IMAGE_EXTENSIONS:
+                    yield key, tar.extractfile(member).read()
 
 
 def tar_urls(run: str) -> list[str]:
@@ -66,7 +83,7 @@ def finetune_stream(run: str, min_score: float = 0.0) -> Iterator[tuple[torch.Te
         return
     dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
     for sample in dataset:
-        image_key = next(k for k in ("png", "jpg", "webp") if k in sample)
+        image_key = next(k for k in IMAGE_EXTENSIONS if k in sample)
         meta = json.loads(sample["json"])
         if meta["vqa_score"] >= min_score:
             yield decode_image(sample[image_key]), sample["txt"].decode(), float(meta["vqa_score"])

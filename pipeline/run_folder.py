@@ -14,7 +14,7 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.shards import SHARDS_DIR, read_stats
-from schemas.run import RunInfo, ShardStats, Summary
+from schemas.run import COUNT_FIELDS, RunInfo, ShardStats, Summary
 
 
 def now() -> str:
@@ -104,8 +104,7 @@ def summarize(
 ) -> Summary:
     stats: list[ShardStats] = [s for s in (read_stats(fs, out, i) for i in range(num_shards)) if s is not None]
     done = {s.shard for s in stats}
-    total = {k: sum(getattr(s, k) for s in stats) for k in ("rows", "samples", "accepted", "rejected", "failed",
-                                                              "invalid_input")}
+    total = {k: sum(getattr(s, k) for s in stats) for k in COUNT_FIELDS}
     generated = total["accepted"] + total["rejected"] + total["failed"]
     return Summary(
         shards_total=num_shards, shards_completed=len(done), shards_failed=sorted(failed),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 RUN_SCHEMA_VERSION = 1
@@ -11,16 +11,31 @@ SUMMARY_SCHEMA_VERSION = 1
 
 
 @dataclass
-class ShardStats:
-    """Written last for each shard: its presence means the shard is complete."""
+class JsonRecord:
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
-    shard: int
+
+@dataclass
+class SampleCounts(JsonRecord):
+    """Rows read and samples by status: per shard in its marker, per run in the summary."""
+
     rows: int
     samples: int
     accepted: int
     rejected: int
     failed: int
     invalid_input: int
+
+
+COUNT_FIELDS = tuple(f.name for f in fields(SampleCounts))
+
+
+@dataclass
+class ShardStats(SampleCounts):
+    """Written last for each shard: its presence means the shard is complete."""
+
+    shard: int
     seconds: float
     config_hash: str
     tar_bytes: int
@@ -29,9 +44,6 @@ class ShardStats:
     rejected_tar_bytes: int = 0  # 0: no rejected-images tar for this shard
     version: int = STATS_SCHEMA_VERSION
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShardStats:
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
@@ -39,7 +51,7 @@ class ShardStats:
 
 
 @dataclass
-class RunInfo:
+class RunInfo(JsonRecord):
     """``run.json``: what a resumed run must match (config hash and input fingerprint)."""
 
     config: dict[str, Any]
@@ -54,21 +66,12 @@ class RunInfo:
     updated_at: str
     version: int = RUN_SCHEMA_VERSION
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass
-class Summary:
+class Summary(SampleCounts):
     shards_total: int
     shards_completed: int
     shards_failed: list[int]
-    rows: int
-    samples: int
-    accepted: int
-    rejected: int
-    failed: int
-    invalid_input: int
     wall_seconds: float
     images_per_hour: float
     finished_at: str
@@ -76,6 +79,3 @@ class Summary:
     skipped_shards: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = SUMMARY_SCHEMA_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
