@@ -17,27 +17,20 @@ follow BLIP-2 (88 dimensions per head in EVA ViT-g, 64 in the BERT Q-Former) unl
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline import checkpoint_io as ckpt
 from pipeline.errors import UserError
 
 # LAVIS name -> transformers Blip2ForImageTextRetrieval name (same tensors, no reshaping).
 _RULES = [
-    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
-    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
-    (r"^visual_encoder\.patch_embed\.proj\.(weight|bias)$", r"vision_model.embeddings.patch_embedding.\1"),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
+    *ckpt.VIT_RULES,
     (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.weight$", r"vision_model.encoder.layers.\1.self_attn.qkv.weight"),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
-    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.(fc1|fc2)\.", r"vision_model.encoder.layers.\1.mlp.\2."),
     (r"^ln_vision\.(weight|bias)$", r"vision_model.post_layernorm.\1"),
     (r"^query_tokens$", "query_tokens"),
     (r"^Qformer\.bert\.embeddings\.(word|position)_embeddings\.weight$", r"embeddings.\1_embeddings.weight"),
@@ -73,16 +66,7 @@ def _fail(path: Path, why: str) -> UserError:
 
 def load_original(path: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's state dict, read without running pickle code."""
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable / unsafe file is the user's input problem
-        raise _fail(path, f"cannot be read as a weights-only torch file: {type(err).__name__}") from None
-    state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise _fail(path, "no 'model' state dict of tensors")
-    return state
+    return ckpt.load_state_dict(path, partial(_fail, path))
 
 
 def _rename(key: str, rules: list[tuple[str, str]]) -> str | None:
@@ -123,22 +107,12 @@ def split_state(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, t
     return referee, head
 
 
-def _shape(state: dict[str, torch.Tensor], key: str, path: Path) -> tuple[int, ...]:
-    if key not in state:
-        raise _fail(path, f"missing {key}")
-    return tuple(state[key].shape)
-
-
-def _layers(state: dict[str, torch.Tensor], prefix: str) -> list[int]:
-    return sorted({int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
-
-
 def _cross_attention_frequency(state: dict[str, torch.Tensor], path: Path) -> int:
-    cross = _layers(state, "Qformer.bert.encoder.layer.")
+    cross = ckpt.layer_indices(state, "Qformer.bert.encoder.layer.")
     cross = [i for i in cross if f"Qformer.bert.encoder.layer.{i}.crossattention.self.key.weight" in state]
     if not cross or cross[0] != 0:
         raise _fail(path, "the Q-Former's first layer has no cross-attention")
-    step = cross[1] - cross[0] if len(cross) > 1 else len(_layers(state, "Qformer.bert.encoder.layer."))
+    step = cross[1] - cross[0] if len(cross) > 1 else len(ckpt.layer_indices(state, "Qformer.bert.encoder.layer."))
     if cross != list(range(0, cross[-1] + 1, step)):
         raise _fail(path, f"cross-attention layers {cross} are not evenly spaced")
     return step
@@ -148,12 +122,10 @@ def infer_config(state: dict[str, torch.Tensor], path: Path, base: Any = None) -
     """A Blip2Config whose shapes are the checkpoint's; heads/eps from ``base`` or BLIP-2's."""
     from transformers import Blip2Config
 
-    width, _, patch, _ = _shape(state, "visual_encoder.patch_embed.proj.weight", path)
-    positions = _shape(state, "visual_encoder.pos_embed", path)[1]
-    grid = int(round((positions - 1) ** 0.5))
-    if grid * grid != positions - 1:
-        raise _fail(path, f"pos_embed has {positions} positions, not a square grid plus [CLS]")
-    vocab, hidden = _shape(state, "Qformer.bert.embeddings.word_embeddings.weight", path)
+    fail = partial(_fail, path)
+    dims = partial(ckpt.shape, state, fail=fail)  # the shape of a required tensor
+    width, image_size, patch = ckpt.vit_geometry(state, fail)
+    vocab, hidden = dims("Qformer.bert.embeddings.word_embeddings.weight")
     bv = base.vision_config if base is not None else None
     bq = base.qformer_config if base is not None else None
     if base is None and (width % _EVA_HEAD_DIM or hidden % _BERT_HEAD_DIM):
@@ -162,71 +134,42 @@ def infer_config(state: dict[str, torch.Tensor], path: Path, base: Any = None) -
             "base_config (a BLIP-2 config folder) to give the attention heads"
         )
     vision = dict(
-        hidden_size=width, image_size=grid * patch, patch_size=patch,
-        intermediate_size=_shape(state, "visual_encoder.blocks.0.mlp.fc1.weight", path)[0],
-        num_hidden_layers=len(_layers(state, "visual_encoder.blocks.")),
+        hidden_size=width, image_size=image_size, patch_size=patch,
+        intermediate_size=dims("visual_encoder.blocks.0.mlp.fc1.weight")[0],
+        num_hidden_layers=len(ckpt.layer_indices(state, "visual_encoder.blocks.")),
         num_attention_heads=bv.num_attention_heads if bv else width // _EVA_HEAD_DIM,
         layer_norm_eps=bv.layer_norm_eps if bv else _EVA_EPS, qkv_bias=True,
     )
     qformer = dict(
         vocab_size=vocab, hidden_size=hidden,
-        num_hidden_layers=len(_layers(state, "Qformer.bert.encoder.layer.")),
+        num_hidden_layers=len(ckpt.layer_indices(state, "Qformer.bert.encoder.layer.")),
         num_attention_heads=bq.num_attention_heads if bq else hidden // _BERT_HEAD_DIM,
-        intermediate_size=_shape(state, "Qformer.bert.encoder.layer.0.intermediate_query.dense.weight", path)[0],
-        encoder_hidden_size=_shape(state, "Qformer.bert.encoder.layer.0.crossattention.self.key.weight", path)[1],
+        intermediate_size=dims("Qformer.bert.encoder.layer.0.intermediate_query.dense.weight")[0],
+        encoder_hidden_size=dims("Qformer.bert.encoder.layer.0.crossattention.self.key.weight")[1],
         cross_attention_frequency=_cross_attention_frequency(state, path),
-        max_position_embeddings=_shape(state, "Qformer.bert.embeddings.position_embeddings.weight", path)[0],
+        max_position_embeddings=dims("Qformer.bert.embeddings.position_embeddings.weight")[0],
         layer_norm_eps=bq.layer_norm_eps if bq else _BERT_EPS,
         use_qformer_text_input=True,  # ITM and captioning run text through the Q-Former
     )
     return Blip2Config(
         vision_config=vision, qformer_config=qformer,
-        num_query_tokens=_shape(state, "query_tokens", path)[1],
-        image_text_hidden_size=_shape(state, "vision_proj.weight", path)[0],
+        num_query_tokens=dims("query_tokens")[1],
+        image_text_hidden_size=dims("vision_proj.weight")[0],
     )
 
 
 def _load_tokenizer(source: Path | None) -> Any:
     """bert-base-uncased plus [DEC] as BOS, as LAVIS's Blip2Base.init_tokenizer makes it."""
-    from transformers import AutoTokenizer
-
-    name = str(source) if source is not None else "bert-base-uncased"
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-    except OSError:
-        raise UserError(
-            f"cannot load the tokenizer {name!r}; pass --tokenizer DIR (a bert-base-uncased folder) "
-            "or put bert-base-uncased in the Hugging Face cache (HF_HOME) and run with HF_HUB_OFFLINE=1"
-        ) from None
-    if tok.bos_token != "[DEC]":
-        tok.add_special_tokens({"bos_token": "[DEC]"})
-    return tok
-
-
-def _check_keys(mapped: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path, what: str) -> None:
-    missing = sorted(set(expected) - set(mapped))
-    unexpected = sorted(set(mapped) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} {what} keys missing, e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
-        raise _fail(path, "; ".join(parts))
-    for key, value in mapped.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise _fail(path, f"{key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+    return ckpt.load_bert_tokenizer(source, [("bos_token", "[DEC]")], present=ckpt.is_set_as)
 
 
 def _base_config(base_config: Any) -> Any:
+    """A Blip2Config object is used as given; a folder is read."""
     if base_config is None or not isinstance(base_config, (str, Path)):
         return base_config
     from transformers import Blip2Config
 
-    try:
-        return Blip2Config.from_pretrained(str(base_config))
-    except OSError:
-        raise UserError(f"cannot read a BLIP-2 config from {base_config}") from None
+    return ckpt.read_base_config(base_config, Blip2Config, "BLIP-2")
 
 
 def _build_models(state: dict[str, torch.Tensor], path: Path, base: Any) -> tuple[Any, Any]:
@@ -236,13 +179,14 @@ def _build_models(state: dict[str, torch.Tensor], path: Path, base: Any) -> tupl
 
     config = infer_config(state, path, base)
     referee_state, head_state = split_state(state, path)
+    fail = partial(_fail, path)
     referee = Blip2ForImageTextRetrieval(config)
-    _check_keys(referee_state, referee.state_dict(), path, "referee")
+    ckpt.check_keys(referee_state, referee.state_dict(), fail, "referee keys")
     referee.load_state_dict(referee_state, strict=True)
     vocab, hidden = config.qformer_config.vocab_size, config.qformer_config.hidden_size
     head = Blip2CaptionHead(Blip2CaptionHeadConfig(hidden_size=hidden, vocab_size=vocab,
                                                    layer_norm_eps=config.qformer_config.layer_norm_eps))
-    _check_keys(head_state, head.state_dict(), path, "caption head (Qformer.cls.predictions)")
+    ckpt.check_keys(head_state, head.state_dict(), fail, "caption head (Qformer.cls.predictions) keys")
     head.load_state_dict(head_state, strict=True)
     return referee, head
 
@@ -256,8 +200,7 @@ def convert_lavis_blip2(
     LayerNorm eps (the checkpoint's shapes decide everything else).
     """
     checkpoint, output = Path(checkpoint), Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise UserError(f"output {output} already exists and is not empty; choose a new folder")
+    ckpt.ensure_new_output(output)
     state = load_original(checkpoint)
     if not any(k.startswith("Qformer.bert.") for k in state) or "query_tokens" not in state:
         raise _fail(checkpoint, "no Qformer.bert.* or query_tokens keys")
@@ -268,20 +211,5 @@ def convert_lavis_blip2(
             f"tokenizer has {len(tok)} tokens but the checkpoint's vocabulary has "
             f"{referee.config.qformer_config.vocab_size}; use bert-base-uncased (LAVIS adds [DEC] to it)"
         )
-    _write_atomically(referee, head, tok, output)
+    ckpt.write_atomically(output, {"": referee, "caption_head": head}, tok)
     return output
-
-
-def _write_atomically(referee: Any, head: Any, tok: Any, output: Path) -> None:
-    """Save into a temporary sibling folder, then rename: a crash never leaves half a model."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        referee.save_pretrained(work, safe_serialization=True)
-        head.save_pretrained(work / "caption_head", safe_serialization=True)
-        tok.save_pretrained(work)
-        if output.exists():
-            output.rmdir()  # empty (checked above)
-        os.rename(work, output)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

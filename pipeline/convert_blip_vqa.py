@@ -11,27 +11,20 @@ scorer needs no position interpolation. The architecture is read from the tensor
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline import checkpoint_io as ckpt
 from pipeline.errors import UserError
 
 # Original ViT name -> transformers BlipVisionModel name (same tensors, no reshaping).
 _VISION_RULES = [
-    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
-    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
-    (r"^visual_encoder\.patch_embed\.proj\.(weight|bias)$", r"vision_model.embeddings.patch_embedding.\1"),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
+    *ckpt.VIT_RULES,
     (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
-    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.(fc1|fc2)\.", r"vision_model.encoder.layers.\1.mlp.\2."),
     (r"^visual_encoder\.norm\.(weight|bias)$", r"vision_model.post_layernorm.\1"),
 ]
 # Buffers the original saves that transformers recomputes.
@@ -61,40 +54,24 @@ def _fail(path: Path, why: str) -> UserError:
 
 def load_original(path: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's state dict, read without running pickle code."""
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable / unsafe file is the user's input problem
-        raise _fail(path, f"cannot be read as a weights-only torch file: {type(err).__name__}") from None
-    state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise _fail(path, "no 'model' state dict of tensors")
-    return state
+    return ckpt.load_state_dict(path, partial(_fail, path))
 
 
 def _layers(state: dict[str, torch.Tensor], prefix: str) -> int:
-    found = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
-    return max(found) + 1 if found else 0
-
-
-def _shape(state: dict[str, torch.Tensor], key: str, path: Path) -> tuple[int, ...]:
-    if key not in state:
-        raise _fail(path, f"missing {key}")
-    return tuple(state[key].shape)
+    """Depth as highest layer index + 1 (0 when there are none)."""
+    found = ckpt.layer_indices(state, prefix)
+    return found[-1] + 1 if found else 0
 
 
 def infer_config(state: dict[str, torch.Tensor], tokenizer: Any, path: Path, base: Any = None) -> Any:
     """A BlipConfig whose shapes are the checkpoint's; heads/eps from ``base`` or BLIP's defaults."""
     from transformers import BlipConfig
 
-    width, _, patch, _ = _shape(state, "visual_encoder.patch_embed.proj.weight", path)
-    positions = _shape(state, "visual_encoder.pos_embed", path)[1]
-    grid = int(round((positions - 1) ** 0.5))
-    if grid * grid != positions - 1:
-        raise _fail(path, f"pos_embed has {positions} positions, not a square grid plus [CLS]")
-    vocab, hidden = _shape(state, "text_encoder.embeddings.word_embeddings.weight", path)
-    enc_width = _shape(state, "text_encoder.encoder.layer.0.crossattention.self.key.weight", path)[1]
+    fail = partial(_fail, path)
+    dims = partial(ckpt.shape, state, fail=fail)  # the shape of a required tensor
+    width, image_size, patch = ckpt.vit_geometry(state, fail)
+    vocab, hidden = dims("text_encoder.embeddings.word_embeddings.weight")
+    enc_width = dims("text_encoder.encoder.layer.0.crossattention.self.key.weight")[1]
     if enc_width != width:
         raise _fail(path, f"text encoder cross-attends to width {enc_width}, vision width is {width}")
     text_layers = _layers(state, "text_encoder.encoder.layer.")
@@ -108,16 +85,16 @@ def infer_config(state: dict[str, torch.Tensor], tokenizer: Any, path: Path, bas
             "(a BLIP config folder) to give the attention heads"
         )
     vision = dict(
-        hidden_size=width, image_size=grid * patch, patch_size=patch,
-        intermediate_size=_shape(state, "visual_encoder.blocks.0.mlp.fc1.weight", path)[0],
+        hidden_size=width, image_size=image_size, patch_size=patch,
+        intermediate_size=dims("visual_encoder.blocks.0.mlp.fc1.weight")[0],
         num_hidden_layers=_layers(state, "visual_encoder.blocks."),
         num_attention_heads=bv.num_attention_heads if bv else width // _BLIP_HEAD_DIM,
         layer_norm_eps=bv.layer_norm_eps if bv else _VISION_EPS,
     )
     text = dict(
         vocab_size=vocab, hidden_size=hidden, encoder_hidden_size=enc_width, num_hidden_layers=text_layers,
-        intermediate_size=_shape(state, "text_encoder.encoder.layer.0.intermediate.dense.weight", path)[0],
-        max_position_embeddings=_shape(state, "text_encoder.embeddings.position_embeddings.weight", path)[0],
+        intermediate_size=dims("text_encoder.encoder.layer.0.intermediate.dense.weight")[0],
+        max_position_embeddings=dims("text_encoder.embeddings.position_embeddings.weight")[0],
         num_attention_heads=bt.num_attention_heads if bt else hidden // _BLIP_HEAD_DIM,
         layer_norm_eps=bt.layer_norm_eps if bt else _TEXT_EPS,
         bos_token_id=tokenizer.convert_tokens_to_ids("[DEC]"), pad_token_id=tokenizer.pad_token_id,
@@ -128,36 +105,9 @@ def infer_config(state: dict[str, torch.Tensor], tokenizer: Any, path: Path, bas
 
 def _load_tokenizer(source: Path | None) -> Any:
     """bert-base-uncased plus BLIP's [DEC] (bos) and [ENC], added in BLIP's order."""
-    from transformers import AutoTokenizer
-
-    name = str(source) if source is not None else "bert-base-uncased"
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-    except OSError:
-        raise UserError(
-            f"cannot load the tokenizer {name!r}; pass --tokenizer DIR (a bert-base-uncased folder) "
-            "or put bert-base-uncased in the Hugging Face cache (HF_HOME) and run with HF_HUB_OFFLINE=1"
-        ) from None
-    if "[DEC]" not in tok.get_vocab():
-        tok.add_special_tokens({"bos_token": "[DEC]"})
-    if "[ENC]" not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
-    return tok
-
-
-def _check_keys(mapped: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:
-    missing = sorted(set(expected) - set(mapped))
-    unexpected = sorted(set(mapped) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} keys missing, e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
-        raise _fail(path, "; ".join(parts))
-    for key, value in mapped.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise _fail(path, f"{key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+    return ckpt.load_bert_tokenizer(
+        source, [("bos_token", "[DEC]"), ("additional_special_tokens", "[ENC]")], present=ckpt.in_vocab
+    )
 
 
 def _base_config(base_config: str | Path | None) -> Any:
@@ -165,10 +115,7 @@ def _base_config(base_config: str | Path | None) -> Any:
         return None
     from transformers import BlipConfig
 
-    try:
-        return BlipConfig.from_pretrained(str(base_config))
-    except OSError:
-        raise UserError(f"cannot read a BLIP config from {base_config}") from None
+    return ckpt.read_base_config(base_config, BlipConfig, "BLIP")
 
 
 def convert_blip_vqa(
@@ -178,8 +125,7 @@ def convert_blip_vqa(
     from transformers import BlipForQuestionAnswering
 
     checkpoint, output = Path(checkpoint), Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise UserError(f"output {output} already exists and is not empty; choose a new folder")
+    ckpt.ensure_new_output(output)
     state = load_original(checkpoint)
     tok = _load_tokenizer(tokenizer)
     config = infer_config(state, tok, checkpoint, _base_config(base_config))
@@ -190,21 +136,7 @@ def convert_blip_vqa(
         )
     mapped = {new: v for k, v in state.items() if (new := rename_key(k)) is not None}
     model = BlipForQuestionAnswering(config)
-    _check_keys(mapped, model.state_dict(), checkpoint)
+    ckpt.check_keys(mapped, model.state_dict(), partial(_fail, checkpoint))
     model.load_state_dict(mapped, strict=True)
-    _write_atomically(model, tok, output)
+    ckpt.write_atomically(output, {"": model}, tok)
     return output
-
-
-def _write_atomically(model: Any, tok: Any, output: Path) -> None:
-    """Save into a temporary sibling folder, then rename: a crash never leaves half a model."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        model.save_pretrained(work, safe_serialization=True)
-        tok.save_pretrained(work)
-        if output.exists():
-            output.rmdir()  # empty (checked above)
-        os.rename(work, output)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

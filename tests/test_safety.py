@@ -34,7 +34,7 @@ def test_torch_load_always_weights_only() -> None:
                 found += 1
                 kw = {k.arg: k.value for k in call.keywords}
                 assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, path
-    assert found >= 2  # both converters read checkpoints
+    assert found >= 1  # pipeline/checkpoint_io.load_state_dict reads both converters' checkpoints
 
 
 def test_no_pickle_module_in_project_code() -> None:

@@ -31,14 +31,16 @@ _TO_ORIGINAL = [
 ]
 
 
+def _original_name(key: str) -> str:
+    for pattern, repl in _TO_ORIGINAL:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
 def to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in _TO_ORIGINAL:
-            key, n = re.subn(pattern, repl, key)
-            if n:
-                break
-        out[key] = value.clone()
+    out = {_original_name(key): value.clone() for key, value in state.items()}
     # BLIP's med.py saves these buffers; the converter must drop them.
     max_pos = state["text_encoder.embeddings.position_embeddings.weight"].shape[0]
     out["text_encoder.embeddings.position_ids"] = torch.arange(max_pos)[None]
@@ -89,13 +91,7 @@ def test_full_size_layout_is_inferred_as_blip_base(vqa_models):
     )
     with torch.device("meta"):
         state = BlipForQuestionAnswering(base).state_dict()
-    original = {}
-    for key, value in state.items():
-        for pattern, repl in _TO_ORIGINAL:
-            key, n = re.subn(pattern, repl, key)
-            if n:
-                break
-        original[key] = value
+    original = {_original_name(key): value for key, value in state.items()}
     assert {rename_key(k) for k in original} == set(state)
     cfg = infer_config(original, vqa_models.tokenizer, Path("x.pth"))
     v, t = cfg.vision_config, cfg.text_config
