@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayError, RayTaskError
 from ray.util.queue import Empty, Queue
 
 from pipeline.shards import ShardSpec
@@ -52,8 +52,8 @@ class ShardPool:
 
     def shutdown(self) -> None:
         for s in self.slots:
-            ray.kill(s.actor, no_restart=True)
-        ray.kill(self.queue.actor, no_restart=True)
+            _kill_quietly(s.actor)
+        _kill_quietly(self.queue.actor)
 
     def run(self, specs: list[ShardSpec], on_progress: ProgressFn, on_done: Callable[[dict], None]) -> PoolResult:
         result = PoolResult()
@@ -76,12 +76,13 @@ class ShardPool:
                 slot_i, spec, attempt = in_flight.pop(ref)
                 try:
                     stats = ray.get(ref)
-                except (RayActorError, RayTaskError) as err:
+                except RayError as err:  # the task raised, or its actor died / became unreachable
                     self._drain(partial, on_progress)
                     _undo_progress(partial.pop((spec.shard, attempt), {}), on_progress)
                     tried_by.setdefault(spec.shard, set()).add(self.slots[slot_i].ident)
-                    if isinstance(err, RayActorError):
-                        self.slots[slot_i] = self._new_slot()  # the process is gone: a fresh actor
+                    if not isinstance(err, RayTaskError):
+                        _kill_quietly(self.slots[slot_i].actor)
+                        self.slots[slot_i] = self._new_slot()  # the process is gone or lost: a fresh actor
                     attempts[spec.shard] = attempt + 1
                     if attempt + 1 <= self.max_retries:
                         result.retries += 1
@@ -103,6 +104,8 @@ class ShardPool:
                 shard, attempt, counts = self.queue.get_nowait()
             except Empty:
                 return
+            except RayError:
+                return  # progress is best effort: a busy or lost queue actor never fails the run
             acc = partial.setdefault((shard, attempt), {})
             for k, v in counts.items():
                 acc[k] = acc.get(k, 0) + v
@@ -116,6 +119,13 @@ def _pick(pending: deque[ShardSpec], tried_by: dict[int, set[int]], ident: int) 
             del pending[i]
             return spec
     return pending.popleft()
+
+
+def _kill_quietly(actor: Any) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except (RayError, ValueError):
+        pass  # already gone
 
 
 def _undo_progress(counts: dict[str, int], on_progress: ProgressFn) -> None:

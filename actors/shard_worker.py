@@ -64,7 +64,10 @@ class ShardWorker:
             if _hook_fires(RAISE_ENV, spec.shard, attempt):
                 raise RuntimeError(f"injected failure in shard {spec.shard}")
             if self.progress is not None:
-                self.progress.put_nowait((spec.shard, attempt, counts))
+                try:
+                    self.progress.put_nowait((spec.shard, attempt, counts))
+                except Exception:  # noqa: BLE001 - progress is best effort; the shard's files are what count
+                    pass
 
         return self.processor.process(spec, self.fs, self.out, progress=report).to_dict()
 

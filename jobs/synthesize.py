@@ -187,10 +187,11 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
 
 
 def _model_ids(cfg: Config, sources: dict[str, str]) -> dict[str, str]:
-    if cfg.models.tiny:  # local cache paths differ per machine; name the set instead
-        from pipeline.tiny_models import TINY_LAYOUT_VERSION
+    if cfg.models.tiny or cfg.models.small:  # local cache paths differ per machine; name the set instead
+        from pipeline.tiny_models import SMALL_LAYOUT_VERSION, TINY_LAYOUT_VERSION
 
-        return {k: f"{TINY_LAYOUT_VERSION}-seed{cfg.models.tiny_seed}/{k}" for k in sources}
+        layout = TINY_LAYOUT_VERSION if cfg.models.tiny else SMALL_LAYOUT_VERSION
+        return {k: f"{layout}-seed{cfg.models.tiny_seed}/{k}" for k in sources}
     return {k: f"{v}@{cfg.models.revision}" for k, v in sources.items()}
 
 
