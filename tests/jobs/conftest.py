@@ -31,7 +31,8 @@ def shared_ray(tiny_cache: Path):
     ray_bin = str(Path(sys.executable).parent / "ray")
     port, dash = free_port(), free_port()
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    full = dict(os.environ, **env, RAY_USAGE_STATS_ENABLED="0", REFEREE_SYNTH_CACHE=str(tiny_cache))
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    full = dict(os.environ, **env, RAY_USAGE_STATS_ENABLED="0", REFEREE_SYNTH_CACHE=str(tiny_cache), PATH=path)
     full.pop("RAY_ADDRESS", None)
     start = subprocess.run(
         [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",

@@ -5,14 +5,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tarfile
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -28,10 +26,10 @@ BUCKET = "nightly"
 @pytest.fixture(scope="module")
 def s3_server():
     """moto's S3 server on loopback, started and stopped here; yields the AWS environment."""
-    server = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    # This interpreter's moto, never another moto_server that happens to be on PATH.
     port = free_port()
-    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     try:

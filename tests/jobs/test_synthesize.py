@@ -22,7 +22,10 @@ SYNTH = str(ROOT / "jobs" / "synthesize.py")
 
 
 def _env(tiny_cache: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, REFEREE_SYNTH_CACHE=str(tiny_cache), HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    # This interpreter's bin folder first, as in an activated virtualenv (`ray`, `python`).
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = dict(os.environ, REFEREE_SYNTH_CACHE=str(tiny_cache), HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0",
+               PATH=path)
     env.update(extra)
     return env
 
