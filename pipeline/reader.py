@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,7 +63,7 @@ def tar_urls(run: str) -> list[str]:
         return paths
     # webdataset streams object stores through a shell pipe; pyarrow's path keeps the bucket.
     scheme = run.split("://", 1)[0]
-    return [f"pipe:python -m pipeline.cat {scheme}://{p}" for p in paths]
+    return [f"pipe:{sys.executable} -m pipeline.cat {scheme}://{p}" for p in paths]
 
 
 def decode_image(data: bytes) -> torch.Tensor:
