@@ -32,7 +32,8 @@ def _random_kill_fires(shard: int, attempt: int, batch: int) -> bool:
     if not spec:
         return False
     prob, _, seed = spec.partition(":")
-    draw = random.Random(f"{seed}:{shard}:{attempt}:{batch}").random()
+    # The actor's pid varies the draws between reruns, so no shard is doomed to die every time.
+    draw = random.Random(f"{seed}:{os.getpid()}:{shard}:{attempt}:{batch}").random()
     return draw < float(prob)
 
 
