@@ -13,7 +13,6 @@ prompts in one batch stay independent.
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import RefereeConfig
+from pipeline.lru import LruCache
 from pipeline.models import GeneratorModels
 
 ITM_MATCH = 1  # index of "match" in the ITM head's two logits
@@ -107,7 +107,7 @@ class Referee:
         self.bos_id: int = self.tokenizer.bos_token_id
         self.pad_id: int = self.tokenizer.pad_token_id
         self._strip = re.compile("[" + re.escape(cfg.strip_chars) + "]") if cfg.strip_chars else None
-        self._ids: OrderedDict[str, list[int]] = OrderedDict()
+        self._ids: LruCache[list[int]] = LruCache(_PROMPT_CACHE_SIZE)
 
     # ---- text -------------------------------------------------------------------------------
     def clean(self, text: str) -> str:
@@ -119,17 +119,9 @@ class Referee:
 
     def token_ids(self, prompt: str) -> list[int]:
         """``[CLS] ... [SEP]`` ids of a prompt, at most ``max_tokens``; computed once per prompt."""
-        ids = self._ids.get(prompt)
-        if ids is None:
-            ids = self.tokenizer(
-                self.clean(prompt), truncation=True, max_length=self.cfg.max_tokens
-            ).input_ids
-            self._ids[prompt] = ids
-            if len(self._ids) > _PROMPT_CACHE_SIZE:
-                self._ids.popitem(last=False)
-        else:
-            self._ids.move_to_end(prompt)
-        return ids
+        return self._ids.get(
+            prompt, lambda p: self.tokenizer(self.clean(p), truncation=True, max_length=self.cfg.max_tokens).input_ids
+        )
 
     def encode(self, prompts: Sequence[str]) -> TextBatch:
         """Ids of several prompts, padded to the longest of them (padding per batch)."""

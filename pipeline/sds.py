@@ -10,13 +10,13 @@ are computed once per prompt and cached.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
 from pipeline.config import SdsConfig
+from pipeline.lru import LruCache
 from pipeline.models import GeneratorModels
 from pipeline.rng import generator
 
@@ -41,7 +41,7 @@ class SdsGuidance:
         scheduler = models.scheduler
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.prediction_type = scheduler.config.prediction_type
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache: LruCache[torch.Tensor] = LruCache(_PROMPT_CACHE_SIZE)
 
     def weight(self, iteration: int, total: int) -> float:
         """The SDS weight: cosine ``weight_start`` -> ``weight_end`` over the whole run."""
@@ -57,15 +57,7 @@ class SdsGuidance:
 
     def text_embedding(self, text: str) -> torch.Tensor:
         """[77, D] CLIP embedding of a text, cached (LRU)."""
-        emb = self._cache.get(text)
-        if emb is None:
-            emb = self._encode(text)
-            self._cache[text] = emb
-            if len(self._cache) > _PROMPT_CACHE_SIZE:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(text)
-        return emb
+        return self._cache.get(text, self._encode)
 
     def condition(self, prompt: str) -> torch.Tensor:
         return self.text_embedding(self.cfg.prefix + prompt)

@@ -240,12 +240,11 @@ def build_tiny_models(cache_dir: str | Path | None = None, seed: int = 0) -> Pat
 
 def tiny_sources(cache_dir: str | Path | None = None, seed: int = 0) -> dict[str, str]:
     """Model folders of the tiny set, keyed like ``ModelsConfig``'s id fields."""
-    root = build_tiny_models(cache_dir, seed)
-    return {
-        "stable_diffusion": str(root / "sd"),
-        "referee": str(root / "referee"),
-        "vqa": str(root / "vqa"),
-    }
+    return _sources(build_tiny_models(cache_dir, seed))
+
+
+def _sources(root: Path) -> dict[str, str]:
+    return {"stable_diffusion": str(root / "sd"), "referee": str(root / "referee"), "vqa": str(root / "vqa")}
 
 
 # ---- the small set ------------------------------------------------------------------------------
@@ -365,5 +364,4 @@ def build_small_models(cache_dir: str | Path | None = None, seed: int = 0) -> Pa
 
 def small_sources(cache_dir: str | Path | None = None, seed: int = 0) -> dict[str, str]:
     """Model folders of the small set, keyed like ``ModelsConfig``'s id fields."""
-    root = build_small_models(cache_dir, seed)
-    return {"stable_diffusion": str(root / "sd"), "referee": str(root / "referee"), "vqa": str(root / "vqa")}
+    return _sources(build_small_models(cache_dir, seed))
