@@ -250,7 +250,7 @@ def measure_throughput(models: Any, cfg: Config, prompts: list[str], reps: int, 
 
 
 def run_job(cfg_path: Path, overrides: list[str], prompts: list[str], cache: str, threads: int,
-            workdir: Path, log: Callable[[str], None]) -> dict:
+            workdir: Path, log: Callable[[str], None], extra_args: list[str]) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -259,7 +259,7 @@ def run_job(cfg_path: Path, overrides: list[str], prompts: list[str], cache: str
     out = workdir / "run"
     cmd = [sys.executable, str(ROOT / "jobs" / "synthesize.py"), "--prompts", str(table), "--output", str(out),
            "--config", str(cfg_path), "--no-progress", "--num-actors", "1",
-           "--set", f"job.cpus_per_actor={threads}", "--set", f"models.tiny_cache_dir={cache}"]
+           "--set", f"job.cpus_per_actor={threads}", "--set", f"models.tiny_cache_dir={cache}", *extra_args]
     for o in overrides:
         cmd += ["--set", o]
     env = dict(os.environ, REFEREE_SYNTH_CACHE=cache, HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
@@ -294,7 +294,7 @@ def run_job(cfg_path: Path, overrides: list[str], prompts: list[str], cache: str
 
 
 def measure_overhead(models: Any, cfg: Config, cfg_path: Path, prompts: list[str], cache: str, threads: int,
-                     log: Callable[[str], None]) -> dict:
+                     log: Callable[[str], None], job_args: list[str]) -> dict:
     reqs = requests_for(prompts, cfg.job.seed)
     c = copy.deepcopy(cfg)
     c.engine.max_restarts = 0
@@ -308,7 +308,7 @@ def measure_overhead(models: Any, cfg: Config, cfg_path: Path, prompts: list[str
     engine_peak = peak_rss_mb()
     log(f"  engine directly: {engine_seconds:.2f} s")
     with tempfile.TemporaryDirectory(prefix="bench-job-") as tmp:
-        job = run_job(cfg_path, schedule_overrides(cfg), prompts, cache, threads, Path(tmp), log)
+        job = run_job(cfg_path, schedule_overrides(cfg), prompts, cache, threads, Path(tmp), log, job_args)
     log(f"  job: {job['wall_seconds']:.2f} s wall ({job['summary_wall_seconds']:.2f} s after Ray start; "
         f"{job['engine_seconds_in_job']:.2f} s in the engine)")
     wall = job["wall_seconds"]
@@ -360,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="model cache folder (default: $REFEREE_SYNTH_CACHE or ~/.cache/referee-synth)")
     p.add_argument("--skip-job", action="store_true", help="throughput only")
     p.add_argument("--skip-throughput", action="store_true", help="job overhead only")
+    p.add_argument("--job-no-dashboard", action="store_true", help="run the job with --no-dashboard")
     p.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
     p.add_argument("--out", help="also write the JSON to this file")
     return p
@@ -404,7 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         job_cfg = with_schedule(cfg, iters)
         log(f"(b) job overhead: {args.job_prompts} prompts, {job_cfg.optim.iterations}+"
             f"{job_cfg.optim.tail_iterations} iterations")
-        ov = measure_overhead(models, job_cfg, cfg_path, read_prompts(args.job_prompts), cache, args.threads, log)
+        job_args = ["--no-dashboard"] if args.job_no_dashboard else []
+        ov = measure_overhead(models, job_cfg, cfg_path, read_prompts(args.job_prompts), cache, args.threads, log,
+                              job_args)
+        ov["job_args"] = job_args
         result["overhead"] = ov
         result["overhead_ratio"] = ov["overhead_ratio"]
         result["overhead_fraction"] = ov["overhead_fraction"]

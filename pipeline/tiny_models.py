@@ -19,9 +19,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
-from pipeline.caption_head import Blip2CaptionHead, Blip2CaptionHeadConfig
+# torch and the model libraries are imported where models are built: the job's driver imports
+# this module for the layout names only and stays free of them.
 from pipeline.quiet import quiet_library_logs
 
 TINY_LAYOUT_VERSION = "tiny-v2"
@@ -169,7 +168,10 @@ def _referee_config(bert, v2: bool):
 
 
 def _build_referee(folder: Path, bert) -> None:
+    import torch
     from transformers import Blip2ForImageTextRetrieval
+
+    from pipeline.caption_head import Blip2CaptionHead, Blip2CaptionHeadConfig
 
     # Draw the RNG exactly as tiny-v1 did, so every other tiny model keeps its tiny-v1 weights;
     # the tiny-v2 referee itself comes from a fork of the RNG.
@@ -208,6 +210,8 @@ def _build_once(root: Path, layout: str, seed: int, build: Callable[[Path], None
     if (root / "DONE").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
     work = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     quiet_library_logs()
     try:
@@ -315,6 +319,8 @@ def _build_small_sd(folder: Path, clip_tokenizer) -> None:
 
 def _build_small_referee(folder: Path, bert) -> None:
     from transformers import Blip2Config, Blip2ForImageTextRetrieval
+
+    from pipeline.caption_head import Blip2CaptionHead, Blip2CaptionHeadConfig
 
     vit, qf = SMALL_SIZES["vit"], SMALL_SIZES["qformer"]
     cfg = Blip2Config(

@@ -255,3 +255,29 @@ def test_cluster_file_validates_against_rays_schema() -> None:
     # No dashboard or client port opened beyond localhost.
     head_cmds = " ".join(cluster["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_cmds
+
+
+def test_driver_plans_without_loading_model_libraries(tmp_path) -> None:
+    """The driver names the models and plans the shards without torch or transformers (about 4 s
+    of imports per job); the actors resolve and build the models. The cache folder stays untouched."""
+    path = _prompts(tmp_path / "p.parquet", ["a red cube", "a blue ball"])
+    cache = tmp_path / "empty-cache"
+    code = (
+        "import json, sys\n"
+        "from jobs.synthesize import _plan, build_parser, config_from_args\n"
+        "args = build_parser().parse_args(sys.argv[1:])\n"
+        "plan = _plan(args, config_from_args(args))\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'diffusers', 'kornia') if m in sys.modules)\n"
+        "print(json.dumps({'ids': plan['model_ids'], 'shards': len(plan['todo']), 'heavy': heavy}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--prompts", str(path), "--output", str(tmp_path / "run"),
+         "--config", "configs/tiny.yaml", "--set", f"models.tiny_cache_dir={cache}", "--shard-size", "1"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["heavy"] == []
+    assert got["shards"] == 2
+    assert got["ids"] == {k: f"tiny-v2-seed0/{k}" for k in ("stable_diffusion", "referee", "vqa")}
+    assert not cache.exists()
