@@ -416,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         result["peak_memory_mb"]["job_process_tree"] = ov["job"]["peak_tree_rss_mb"]
         result["peak_memory_mb"]["job_worker"] = ov["job"]["peak_worker_rss_mb"]
     result["targets"] = {
+        # The targets are stated for the small set; the tiny models' work is too small to amortise
+        # anything, so with them (--quick) the run checks the plumbing and prints the ratios only.
+        "apply": models_name == "small",
         "batch4_speedup_min": SPEEDUP_TARGET,
         "batch4_speedup_met": result["batch4_speedup"] >= SPEEDUP_TARGET if "batch4_speedup" in result else None,
         "overhead_fraction_max": OVERHEAD_TARGET,
@@ -444,6 +447,12 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _verdict(met: bool, applies: bool) -> str:
+    if not applies:
+        return "applies to the small set, not these models"
+    return "met" if met else "NOT met"
+
+
 def _throughput_lines(r: dict) -> list[str]:
     tp, t = r["throughput"], r["targets"]
     lines = [f"{'variant':20s} {'images/s':>10s} {'vs authors ref':>15s} {'vs plain ref':>13s} "
@@ -454,7 +463,7 @@ def _throughput_lines(r: dict) -> list[str]:
                      f"{tp['cpu_speedup_vs_reference_authors'][v]:17.2f}x/{tp['cpu_speedup_vs_reference_plain'][v]:.2f}x"
                      f" {tp['peak_rss_mb'][v]:12.0f} {tp['peak_rss_increase_mb'][v]:+10.0f}")
     lines.append(f"batch-4 speedup over the reference loop: {r['batch4_speedup']:.2f}x "
-                 f"(target >= {t['batch4_speedup_min']}x: {'met' if t['batch4_speedup_met'] else 'NOT met'})")
+                 f"(target >= {t['batch4_speedup_min']}x: {_verdict(t['batch4_speedup_met'], t['apply'])})")
     return lines
 
 
@@ -465,7 +474,7 @@ def _overhead_lines(r: dict) -> list[str]:
         f"job on {ov['prompts']} prompts ({ov['iterations']}+{ov['tail_iterations']} iterations): "
         f"{ov['job']['wall_seconds']:.1f} s wall vs {ov['engine_seconds']:.1f} s in its engine -> "
         f"overhead {100 * ov['overhead_fraction']:.1f}% (target <= {100 * t['overhead_fraction_max']:.0f}%: "
-        f"{'met' if t['overhead_met'] else 'NOT met'}); the engine run directly here: "
+        f"{_verdict(t['overhead_met'], t['apply'])}); the engine run directly here: "
         f"{ov['engine_seconds_direct']:.1f} s (wall / that = {ov['overhead_ratio_vs_direct_engine']:.3f})",
         f"  overhead seconds: start-up/shutdown {s['startup_and_shutdown']:.1f}, pool and model loading "
         f"{s['pool_and_model_loading']:.1f}, scoring and writing {s['scoring_and_writing']:.1f}; CPU seconds: "

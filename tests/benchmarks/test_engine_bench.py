@@ -31,6 +31,7 @@ def test_engine_quick_throughput_keys(tiny_cache) -> None:
     assert THROUGHPUT_KEYS <= set(r["throughput"]) and set(r["throughput"]["images_per_second"]) == VARIANTS
     assert r["batch4_speedup"] > 0 and r["batch4_speedup_vs_plain_reference"] > 0
     assert r["targets"]["overhead_met"] is None and "overhead_ratio" not in r
+    assert r["targets"]["apply"] is False  # the targets are stated for the small set
 
 
 @pytest.mark.skipif(not os.environ.get("REFEREE_SYNTH_BENCH_JOB"),
