@@ -71,6 +71,26 @@ def layer_indices(state: Mapping[str, torch.Tensor], prefix: str) -> list[int]:
     return sorted({int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
 
 
+def depth(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """Depth as highest layer index + 1 (0 when there are none); a gap surfaces in ``check_keys``."""
+    found = layer_indices(state, prefix)
+    return found[-1] + 1 if found else 0
+
+
+def vit_vision_config(state: Mapping[str, torch.Tensor], fail: Fail, head_dim: int, eps: float,
+                      base: Any = None) -> dict[str, Any]:
+    """The vision-config fields of a timm-style ViT (BLIP's ViT-B, EVA ViT-g) read off its tensors;
+    heads and LayerNorm eps from ``base`` (a vision config) when given, else the family's."""
+    width, image_size, patch = vit_geometry(state, fail)
+    return dict(
+        hidden_size=width, image_size=image_size, patch_size=patch,
+        intermediate_size=shape(state, "visual_encoder.blocks.0.mlp.fc1.weight", fail)[0],
+        num_hidden_layers=depth(state, "visual_encoder.blocks."),
+        num_attention_heads=base.num_attention_heads if base is not None else width // head_dim,
+        layer_norm_eps=base.layer_norm_eps if base is not None else eps,
+    )
+
+
 def check_keys(
     mapped: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], fail: Fail, what: str = "keys"
 ) -> None:

@@ -124,22 +124,16 @@ def infer_config(state: dict[str, torch.Tensor], path: Path, base: Any = None) -
 
     fail = partial(_fail, path)
     dims = partial(ckpt.shape, state, fail=fail)  # the shape of a required tensor
-    width, image_size, patch = ckpt.vit_geometry(state, fail)
-    vocab, hidden = dims("Qformer.bert.embeddings.word_embeddings.weight")
     bv = base.vision_config if base is not None else None
     bq = base.qformer_config if base is not None else None
+    vision = {**ckpt.vit_vision_config(state, fail, _EVA_HEAD_DIM, _EVA_EPS, bv), "qkv_bias": True}
+    width = vision["hidden_size"]
+    vocab, hidden = dims("Qformer.bert.embeddings.word_embeddings.weight")
     if base is None and (width % _EVA_HEAD_DIM or hidden % _BERT_HEAD_DIM):
         raise UserError(
             f"{path}: widths {width}/{hidden} are not BLIP-2's ViT-g / BERT-base head layout; pass "
             "base_config (a BLIP-2 config folder) to give the attention heads"
         )
-    vision = dict(
-        hidden_size=width, image_size=image_size, patch_size=patch,
-        intermediate_size=dims("visual_encoder.blocks.0.mlp.fc1.weight")[0],
-        num_hidden_layers=len(ckpt.layer_indices(state, "visual_encoder.blocks.")),
-        num_attention_heads=bv.num_attention_heads if bv else width // _EVA_HEAD_DIM,
-        layer_norm_eps=bv.layer_norm_eps if bv else _EVA_EPS, qkv_bias=True,
-    )
     qformer = dict(
         vocab_size=vocab, hidden_size=hidden,
         num_hidden_layers=len(ckpt.layer_indices(state, "Qformer.bert.encoder.layer.")),

@@ -57,40 +57,28 @@ def load_original(path: Path) -> dict[str, torch.Tensor]:
     return ckpt.load_state_dict(path, partial(_fail, path))
 
 
-def _layers(state: dict[str, torch.Tensor], prefix: str) -> int:
-    """Depth as highest layer index + 1 (0 when there are none)."""
-    found = ckpt.layer_indices(state, prefix)
-    return found[-1] + 1 if found else 0
-
-
 def infer_config(state: dict[str, torch.Tensor], tokenizer: Any, path: Path, base: Any = None) -> Any:
     """A BlipConfig whose shapes are the checkpoint's; heads/eps from ``base`` or BLIP's defaults."""
     from transformers import BlipConfig
 
     fail = partial(_fail, path)
     dims = partial(ckpt.shape, state, fail=fail)  # the shape of a required tensor
-    width, image_size, patch = ckpt.vit_geometry(state, fail)
+    bv = base.vision_config if base is not None else None
+    bt = base.text_config if base is not None else None
+    vision = ckpt.vit_vision_config(state, fail, _BLIP_HEAD_DIM, _VISION_EPS, bv)
+    width = vision["hidden_size"]
     vocab, hidden = dims("text_encoder.embeddings.word_embeddings.weight")
     enc_width = dims("text_encoder.encoder.layer.0.crossattention.self.key.weight")[1]
     if enc_width != width:
         raise _fail(path, f"text encoder cross-attends to width {enc_width}, vision width is {width}")
-    text_layers = _layers(state, "text_encoder.encoder.layer.")
-    if _layers(state, "text_decoder.bert.encoder.layer.") != text_layers:
+    text_layers = ckpt.depth(state, "text_encoder.encoder.layer.")
+    if ckpt.depth(state, "text_decoder.bert.encoder.layer.") != text_layers:
         raise _fail(path, "text encoder and decoder have different depths")
-    bv = base.vision_config if base is not None else None
-    bt = base.text_config if base is not None else None
     if base is None and (width % _BLIP_HEAD_DIM or hidden % _BLIP_HEAD_DIM):
         raise UserError(
             f"{path}: widths {width}/{hidden} are not BLIP's 64-per-head layout; pass base_config "
             "(a BLIP config folder) to give the attention heads"
         )
-    vision = dict(
-        hidden_size=width, image_size=image_size, patch_size=patch,
-        intermediate_size=dims("visual_encoder.blocks.0.mlp.fc1.weight")[0],
-        num_hidden_layers=_layers(state, "visual_encoder.blocks."),
-        num_attention_heads=bv.num_attention_heads if bv else width // _BLIP_HEAD_DIM,
-        layer_norm_eps=bv.layer_norm_eps if bv else _VISION_EPS,
-    )
     text = dict(
         vocab_size=vocab, hidden_size=hidden, encoder_hidden_size=enc_width, num_hidden_layers=text_layers,
         intermediate_size=dims("text_encoder.encoder.layer.0.intermediate.dense.weight")[0],
