@@ -15,16 +15,11 @@ from pipeline.convert_blip2 import convert_lavis_blip2
 from pipeline.errors import UserError
 from pipeline.models import load_generator_models, model_sources
 from tests.conftest import ROOT
+from tests.pipeline.timm_names import TO_TIMM_VIT, rename_first
 
 # transformers name -> LAVIS name, written independently of the converter (its inverse).
 _TO_LAVIS = [
-    (r"^vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
-    (r"^vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
-    (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm([12])\.", r"visual_encoder.blocks.\1.norm\2."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.weight$", r"visual_encoder.blocks.\1.attn.qkv.weight"),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
+    *TO_TIMM_VIT,
     (r"^vision_model\.post_layernorm\.", "ln_vision."),
     (r"^embeddings\.", "Qformer.bert.embeddings."),
     (r"^qformer\.layernorm\.", "Qformer.bert.embeddings.LayerNorm."),
@@ -63,12 +58,7 @@ def _to_lavis(referee: dict[str, torch.Tensor], head: dict[str, torch.Tensor]) -
             out[f"visual_encoder.blocks.{m.group(1)}.attn.q_bias"] = q
             out[f"visual_encoder.blocks.{m.group(1)}.attn.v_bias"] = v
             continue
-        new = key
-        for pattern, repl in _TO_LAVIS:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                break
-        out[new] = value
+        out[rename_first(key, _TO_LAVIS)] = value
     for key, value in head.items():
         out[_HEAD_TO_LAVIS[key]] = value
     out["Qformer.cls.predictions.decoder.bias"] = head["decoder.bias"]  # LAVIS's alias of `bias`

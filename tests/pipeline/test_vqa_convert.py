@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,31 +15,17 @@ from pipeline.errors import UserError
 from pipeline.models import load_vqa_models
 from pipeline.vqa import VqaScorer
 from tests.conftest import ROOT
+from tests.pipeline.timm_names import TO_TIMM_VIT, rename_first
 
 # transformers name -> original BLIP name, written independently of the converter's table.
 _TO_ORIGINAL = [
-    (r"^vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
-    (r"^vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
-    (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm1\.", r"visual_encoder.blocks.\1.norm1."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm2\.", r"visual_encoder.blocks.\1.norm2."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"visual_encoder.blocks.\1.attn.qkv."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
+    *TO_TIMM_VIT,
     (r"^vision_model\.post_layernorm\.", "visual_encoder.norm."),
 ]
 
 
-def _original_name(key: str) -> str:
-    for pattern, repl in _TO_ORIGINAL:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    return key
-
-
 def to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {_original_name(key): value.clone() for key, value in state.items()}
+    out = {rename_first(key, _TO_ORIGINAL): value.clone() for key, value in state.items()}
     # BLIP's med.py saves these buffers; the converter must drop them.
     max_pos = state["text_encoder.embeddings.position_embeddings.weight"].shape[0]
     out["text_encoder.embeddings.position_ids"] = torch.arange(max_pos)[None]
@@ -91,7 +76,7 @@ def test_full_size_layout_is_inferred_as_blip_base(vqa_models):
     )
     with torch.device("meta"):
         state = BlipForQuestionAnswering(base).state_dict()
-    original = {_original_name(key): value for key, value in state.items()}
+    original = {rename_first(key, _TO_ORIGINAL): value for key, value in state.items()}
     assert {rename_key(k) for k in original} == set(state)
     cfg = infer_config(original, vqa_models.tokenizer, Path("x.pth"))
     v, t = cfg.vision_config, cfg.text_config
