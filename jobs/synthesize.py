@@ -24,13 +24,12 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.cli import EXIT_FAILED, EXIT_OK, fail, run_main  # noqa: E402
-from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.config import MODEL_KEYS, Config, load_config  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Environment the actors need to see as the driver does (debug hooks, model cache, hub settings).
 _FORWARDED_ENV_PREFIXES = ("REFEREE_SYNTH_", "HF_", "TRANSFORMERS_", "AWS_")
-MODEL_KEYS = ("stable_diffusion", "referee", "vqa")  # the ModelsConfig fields that name a model
 
 
 def build_parser() -> argparse.ArgumentParser:

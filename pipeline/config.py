@@ -37,6 +37,10 @@ def _f(default: Any, lo: float | None = None, hi: float | None = None, **extra: 
     return field(default=default, metadata=meta)
 
 
+# The ModelsConfig fields that name a model (an id or a folder).
+MODEL_KEYS = ("stable_diffusion", "referee", "vqa")
+
+
 @dataclass
 class ModelsConfig:
     # The tiny set replaces every model id below with a locally built random-weight model.

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from pipeline.caption_head import Blip2CaptionHead
-from pipeline.config import Config, ModelsConfig
+from pipeline.config import MODEL_KEYS, Config, ModelsConfig
 from pipeline.errors import ModelLoadError
 from pipeline.quiet import quiet_library_logs
 from pipeline.tiny_models import small_sources, tiny_sources
@@ -43,7 +43,7 @@ def model_sources(mcfg: ModelsConfig) -> dict[str, str]:
         return tiny_sources(mcfg.tiny_cache_dir or None, mcfg.tiny_seed)
     if mcfg.small:
         return small_sources(mcfg.tiny_cache_dir or None, mcfg.tiny_seed)
-    return {"stable_diffusion": mcfg.stable_diffusion, "referee": mcfg.referee, "vqa": mcfg.vqa}
+    return {k: getattr(mcfg, k) for k in MODEL_KEYS}
 
 
 def _load(what: str, key: str, loader: Callable[..., Any], source: str, **kwargs: Any) -> Any:
