@@ -250,7 +250,7 @@ def measure_throughput(models: Any, cfg: Config, prompts: list[str], reps: int, 
 
 
 def run_job(cfg_path: Path, overrides: list[str], prompts: list[str], cache: str, threads: int,
-            workdir: Path, log: Callable[[str], None], extra_args: list[str]) -> dict:
+            workdir: Path, log: Callable[[str], None], job_args: list[str]) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -259,7 +259,7 @@ def run_job(cfg_path: Path, overrides: list[str], prompts: list[str], cache: str
     out = workdir / "run"
     cmd = [sys.executable, str(ROOT / "jobs" / "synthesize.py"), "--prompts", str(table), "--output", str(out),
            "--config", str(cfg_path), "--no-progress", "--num-actors", "1",
-           "--set", f"job.cpus_per_actor={threads}", "--set", f"models.tiny_cache_dir={cache}", *extra_args]
+           "--set", f"job.cpus_per_actor={threads}", "--set", f"models.tiny_cache_dir={cache}", *job_args]
     for o in overrides:
         cmd += ["--set", o]
     env = dict(os.environ, REFEREE_SYNTH_CACHE=cache, HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
