@@ -27,7 +27,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(PY) jobs/prompts.py --output $(DEMO_OUT)/prompts.parquet ../shared/data/t2i-compbench/color_val.txt --limit 8
+	$(PY) jobs/prompts.py --output $(DEMO_OUT)/prompts.parquet data/t2i-compbench/color_val.txt --limit 8
 	$(PY) jobs/synthesize.py --prompts $(DEMO_OUT)/prompts.parquet --output $(DEMO_OUT)/run --config configs/tiny.yaml --num-actors 2
 	@echo "shards are in $(DEMO_OUT)/run/shards (WebDataset tars + Parquet sidecars); totals in $(DEMO_OUT)/run/summary.json"
 

@@ -48,7 +48,7 @@ from pipeline.config import Config, load_config, preset_path  # noqa: E402
 from pipeline.invert import InversionEngine, SampleRequest, sample_seed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPBENCH = ROOT.parent / "shared" / "data" / "t2i-compbench"
+COMPBENCH = ROOT / "data" / "t2i-compbench"
 _FALLBACK_PROMPTS = [
     "a red car and a blue bird", "a green apple and a yellow banana", "a black cat and a white dog",
     "a brown leather chair and a glass table", "a pink cup and a purple book", "a round bowl and a square box",

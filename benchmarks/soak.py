@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPBENCH = ROOT.parent / "shared" / "data" / "t2i-compbench"
+COMPBENCH = ROOT / "data" / "t2i-compbench"
 
 
 def make_prompts(path: Path, n: int) -> None:

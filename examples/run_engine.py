@@ -20,7 +20,7 @@ from pipeline.config import load_config, preset_path  # noqa: E402
 from pipeline.invert import InversionEngine, SampleRequest, sample_seed  # noqa: E402
 from pipeline.models import load_generator_models  # noqa: E402
 
-PROMPTS = ROOT.parent / "shared" / "data" / "t2i-compbench" / "color_val.txt"
+PROMPTS = ROOT / "data" / "t2i-compbench" / "color_val.txt"
 
 
 def read_prompts(path: Path, limit: int) -> list[str]:

@@ -1,10 +1,11 @@
 """The T2I-CompBench protocol through the distributed job: val prompts x 10 images (seeds 42..51),
 BLIP-VQA mean per category, printed in the shape of the paper's Table 3.
 
-    python jobs/evaluate.py --prompts-dir DIR --category color [--category shape ...] --output DIR
+    python jobs/evaluate.py [--prompts-dir DIR] --category color [--category shape ...] --output DIR
         [--images-per-prompt 10] [--limit N] [--config FILE] [--set k=v ...] [--num-actors N]
 
-``--prompts-dir`` is a folder in T2I-CompBench's ``examples/dataset`` layout (``{category}_val.txt``).
+``--prompts-dir`` is a folder in T2I-CompBench's ``examples/dataset`` layout (``{category}_val.txt``);
+the default is the copy shipped in ``data/t2i-compbench``.
 Writes ``results.json`` and ``results.md`` under ``--output``; the run itself is ``--output/run``
 (rerun to resume).
 """
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from jobs.cli import EXIT_OK, run_main  # noqa: E402
 from jobs.prompts import prompt_table  # noqa: E402
+from pipeline.compbench_data import COMPBENCH_DIR  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 
 BENCHMARK_FIRST_SEED = 42  # T2I-CompBench samples image k of a prompt with seed 42 + k
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.reader import sidecar_records
 
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
-    p.add_argument("--prompts-dir", required=True, type=Path)
+    p.add_argument("--prompts-dir", type=Path, default=COMPBENCH_DIR,
+                   help="folder of {category}_val.txt lists (default: the shipped data/t2i-compbench)")
     p.add_argument("--category", action="append", required=True)
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--images-per-prompt", type=int, default=10)

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.compbench_data import COMPBENCH_DIR
+
 # Tests never touch the hub; set before transformers / huggingface_hub are imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-COMPBENCH = SHARED / "data" / "t2i-compbench"
+COMPBENCH = COMPBENCH_DIR  # the repository's own copy (data/t2i-compbench)
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +48,7 @@ def vqa_models(tiny_cfg):
 
 
 def compbench_prompts(name: str, limit: int | None = None) -> list[str]:
-    """Prompts from a shared T2I-CompBench list, e.g. ``color_val``."""
+    """Prompts from a shipped T2I-CompBench list, e.g. ``color_val``."""
     lines = (COMPBENCH / f"{name}.txt").read_text().splitlines()
     prompts = [line.strip() for line in lines if line.strip()]
     return prompts[:limit] if limit else prompts

@@ -1,0 +1,21 @@
+"""The T2I-CompBench prompt lists the project ships (data/t2i-compbench/, MIT licence, see its LICENSE)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The repository's own copy: a clone needs nothing beside it.
+COMPBENCH_DIR = Path(__file__).resolve().parent.parent / "data" / "t2i-compbench"
+
+
+def compbench_file(name: str) -> Path:
+    """The shipped list ``name`` (e.g. ``color_val``), as a path; raises FileNotFoundError when absent."""
+    path = COMPBENCH_DIR / f"{name}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such T2I-CompBench list (shipped ones: {available()})")
+    return path
+
+
+def available() -> list[str]:
+    """Names of the shipped lists, e.g. ``['color_train', 'color_val', ...]``."""
+    return sorted(p.stem for p in COMPBENCH_DIR.glob("*.txt"))
