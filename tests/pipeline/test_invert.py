@@ -107,10 +107,54 @@ def test_same_seed_same_image_bit_identical(engine, batch_of_3) -> None:
     assert not torch.allclose(other[0].image, batch_of_3[0].image)
 
 
-def test_a_sample_alone_equals_the_same_sample_in_a_batch(engine, batch_of_3) -> None:
+# Batch invariance, as docs/ARCHITECTURE.md states it. Tolerances come from measurements on the
+# 2-core CI machine kind (tiny preset, torch 2.13 CPU, 1 and 2 threads):
+# - one iteration's tensors alone vs in a batch of 3 differ by <= 4e-6 relative (kernels that block
+#   by batch size); a coupling between samples (a batch-wide norm or RNG draw) gives O(1);
+# - over a whole run, rounding-size differences can flip a max-pool argmax between two nearly equal
+#   pixels; 45 runs with z0 * (1 + 1e-6 noise) drifted by at most 2.66e-3 (max) and 2.1e-4 (mean).
+STEP_RTOL = 1e-4
+RUN_MAX_DRIFT = 1e-2
+RUN_MEAN_DRIFT = 1e-3
+
+
+def _one_iteration(engine, idx: list[int]) -> dict[str, torch.Tensor]:
+    """Iteration 0's per-sample tensors for the requests ``idx`` optimised together."""
+    reqs = [_requests(3)[i] for i in idx]
+    prompts, seeds = [r.prompt for r in reqs], [r.seed for r in reqs]
+    z = engine._initial_latents(seeds).requires_grad_(True)
+    text = engine.referee.encode(prompts)
+    with torch.no_grad():
+        images = engine._decode(z)
+        views = engine.augmenter(images, seeds, 0)
+    g_sds = engine.sds.grad(z, prompts, seeds, 0, engine.sds.weight(0, 8), engine._autocast())
+    g_ref, losses = engine._referee_grad(z, text, seeds, 0)
+    return {"image": images, "views": views, "g_sds": g_sds, "g_ref": g_ref, "loss": losses.total}
+
+
+def test_one_iteration_of_a_sample_does_not_depend_on_its_batch_mates(engine) -> None:
+    alone, batched = _one_iteration(engine, [1]), _one_iteration(engine, [0, 1, 2])
+    for name, value in alone.items():
+        scale = float(batched[name][1].abs().max())
+        diff = float((value[0] - batched[name][1]).abs().max())
+        assert diff <= STEP_RTOL * scale, f"{name}: alone vs batched differ by {diff:.3g} (scale {scale:.3g})"
+
+
+def test_a_sample_alone_stays_within_the_documented_drift_of_the_batched_one(engine, batch_of_3) -> None:
     alone = engine.run([_requests(3)[1]])[0]
-    torch.testing.assert_close(alone.image, batch_of_3[1].image, rtol=0, atol=1e-4)
-    assert alone.final_losses["total"] == pytest.approx(batch_of_3[1].final_losses["total"], abs=1e-4)
+    diff = (alone.image - batch_of_3[1].image).abs()
+    assert float(diff.max()) <= RUN_MAX_DRIFT and float(diff.mean()) <= RUN_MEAN_DRIFT
+    assert alone.seed == batch_of_3[1].seed and alone.iterations == batch_of_3[1].iterations
+
+
+def test_same_batch_composition_is_bit_identical_in_any_position_of_the_run(
+    generator_models, tiny_cfg, batch_of_3
+) -> None:
+    """The same batch, run after another batch (batches of 3 here), gives the same bytes."""
+    eng = InversionEngine(generator_models, _cfg(tiny_cfg, engine__batch_size=3))
+    later = eng.run(_requests(3, seed0=500) + _requests(3))[3:]
+    for a, b in zip(later, batch_of_3):
+        assert torch.equal(a.image, b.image)
 
 
 def test_batches_are_split_and_progress_is_reported(generator_models, tiny_cfg) -> None:
