@@ -4,15 +4,29 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 DEMO_OUT ?= demo-out
 
-.PHONY: setup test lint demo clean chromium
+# `make lock` re-resolves requirements-lock.txt with uv: torch pinned by requirements-torch.txt, its CUDA-only
+# dependencies left out (a CPU install has none; on a GPU node torch's own metadata pins them).
+UV_VERSION := 0.13.9
+LOCK_FLAGS := pyproject.toml --extra test --constraint requirements-torch.txt --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" --quiet
 
-$(VENV)/.installed: pyproject.toml
+.PHONY: setup test lint demo clean chromium lock
+
+$(VENV)/.installed: pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch on this machine; a plain `torch` would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	# Exactly the versions CI tests, then the project itself (its setuptools editable-mode notice silenced).
+	$(PY) -m pip install -q -r requirements-lock.txt
+	PYTHONWARNINGS="ignore:::setuptools.command.editable_wheel" $(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
 	touch $@
+
+lock: $(VENV)/.installed
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip compile $(LOCK_FLAGS) -o requirements-lock.txt \
+		$$($(VENV)/bin/uv pip compile $(LOCK_FLAGS) | grep -oE '^(nvidia-|cuda-|triton)[^=]*' | sed 's/^/--no-emit-package /')
 
 setup: $(VENV)/.installed chromium
 
