@@ -128,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     plan = _plan(args, cfg)
+    try:
+        return _run(args, cfg, plan)
+    finally:
+        plan["lease"].release()
+
+
+def _run(args: argparse.Namespace, cfg: Config, plan: dict[str, Any]) -> int:
+    """Process the planned shards on Ray (the caller holds the run folder's lease)."""
     if not plan["todo"]:
         return _finish(plan, cfg, failed={}, retries=0, wall=0.0)
     import ray
@@ -165,6 +173,7 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     if not rows:
         raise UserError(f"prompts: {args.prompts}: no prompt rows")
 
+    from pipeline.lease import RunLease
     from pipeline.run_folder import make_run_info, prepare_run, remove_leftovers
     from pipeline.shards import plan_shards, shard_is_complete
     from pipeline.storage import filesystem_for
@@ -173,11 +182,18 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     model_ids = _model_ids(cfg)
     fs, out = filesystem_for(args.output)
     info = make_run_info(cfg, model_ids, fingerprint(files), args.prompts, len(specs))
+    lease = RunLease(fs, out, args.output, cfg.job.lease_heartbeat_s, cfg.job.lease_stale_s)
     try:
+        # Before anything in the folder changes: one driver per output, --force included.
+        lease.acquire()
         prepare_run(fs, out, info, args.force, args.output)
         remove_leftovers(fs, out)
     except OSError as err:
+        lease.release()
         raise UserError(f"output {args.output}: cannot write ({str(err).splitlines()[0]})") from None
+    except BaseException:
+        lease.release()
+        raise
     todo = [s for s in specs if not shard_is_complete(fs, out, s.shard, info.config_hash)]
     done = {s.shard for s in specs} - {s.shard for s in todo}
     total = sum(samples_of(r) for r in rows)
@@ -185,7 +201,7 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     if done:
         print(f"resuming: {len(done)} of {len(specs)} shards already complete", file=sys.stderr)
     return dict(fs=fs, out=out, specs=specs, todo=todo, model_ids=model_ids, rows=rows,
-                total_samples=total, done_samples=done_samples, skipped=len(done))
+                total_samples=total, done_samples=done_samples, skipped=len(done), lease=lease)
 
 
 def _model_ids(cfg: Config) -> dict[str, str]:

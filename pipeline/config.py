@@ -172,6 +172,10 @@ class JobConfig:
     keep_rejected_images: bool = True  # rejected images go to {shard}.rejected.tar (reports, analysis)
     max_prompt_chars: int = _f(1000, 1)
     max_prompt_id_chars: int = _f(128, 1)
+    # The run folder's lease (one driver per output): a holder refreshes it every lease_heartbeat_s;
+    # one not refreshed for lease_stale_s is taken over (a killed driver must not block the resume).
+    lease_heartbeat_s: float = _f(10.0, 0.05)
+    lease_stale_s: float = _f(120.0, 0.1)
 
 
 @dataclass
@@ -205,7 +209,9 @@ class Config:
 
 
 # Keys that change how a run is executed but not what it produces.
-_RUN_ONLY_JOB_KEYS = {"num_actors", "gpus_per_actor", "cpus_per_actor", "max_shard_retries"}
+_RUN_ONLY_JOB_KEYS = {
+    "num_actors", "gpus_per_actor", "cpus_per_actor", "max_shard_retries", "lease_heartbeat_s", "lease_stale_s",
+}
 _RUN_ONLY_ENGINE_KEYS = {"trace", "compile", "view_chunk", "oom_fallback"}
 _RUN_ONLY_MODEL_KEYS = {"tiny_cache_dir", "device"}
 
@@ -316,6 +322,11 @@ def _check_cross_fields(cfg: Config) -> None:
     if cfg.augment.top_k > cfg.augment.num_views:
         raise ConfigError(
             f"config: augment.top_k must be <= augment.num_views ({cfg.augment.num_views}), got {cfg.augment.top_k}"
+        )
+    if cfg.job.lease_stale_s <= 2 * cfg.job.lease_heartbeat_s:
+        raise ConfigError(
+            f"config: job.lease_stale_s must exceed 2 x job.lease_heartbeat_s ({cfg.job.lease_heartbeat_s}), "
+            f"got {cfg.job.lease_stale_s}"
         )
     lo, hi = cfg.augment.erasing_scale
     if lo > hi:
