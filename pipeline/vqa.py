@@ -264,6 +264,14 @@ class VqaScorer:
             probs = self.answer_probs(images, questions)
         return [self._result(q, p) for q, p in zip(questions, probs)]
 
+    def score_stored(self, images: list[Any], prompts: list[str]) -> list[VqaResult]:
+        """Scores of images as stored (PIL images, e.g. decoded from a tar's bytes), resized as the
+        benchmark does. One image per pass: a score then depends on nothing else in the batch, so
+        the run's stored score and ``jobs/score.py``'s agree to the last digit."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        return [self.score([self.load_pil(image)], [prompt])[0] for image, prompt in zip(images, prompts)]
+
     def _result(self, questions: list[str], probs: torch.Tensor) -> VqaResult:
         answers = [round_answer(p, self.vcfg.round_digits) for p in probs.tolist()]
         return VqaResult(questions=questions, answers=answers, score=combine(answers, self.vcfg.round_digits))

@@ -95,7 +95,7 @@ def test_scores_jsonl_has_the_protocol_questions(folder_run, samples_dir):
         assert line["status"] == "scored" and len(line["answers"]) == len(line["questions"])
         product = float(np.prod(np.float32(line["answers"]), dtype=np.float32)) if line["answers"] else 1.0
         assert abs(line["score"] - product) <= 5e-5
-        assert line["accepted"] == (line["score"] >= line["threshold"])
+        assert line["accepted"] == (line["score"] > line["threshold"])  # GORS: strictly greater
 
 
 def test_unreadable_image_gets_a_status(folder_run):

@@ -75,10 +75,10 @@ def _check_complete_run(out: Path, expected: set[tuple[int, int]]) -> list[dict]
         assert Image.open(io.BytesIO(s["png"])).size == (64, 64)
         meta = json.loads(s["json"])
         assert s["txt"].decode() == accepted[key]["prompt"] == meta["prompt"]
-        assert meta["vqa_score"] >= meta["threshold"]
+        assert meta["vqa_score"] > meta["threshold"]  # GORS: strictly greater
     for r in side:
         if r["status"] == "rejected":
-            assert r["vqa_score"] < r["threshold"]
+            assert r["vqa_score"] <= r["threshold"]
     n_shards = len(list((out / "shards").glob("*.parquet")))
     assert len(list((out / "shards").glob("*.stats.json"))) == n_shards
     return side
