@@ -156,9 +156,23 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
 
 
+def _scorer_record(cfg: Config, model_ids: dict[str, str]) -> dict[str, Any]:
+    """The scorer's exactness record; says when spaCy is not the pinned version (real models only)."""
+    from pipeline.scorer_record import model_set, planned_record, spacy_warning
+
+    record = planned_record(cfg, model_ids["vqa"])
+    warning = spacy_warning({"name": record["spacy_model"], "version": record["spacy_version"]},
+                            cfg.vqa.spacy_version)
+    if warning and not model_set(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
+    return record
+
+
 def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
+    from pipeline.scorer_record import check_vqa_source
     from schemas.prompts import fingerprint, read_prompt_tables, samples_of, validate_rows
 
+    check_vqa_source(cfg)  # before any actor or GPU work: a missing converted checkpoint is one line
     # Input checks first and with light imports, so a bad file is reported in about a second.
     files, tables = read_prompt_tables(args.prompts)
     rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars)
@@ -171,8 +185,9 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
 
     specs = plan_shards(rows, cfg.job.shard_size)
     model_ids = _model_ids(cfg)
+    scorer = _scorer_record(cfg, model_ids)
     fs, out = filesystem_for(args.output)
-    info = make_run_info(cfg, model_ids, fingerprint(files), args.prompts, len(specs))
+    info = make_run_info(cfg, model_ids, fingerprint(files), args.prompts, len(specs), scorer)
     try:
         prepare_run(fs, out, info, args.force, args.output)
         remove_leftovers(fs, out)
@@ -185,7 +200,7 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     if done:
         print(f"resuming: {len(done)} of {len(specs)} shards already complete", file=sys.stderr)
     return dict(fs=fs, out=out, specs=specs, todo=todo, model_ids=model_ids, rows=rows,
-                total_samples=total, done_samples=done_samples, skipped=len(done))
+                total_samples=total, done_samples=done_samples, skipped=len(done), scorer=scorer)
 
 
 def _model_ids(cfg: Config) -> dict[str, str]:
@@ -236,7 +251,9 @@ def _cause_line(err: Exception) -> str:
 def _finish(plan: dict[str, Any], cfg: Config, failed: dict[int, str], retries: int, wall: float) -> int:
     from pipeline.run_folder import summarize, write_summary
 
-    summary = summarize(plan["fs"], plan["out"], len(plan["specs"]), list(failed), wall, retries, plan["skipped"])
+    summary = summarize(
+        plan["fs"], plan["out"], len(plan["specs"]), list(failed), wall, retries, plan["skipped"], plan["scorer"]
+    )
     write_summary(plan["fs"], plan["out"], summary)
     print(
         f"done: {summary.shards_completed}/{summary.shards_total} shards, {summary.samples} samples: "

@@ -144,4 +144,6 @@ def test_evaluate_prints_table_for_two_categories(tiny_cache, shared_ray, tmp_pa
     assert results["categories"]["color"]["images"] == 4 and results["categories"]["shape"]["images"] == 4
     seeds = sorted(r["seed"] for r in _sidecars(out / "run") if r["category"] == "color")
     assert seeds == [42, 42, 43, 43]  # T2I-CompBench's seeds 42.. per prompt
-    assert (out / "results.md").read_text().startswith("| Method |")
+    header = (out / "results.md").read_text().splitlines()[0]
+    assert header.startswith("BLIP-VQA scorer: approximate;") and "tiny random-weight" in header
+    assert results["scorer"]["exact"] is False and results["scorer"]["spacy_version"]
