@@ -172,12 +172,12 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     from pipeline.scorer_record import check_vqa_source
     from schemas.prompts import fingerprint, read_prompt_tables, samples_of, validate_rows
 
-    check_vqa_source(cfg)  # before any actor or GPU work: a missing converted checkpoint is one line
     # Input checks first and with light imports, so a bad file is reported in about a second.
     files, tables = read_prompt_tables(args.prompts)
     rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars)
     if not rows:
         raise UserError(f"prompts: {args.prompts}: no prompt rows")
+    check_vqa_source(cfg)  # before any run folder, actor or GPU work: a missing converted checkpoint is one line
 
     from pipeline.run_folder import make_run_info, prepare_run, remove_leftovers
     from pipeline.shards import plan_shards, shard_is_complete
