@@ -164,7 +164,20 @@ def _run(args: argparse.Namespace, cfg: Config, plan: dict[str, Any]) -> int:
             ray.shutdown()
 
 
+def _scorer_record(cfg: Config, model_ids: dict[str, str]) -> dict[str, Any]:
+    """The scorer's exactness record; says when spaCy is not the pinned version (real models only)."""
+    from pipeline.scorer_record import model_set, planned_record, spacy_warning
+
+    record = planned_record(cfg, model_ids["vqa"])
+    warning = spacy_warning({"name": record["spacy_model"], "version": record["spacy_version"]},
+                            cfg.vqa.spacy_version)
+    if warning and not model_set(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
+    return record
+
+
 def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
+    from pipeline.scorer_record import check_vqa_source
     from schemas.prompts import fingerprint, read_prompt_tables, samples_of, validate_rows
 
     # Input checks first and with light imports, so a bad file is reported in about a second.
@@ -172,6 +185,7 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars)
     if not rows:
         raise UserError(f"prompts: {args.prompts}: no prompt rows")
+    check_vqa_source(cfg)  # before any run folder, actor or GPU work: a missing converted checkpoint is one line
 
     from pipeline.lease import RunLease
     from pipeline.run_folder import make_run_info, prepare_run, remove_leftovers
@@ -180,8 +194,9 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
 
     specs = plan_shards(rows, cfg.job.shard_size)
     model_ids = _model_ids(cfg)
+    scorer = _scorer_record(cfg, model_ids)
     fs, out = filesystem_for(args.output)
-    info = make_run_info(cfg, model_ids, fingerprint(files), args.prompts, len(specs))
+    info = make_run_info(cfg, model_ids, fingerprint(files), args.prompts, len(specs), scorer)
     lease = RunLease(fs, out, args.output, cfg.job.lease_heartbeat_s, cfg.job.lease_stale_s)
     try:
         # Before anything in the folder changes: one driver per output, --force included.
@@ -201,7 +216,7 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     if done:
         print(f"resuming: {len(done)} of {len(specs)} shards already complete", file=sys.stderr)
     return dict(fs=fs, out=out, specs=specs, todo=todo, model_ids=model_ids, rows=rows,
-                total_samples=total, done_samples=done_samples, skipped=len(done), lease=lease)
+                total_samples=total, done_samples=done_samples, skipped=len(done), scorer=scorer, lease=lease)
 
 
 def _model_ids(cfg: Config) -> dict[str, str]:
@@ -252,7 +267,9 @@ def _cause_line(err: Exception) -> str:
 def _finish(plan: dict[str, Any], cfg: Config, failed: dict[int, str], retries: int, wall: float) -> int:
     from pipeline.run_folder import summarize, write_summary
 
-    summary = summarize(plan["fs"], plan["out"], len(plan["specs"]), list(failed), wall, retries, plan["skipped"])
+    summary = summarize(
+        plan["fs"], plan["out"], len(plan["specs"]), list(failed), wall, retries, plan["skipped"], plan["scorer"]
+    )
     write_summary(plan["fs"], plan["out"], summary)
     print(
         f"done: {summary.shards_completed}/{summary.shards_total} shards, {summary.samples} samples: "

@@ -19,6 +19,7 @@ from pipeline.caption_head import Blip2CaptionHead
 from pipeline.config import MODEL_KEYS, Config, ModelsConfig
 from pipeline.errors import ModelLoadError
 from pipeline.quiet import quiet_library_logs
+from pipeline.scorer_record import expand
 from pipeline.tiny_models import small_sources, tiny_sources
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,7 +44,7 @@ def model_sources(mcfg: ModelsConfig) -> dict[str, str]:
         return tiny_sources(mcfg.tiny_cache_dir or None, mcfg.tiny_seed)
     if mcfg.small:
         return small_sources(mcfg.tiny_cache_dir or None, mcfg.tiny_seed)
-    return {k: getattr(mcfg, k) for k in MODEL_KEYS}
+    return {k: expand(getattr(mcfg, k)) for k in MODEL_KEYS}  # folders may start with ~
 
 
 def _load(what: str, key: str, loader: Callable[..., Any], source: str, **kwargs: Any) -> Any:
@@ -142,7 +143,8 @@ def load_vqa_models(cfg: Config) -> VqaModels:
     quiet_library_logs()
     m = cfg.models
     src = model_sources(m)["vqa"]
-    device, dtype = resolve_device(m.device), DTYPES[m.dtype]
+    # float32 always: bf16 moves answers in the 4th decimal, which the protocol rounds to.
+    device, dtype = resolve_device(m.device), torch.float32
     rev = {} if m.tiny or m.small else {"revision": m.revision}
     model = _load("the BLIP-VQA model", "vqa", BlipForQuestionAnswering.from_pretrained, src, **rev)
     tokenizer = _load("the BLIP-VQA tokenizer", "vqa", AutoTokenizer.from_pretrained, src, **rev)

@@ -35,13 +35,14 @@ def code_version() -> str:
 
 
 def make_run_info(
-    cfg: Config, model_ids: dict[str, str], fingerprint: dict[str, Any], prompts_uri: str, num_shards: int
+    cfg: Config, model_ids: dict[str, str], fingerprint: dict[str, Any], prompts_uri: str, num_shards: int,
+    scorer: dict[str, Any] | None = None,
 ) -> RunInfo:
     t = now()
     return RunInfo(
         config=cfg.to_dict(), config_hash=cfg.hash(), model_ids=model_ids, input=fingerprint,
         prompts_uri=prompts_uri, shard_size=cfg.job.shard_size, num_shards=num_shards,
-        code_version=code_version(), created_at=t, updated_at=t,
+        code_version=code_version(), created_at=t, updated_at=t, scorer=dict(scorer or {}),
     )
 
 
@@ -100,7 +101,8 @@ def remove_leftovers(fs: pafs.FileSystem, out: str) -> int:
 
 
 def summarize(
-    fs: pafs.FileSystem, out: str, num_shards: int, failed: list[int], wall: float, retries: int, skipped: int
+    fs: pafs.FileSystem, out: str, num_shards: int, failed: list[int], wall: float, retries: int, skipped: int,
+    scorer: dict[str, Any] | None = None,
 ) -> Summary:
     stats: list[ShardStats] = [s for s in (read_stats(fs, out, i) for i in range(num_shards)) if s is not None]
     done = {s.shard for s in stats}
@@ -109,7 +111,7 @@ def summarize(
     return Summary(
         shards_total=num_shards, shards_completed=len(done), shards_failed=sorted(failed),
         wall_seconds=round(wall, 3), images_per_hour=round(3600 * generated / wall, 1) if wall > 0 else 0.0,
-        finished_at=now(), retries=retries, skipped_shards=skipped, **total,
+        finished_at=now(), retries=retries, skipped_shards=skipped, scorer=dict(scorer or {}), **total,
     )
 
 

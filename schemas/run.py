@@ -64,6 +64,8 @@ class RunInfo(JsonRecord):
     code_version: str
     created_at: str
     updated_at: str
+    # The scorer's exactness record (pipeline/scorer_record.py): exact, deviations, spaCy, VQA weights.
+    scorer: dict[str, Any] = field(default_factory=dict)
     version: int = RUN_SCHEMA_VERSION
 
 
@@ -77,5 +79,6 @@ class Summary(SampleCounts):
     finished_at: str
     retries: int = 0
     skipped_shards: int = 0
+    scorer: dict[str, Any] = field(default_factory=dict)  # as in run.json
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = SUMMARY_SCHEMA_VERSION

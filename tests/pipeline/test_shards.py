@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.shards import ShardWriter, plan_shards, shard_is_complete, shard_paths
+from pipeline.shards import ShardWriter, encode_image, plan_shards, shard_is_complete, shard_paths
 from pipeline.storage import filesystem_for
 from schemas.prompts import PromptRow
 from schemas.samples import SampleRecord, sample_key
@@ -37,9 +37,9 @@ def test_keys_are_digits_and_unique() -> None:
 def test_writer_publishes_tar_sidecar_then_marker(tmp_path) -> None:
     fs, out = filesystem_for(str(tmp_path / "run"))
     w = ShardWriter(fs, out, 3, "png", keep_rejected=True)
-    img = torch.rand(3, 16, 16)
+    img = encode_image(torch.rand(3, 16, 16), "png")
     w.add(_rec(3, 0, 0, "accepted"), img)
-    w.add(_rec(3, 0, 1, "rejected"), torch.rand(3, 16, 16))
+    w.add(_rec(3, 0, 1, "rejected"), encode_image(torch.rand(3, 16, 16), "png"))
     w.add(_rec(3, 1, 0, "failed"))
     paths = shard_paths(out, 3)
     assert not fs.get_file_info(paths["stats"]).is_file  # nothing is marked before finish
