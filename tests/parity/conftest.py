@@ -17,13 +17,12 @@ import pytest
 import torch
 
 from tests.parity import reference_env
+from tests.parity.settings import ENABLED, FULL, SUBPROCESS_TIMEOUT, TOLERANCE
 
-ENABLED = os.environ.get("REFEREE_SYNTH_PARITY") == "1"
 if not ENABLED:
     collect_ignore_glob = ["test_*.py"]
 
 HERE = Path(__file__).resolve().parent
-TOLERANCE = 1e-5  # absolute, on unrounded fp32 values (the original runs transformers 4.33, the project 5.x)
 
 
 @dataclass
@@ -83,11 +82,12 @@ def reference_dir(reference_python, tmp_path_factory, note) -> Path:
     start = time.monotonic()
     proc = subprocess.run(
         [str(reference_python.python), str(HERE / "make_reference.py"), "--out", str(out),
-         "--vocab-dir", str(reference_python.vocab_dir)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+         "--vocab-dir", str(reference_python.vocab_dir), *(["--full"] if FULL else [])],
+        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    note(f"original code (reference env) ran in {time.monotonic() - start:.1f} s")
+    note(f"original code (reference env, {'full' if FULL else 'reduced'} sizes) ran in "
+         f"{time.monotonic() - start:.1f} s")
     return out
 
 

@@ -2,7 +2,8 @@
 
 Instantiates the original code, as installed from the registries: LAVIS's ``Blip2Qformer`` (with its
 registered ITM subclass ``Blip2ITM`` for the ITM logits) and BLIP's ``BLIP_VQA``, at reduced sizes
-and with random weights. Writes checkpoints in the released formats and the original code's outputs:
+(``--full``: the released sizes) and with random weights. Writes checkpoints in the released formats
+and the original code's outputs:
 
     OUT/blip2_pretrained.pth                {"model": trainable parameters + buffers, "config", "epoch"},
                                             no visual_encoder.* (LAVIS's saver drops frozen parameters)
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import types
 import warnings
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,16 +34,40 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-# Reduced sizes. Head widths stay the originals' (88 in EVA ViT-g, 64 in BERT / BLIP's ViT-B), so the
-# project's converters infer the attention heads exactly as for the released checkpoints.
-EVA = dict(embed_dim=176, depth=2, num_heads=2, mlp_ratio=4.3637)  # ViT-g: 1408, 39 (+1 in the file), 16
-BLIP2_IMAGE = 56  # 4x4 patches of 14 px
-QFORMER = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, intermediate_size=256)
-BLIP2_ARGS = dict(num_query_token=8, cross_attention_freq=2, embed_dim=32, max_txt_len=32)
-VQA_VIT = dict(embed_dim=128, depth=2, num_heads=2)  # ViT-B/16: 768, 12, 12
-VQA_IMAGE = 64  # 4x4 patches of 16 px
-MED = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
-           encoder_width=128)  # the decoder cross-attends to the text encoder (BLIP_VQA resets the encoder's)
+
+@dataclass(frozen=True)
+class Sizes:
+    eva: dict  # EVA ViT (LAVIS's VisionTransformer kwargs); the file gets one block more
+    blip2_image: int
+    qformer: dict  # BertConfig fields of the Q-Former
+    blip2: dict  # Blip2Qformer kwargs
+    vqa_vit: dict  # BLIP VisionTransformer kwargs (create_vit's "base")
+    vqa_image: int
+    med: dict  # med_config.json fields
+
+
+# Head widths stay the originals' (88 in EVA ViT-g, 64 in BERT and BLIP's ViT-B), so the project's
+# converters infer the attention heads exactly as for the released checkpoints.
+REDUCED = Sizes(
+    eva=dict(embed_dim=176, depth=2, num_heads=2, mlp_ratio=4.3637),
+    blip2_image=56,  # 4x4 patches of 14 px
+    qformer=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, intermediate_size=256),
+    blip2=dict(num_query_token=8, cross_attention_freq=2, embed_dim=32, max_txt_len=32),
+    vqa_vit=dict(embed_dim=128, depth=2, num_heads=2),
+    vqa_image=64,  # 4x4 patches of 16 px
+    # encoder_width: the decoder cross-attends to the text encoder (BLIP_VQA resets the encoder's own)
+    med=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, encoder_width=128),
+)
+# The released models' sizes (blip2_pretrain.yaml, T2I-CompBench's BLIP_VQA): FULL=1, about 8 GB of memory.
+FULL = Sizes(
+    eva=dict(embed_dim=1408, depth=39, num_heads=16, mlp_ratio=4.3637),
+    blip2_image=224,
+    qformer=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    blip2=dict(num_query_token=32, cross_attention_freq=2, embed_dim=256, max_txt_len=32),
+    vqa_vit=dict(embed_dim=768, depth=12, num_heads=12),
+    vqa_image=480,
+    med={},
+)
 VQA_MAX_QUESTION_TOKENS = 35  # BLIP_VQA.forward's tokenizer truncation
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -92,7 +118,7 @@ def perturb(module: torch.nn.Module, generator: torch.Generator, only_trainable:
 # ---- BLIP-2 (LAVIS) -------------------------------------------------------------------------------
 
 
-def patch_lavis(vocab_dir: Path, eva_file: Path) -> tuple[Any, Any]:
+def patch_lavis(vocab_dir: Path, eva_file: Path, sizes: Sizes) -> tuple[Any, Any]:
     """Import LAVIS's BLIP-2 modules with local bert-base-uncased stand-ins and a reduced EVA ViT.
 
     Returns (Blip2ITM, EVA's VisionTransformer class as LAVIS defines it)."""
@@ -105,14 +131,14 @@ def patch_lavis(vocab_dir: Path, eva_file: Path) -> tuple[Any, Any]:
 
     full_size = eva_vit.VisionTransformer
     # create_eva_vit_g passes ViT-g's sizes explicitly: override them, keep everything else it passes.
-    eva_vit.VisionTransformer = lambda **kwargs: full_size(**{**kwargs, **EVA})
+    eva_vit.VisionTransformer = lambda **kwargs: full_size(**{**kwargs, **sizes.eva})
     eva_vit.download_cached_file = lambda url, check_hash=False, progress=False: str(eva_file)
 
     class LocalBertConfig:
         @staticmethod
         def from_pretrained(name: str) -> Any:
             assert name == "bert-base-uncased", name
-            return Qformer.BertConfig(vocab_size=30522, **QFORMER)
+            return Qformer.BertConfig(vocab_size=30522, **sizes.qformer)
 
     class LocalBertLMHeadModel:
         @staticmethod
@@ -134,11 +160,11 @@ def patch_lavis(vocab_dir: Path, eva_file: Path) -> tuple[Any, Any]:
     return Blip2ITM, full_size
 
 
-def write_eva_file(path: Path, vit_class: Any, generator: torch.Generator) -> None:
+def write_eva_file(path: Path, vit_class: Any, sizes: Sizes, generator: torch.Generator) -> None:
     """EVA ViT in eva_vit_g.pth's layout: bare names, fp16, one block more than LAVIS builds."""
     vit = vit_class(
-        img_size=BLIP2_IMAGE, patch_size=14, use_mean_pooling=False, qkv_bias=True,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **{**EVA, "depth": EVA["depth"] + 1},
+        img_size=sizes.blip2_image, patch_size=14, use_mean_pooling=False, qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **{**sizes.eva, "depth": sizes.eva["depth"] + 1},
     )
     perturb(vit, generator)
     torch.save({k: v.half() for k, v in vit.state_dict().items()}, path)
@@ -150,13 +176,13 @@ def lavis_saved_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k not in frozen}
 
 
-def blip2_reference(out: Path, vocab_dir: Path, generator: torch.Generator) -> None:
+def blip2_reference(out: Path, vocab_dir: Path, sizes: Sizes, generator: torch.Generator) -> None:
     eva_file = out / "eva_vit_g.pth"
-    Blip2ITM, vit_class = patch_lavis(vocab_dir, eva_file)
-    write_eva_file(eva_file, vit_class, generator)
+    Blip2ITM, vit_class = patch_lavis(vocab_dir, eva_file, sizes)
+    write_eva_file(eva_file, vit_class, sizes, generator)
     from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 
-    model = Blip2ITM(img_size=BLIP2_IMAGE, vit_precision="fp32", freeze_vit=True, **BLIP2_ARGS)
+    model = Blip2ITM(img_size=sizes.blip2_image, vit_precision="fp32", freeze_vit=True, **sizes.blip2)
     assert isinstance(model, Blip2Qformer)
     perturb(model, generator, only_trainable=True)
     model.eval()
@@ -166,7 +192,7 @@ def blip2_reference(out: Path, vocab_dir: Path, generator: torch.Generator) -> N
                out / "blip2_pretrained.pth")
 
     n = len(BLIP2_TEXTS)
-    pixels = torch.randn(n, 3, BLIP2_IMAGE, BLIP2_IMAGE, generator=generator)
+    pixels = torch.randn(n, 3, sizes.blip2_image, sizes.blip2_image, generator=generator)
     captured: dict[str, torch.Tensor] = {}
 
     def keep(name: str) -> Any:
@@ -203,14 +229,14 @@ def blip2_reference(out: Path, vocab_dir: Path, generator: torch.Generator) -> N
 # ---- BLIP VQA (BLIP, T2I-CompBench's rule) ---------------------------------------------------------
 
 
-def patch_blip(vocab_dir: Path) -> Any:
+def patch_blip(vocab_dir: Path, sizes: Sizes) -> Any:
     from blip.models import blip, blip_vqa
     from transformers import BertTokenizer
 
     def reduced_vit(vit: str, image_size: int, *args: Any, **kwargs: Any) -> tuple[Any, int]:
         assert vit == "base", vit
-        encoder = blip.VisionTransformer(img_size=image_size, patch_size=16, **VQA_VIT)
-        return encoder, VQA_VIT["embed_dim"]
+        encoder = blip.VisionTransformer(img_size=image_size, patch_size=16, **sizes.vqa_vit)
+        return encoder, sizes.vqa_vit["embed_dim"]
 
     class LocalBertTokenizer:
         @staticmethod
@@ -244,19 +270,19 @@ def answer_slot(model: Any, pixels: torch.Tensor, questions: list[str]) -> torch
     return vqa_prob(model, states, q.attention_mask)
 
 
-def vqa_reference(out: Path, vocab_dir: Path, generator: torch.Generator) -> None:
-    BLIP_VQA = patch_blip(vocab_dir)
+def vqa_reference(out: Path, vocab_dir: Path, sizes: Sizes, generator: torch.Generator) -> None:
+    BLIP_VQA = patch_blip(vocab_dir, sizes)
     with tempfile.TemporaryDirectory() as tmp:
         med = json.loads((Path(importlib.util.find_spec("blip").submodule_search_locations[0])
                           / "configs" / "med_config.json").read_text())
         med_file = Path(tmp) / "med_config.json"
-        med_file.write_text(json.dumps({**med, **MED}))
-        model = BLIP_VQA(med_config=str(med_file), image_size=VQA_IMAGE, vit="base")
+        med_file.write_text(json.dumps({**med, **sizes.med}))
+        model = BLIP_VQA(med_config=str(med_file), image_size=sizes.vqa_image, vit="base")
     perturb(model, generator)
     model.eval()
     torch.save({"model": model.state_dict()}, out / "model_base_vqa_capfilt_large.pth")
 
-    images = torch.randint(0, 256, (len(VQA_QUESTIONS), 3, VQA_IMAGE, VQA_IMAGE), generator=generator,
+    images = torch.randint(0, 256, (len(VQA_QUESTIONS), 3, sizes.vqa_image, sizes.vqa_image), generator=generator,
                            dtype=torch.uint8)
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     pixels = (images.float() / 255.0 - mean) / std  # torchvision's ToTensor + Normalize
@@ -292,17 +318,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--vocab-dir", required=True, type=Path, help="folder with bert-base-uncased's vocab.txt")
+    parser.add_argument("--full", action="store_true", help="the released models' sizes (about 8 GB of memory)")
     args = parser.parse_args()
+    sizes = FULL if args.full else REDUCED
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)  # the originals' own initialisers draw from the global generator
     generator = torch.Generator().manual_seed(SEED)
     with tempfile.TemporaryDirectory() as tmp:
         init_one_process_group(Path(tmp))
         try:
-            blip2_reference(args.out, args.vocab_dir, generator)
+            blip2_reference(args.out, args.vocab_dir, sizes, generator)
         finally:
             dist.destroy_process_group()
-    vqa_reference(args.out, args.vocab_dir, generator)
+    vqa_reference(args.out, args.vocab_dir, sizes, generator)
     print(f"reference written to {args.out}")
 
 

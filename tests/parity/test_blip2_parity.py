@@ -14,6 +14,7 @@ from pipeline.config import load_config
 from pipeline.models import load_generator_models, model_sources
 from pipeline.referee import Referee, TextBatch
 from tests.conftest import ROOT
+from tests.parity.settings import SUBPROCESS_TIMEOUT
 
 pytestmark = pytest.mark.parity
 
@@ -31,7 +32,7 @@ def referee_dir(reference_dir: Path, bert_tokenizer_dir: Path, tmp_path_factory)
          "--lavis-checkpoint", str(reference_dir / "blip2_pretrained.pth"),
          "--vision-checkpoint", str(reference_dir / "eva_vit_g.pth"),
          "--output", str(out), "--tokenizer", str(bert_tokenizer_dir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
     )
     assert proc.returncode == 0, proc.stderr
     return out
@@ -56,7 +57,7 @@ def test_the_released_pair_converts_to_the_vit_lavis_runs(referee: Referee, ref:
     assert vision.num_hidden_layers == ref["used_vit_blocks"]  # the file has one block more
     assert referee.model.vision_model.post_layernorm.eps == 1e-5
     assert referee.model.vision_model.encoder.layers[0].layer_norm1.eps == 1e-6
-    note(f"BLIP-2 (reduced): ViT {vision.hidden_size}x{vision.num_hidden_layers} of the file's "
+    note(f"BLIP-2 converted: ViT {vision.hidden_size}x{vision.num_hidden_layers} of the file's "
          f"{ref['used_vit_blocks'] + 1} blocks, Q-Former {referee.model.config.qformer_config.hidden_size}x"
          f"{referee.model.config.qformer_config.num_hidden_layers}, {referee.num_queries} queries")
 

@@ -14,6 +14,7 @@ from pipeline.config import load_config
 from pipeline.models import load_vqa_models
 from pipeline.vqa import VqaScorer, combine, format_score, round_answer
 from tests.conftest import ROOT
+from tests.parity.settings import SUBPROCESS_TIMEOUT
 
 pytestmark = pytest.mark.parity
 
@@ -30,7 +31,7 @@ def scorer(reference_dir: Path, bert_tokenizer_dir: Path, ref: dict, tmp_path_fa
         [sys.executable, "jobs/convert_checkpoints.py", "blip-vqa",
          "--checkpoint", str(reference_dir / "model_base_vqa_capfilt_large.pth"),
          "--output", str(out), "--tokenizer", str(bert_tokenizer_dir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
     )
     assert proc.returncode == 0, proc.stderr
     size = ref["images"].shape[-1]  # the reduced model's own size: no position interpolation
