@@ -146,6 +146,8 @@ def load_checkpoints(checkpoint: Path, vision_checkpoint: Path | None) -> dict[s
     """One LAVIS state dict (``visual_encoder.*`` included) from the released pair or a merged file."""
     state = load_original(checkpoint)
     if not is_blip2(state):
+        if "patch_embed.proj.weight" in state:  # a bare ViT: the two files swapped
+            raise _fail(checkpoint, "it holds a bare ViT; pass that file as --vision-checkpoint")
         raise _fail(checkpoint, "no Qformer.bert.* or query_tokens keys")
     if vision_checkpoint is None:
         if not has_vit(state):

@@ -249,6 +249,7 @@ def test_vision_checkpoint_rejections(tmp_path, source, tiny_referee_dir) -> Non
     cases = [
         (merged, vision, "already holds visual_encoder"),  # two ViTs: which one is meant?
         (ckpt, merged, "pass it as --lavis-checkpoint"),  # the files swapped
+        (vision, ckpt, "bare ViT; pass that file as --vision-checkpoint"),
         (ckpt, _save_bare(tmp_path, {"weight": torch.zeros(2)}, "other.pth"), "not an EVA ViT"),
         (ckpt, _save_bare(tmp_path, {k: v for k, v in vit.items() if not k.startswith("blocks.1.")},
                           "gap.pth"), "missing"),
