@@ -17,6 +17,7 @@ import torch
 
 from pipeline.caption_head import Blip2CaptionHead
 from pipeline.config import MODEL_KEYS, Config, ModelsConfig
+from pipeline.convert_blip2 import apply_post_layernorm_eps
 from pipeline.errors import ModelLoadError
 from pipeline.quiet import quiet_library_logs
 from pipeline.scorer_record import expand
@@ -112,6 +113,7 @@ def load_generator_models(cfg: Config) -> GeneratorModels:
     clip_tok = _load("the CLIP tokenizer", sd_key, CLIPTokenizer.from_pretrained, sd, subfolder="tokenizer", **rev)
     scheduler = _load("the noise scheduler", sd_key, DDPMScheduler.from_pretrained, sd, subfolder="scheduler", **rev)
     referee = _load("the BLIP-2 referee", ref_key, Blip2ForImageTextRetrieval.from_pretrained, src["referee"], **rev)
+    apply_post_layernorm_eps(referee)  # a converted LAVIS referee: ln_vision's eps differs from the ViT's
     head = _load_caption_head(src["referee"], rev)
     ref_tok = _load("the BLIP-2 tokenizer", ref_key, AutoTokenizer.from_pretrained, src["referee"], **rev)
     if ref_tok.bos_token != "[DEC]":
@@ -133,7 +135,7 @@ def _load_caption_head(referee_source: str, rev: dict[str, str]) -> Blip2Caption
         raise ModelLoadError(
             f"the BLIP-2 caption head (caption_head/) is missing from {referee_source!r}; "
             "make a referee folder with `python jobs/convert_checkpoints.py blip2 --lavis-checkpoint "
-            "blip2_pretrained.pth --output DIR` and set models.referee to DIR"
+            "blip2_pretrained.pth --vision-checkpoint eva_vit_g.pth --output DIR` and set models.referee to DIR"
         ) from None
 
 
