@@ -169,7 +169,7 @@ def _record(i: int, sample: Sample, questions: list[str], result: Any, error: st
     if result is None:
         return {**rec, "answers": [], "score": None, "status": "unreadable", "error": error,
                 "threshold": None, "accepted": None}
-    decision = decide(result.score, sample.category, cfg.filter, sample.template)
+    decision = decide(result.score, sample.category, cfg.filter, sample.template, bool(result.questions))
     return {**rec, "answers": result.answers, "score": result.score, "status": "scored", "error": None,
             "threshold": decision.threshold, "accepted": decision.accepted}
 

@@ -176,10 +176,36 @@ def _scorer_record(cfg: Config, model_ids: dict[str, str]) -> dict[str, Any]:
     return record
 
 
+def _location(uri: str) -> str:
+    """A comparable form of a path or URI: absolute local path, or scheme://bucket/key."""
+    if "://" in uri:
+        return uri.rstrip("/")
+    return str(Path(uri).expanduser().resolve())
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip("/") + "/")
+
+
+def check_paths(prompts: str, output: str) -> None:
+    """Refuse empty paths and a run folder that overlaps its input (the run would read itself back)."""
+    for flag, value in (("--prompts", prompts), ("--output", output)):
+        if not value.strip():
+            raise UserError(f"{flag} is empty; give a path")
+    src, dst = _location(prompts), _location(output)
+    if _inside(dst, src):
+        raise UserError(f"--output {output} is inside --prompts {prompts}; the run would be read back as prompts")
+    if _inside(src, dst):
+        raise UserError(f"--prompts {prompts} is inside --output {output}; keep inputs out of the run folder")
+
+
 def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
+    from pipeline import storage
     from pipeline.scorer_record import check_vqa_source
     from schemas.prompts import fingerprint, read_prompt_tables, samples_of, validate_rows
 
+    check_paths(args.prompts, args.output)
+    storage.configure(cfg.job)
     # Input checks first and with light imports, so a bad file is reported in about a second.
     files, tables = read_prompt_tables(args.prompts)
     rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars)
@@ -196,7 +222,7 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     model_ids = _model_ids(cfg)
     scorer = _scorer_record(cfg, model_ids)
     fs, out = filesystem_for(args.output)
-    info = make_run_info(cfg, model_ids, fingerprint(files), args.prompts, len(specs), scorer)
+    info = make_run_info(cfg, model_ids, fingerprint(files, tables), args.prompts, len(specs), scorer)
     lease = RunLease(fs, out, args.output, cfg.job.lease_heartbeat_s, cfg.job.lease_stale_s)
     try:
         # Before anything in the folder changes: one driver per output, --force included.
