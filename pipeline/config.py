@@ -202,7 +202,7 @@ class JobConfig:
     storage_connect_timeout_s: float = _f(10.0, 0.1)
     storage_request_timeout_s: float = _f(60.0, 0.1)
     storage_max_attempts: int = _f(3, 1)  # S3 tries per request
-    storage_retry_time_s: float = _f(30.0, 1.0)  # GCS: time spent retrying a request
+    storage_retry_time_s: float = _f(20.0, 1.0)  # GCS: time spent retrying a request
 
 
 @dataclass

@@ -96,25 +96,99 @@ def _wrong_yaml_type(p: Path) -> list[str]:
     return ["--prompts", str(p / "ok.parquet"), "--config", str(p / "bad.yaml")]
 
 
+def _ok(p: Path) -> list[str]:
+    pq.write_table(pa.table({"prompt": ["a red cube", "a blue ball"]}), p / "ok.parquet")
+    return ["--prompts", str(p / "ok.parquet")]
+
+
+def _utf16_config(p: Path) -> list[str]:
+    (p / "c.yaml").write_text("optim:\n  iterations: 3\n", encoding="utf-16")
+    return _ok(p) + ["--config", str(p / "c.yaml")]
+
+
+def _output_inside_input(p: Path) -> list[str]:
+    (p / "in").mkdir()
+    pq.write_table(pa.table({"prompt": ["a red cube"]}), p / "in" / "a.parquet")
+    return ["--prompts", str(p / "in"), "--output", str(p / "in" / "run")]
+
+
+def _input_inside_output(p: Path) -> list[str]:
+    (p / "run").mkdir()
+    pq.write_table(pa.table({"prompt": ["a red cube"]}), p / "run" / "a.parquet")
+    return ["--prompts", str(p / "run" / "a.parquet"), "--output", str(p / "run")]
+
+
+def _sibling_run_in_input(p: Path) -> list[str]:
+    (p / "in" / "old-run" / "shards").mkdir(parents=True)
+    pq.write_table(pa.table({"prompt": ["a red cube"]}), p / "in" / "a.parquet")
+    (p / "in" / "old-run" / "run.json").write_text("{}")
+    pq.write_table(pa.table({"prompt": ["old"], "key": ["00000000000"]}), p / "in" / "old-run" / "shards" / "0.parquet")
+    return ["--prompts", str(p / "in")]
+
+
+def _bad_hive(p: Path) -> list[str]:
+    (p / "in" / "num_samples=many").mkdir(parents=True)
+    pq.write_table(pa.table({"prompt": ["a red cube"]}), p / "in" / "num_samples=many" / "a.parquet")
+    return ["--prompts", str(p / "in")]
+
+
+def _refused_s3(p: Path) -> list[str]:
+    return ["--prompts", "s3://missing-bucket/prompts.parquet"]  # endpoint: a closed port (see _FILE_ENV)
+
+
+def _missing_gcs(p: Path) -> list[str]:  # no credentials, no network: bounded by job.storage_retry_time_s
+    return ["--prompts", "gs://missing-bucket-referee-synth/p.parquet", "--set", "job.storage_retry_time_s=2"]
+
+
 FILE_CATALOGUE = [
     ("wrong column types", _wrong_types, "column 'num_samples' must be int32"),
     ("empty table", _empty_table, "no prompt rows"),
     ("one corrupt Parquet file among good ones", _corrupt_among_good, "001.parquet: not a readable Parquet file"),
     ("config file with wrong YAML", _bad_yaml, "is not valid YAML at line"),
     ("config value of the wrong type", _wrong_yaml_type, "optim.iterations must be an integer"),
+    ("UTF-16 config", _utf16_config, "is not UTF-8 text"),
+    ("empty --prompts", lambda p: ["--prompts", ""], "--prompts is empty"),
+    ("empty --output", lambda p: _ok(p) + ["--output", ""], "--output is empty"),
+    ("output inside the prompts folder", _output_inside_input, "is inside --prompts"),
+    ("prompts inside the output", _input_inside_output, "is inside --output"),
+    ("a run folder inside the prompts folder", _sibling_run_in_input, "holds a run folder"),
+    ("hive partition of the wrong type", _bad_hive, "hive partition num_samples=many does not fit int32"),
+    ("--samples-per-prompt beyond the key", lambda p: _ok(p) + ["--samples-per-prompt", "100"],
+     "job.samples_per_prompt must be <= 99"),
+    ("--shard-size beyond the key", lambda p: _ok(p) + ["--shard-size", "100000"], "job.shard_size must be <= 99999"),
+    ("NaN learning rate", lambda p: _ok(p) + ["--set", "optim.lr_start=.nan"], "optim.lr_start must be a finite"),
+    ("NaN threshold in the config", lambda p: _ok(p) + ["--set", "filter.default_threshold=.nan"], "finite number"),
+    ("NaN --threshold", lambda p: _ok(p) + ["--threshold", "nan"], "--threshold must be a finite number"),
+    ("infinite --threshold", lambda p: _ok(p) + ["--threshold", "inf"], "--threshold must be a finite number"),
+    ("s3 prompts, endpoint refuses", _refused_s3, "prompts: s3://missing-bucket/prompts.parquet: cannot read"),
+    ("gs prompts, missing bucket", _missing_gcs, "prompts: gs://missing-bucket-referee-synth/p.parquet: cannot"),
 ]
+# A closed port as the S3 endpoint: a refused connection, within the bounded retries.
+_FILE_ENV = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+             "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-@pytest.mark.parametrize(("case", "make", "needle"), FILE_CATALOGUE, ids=[c[0] for c in FILE_CATALOGUE])
-def test_file_catalogue_is_one_line_and_exit_2(tmp_path, tiny_cache, case, make, needle) -> None:
-    args = make(tmp_path) + ["--output", str(tmp_path / "run")]
+def _synth(args: list[str], env: dict[str, str], timeout: int = 120):
     import subprocess
     import sys
 
     from tests.conftest import ROOT
 
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "synthesize.py"), "--no-progress", *args],
-                          cwd=ROOT, env=_env(tiny_cache), capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "synthesize.py"), "--no-progress", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_exit_2(proc, needle: str, case: str = "") -> None:
     assert proc.returncode == 2, (case, proc.stderr[-2000:])
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (case, proc.stderr)
+
+
+@pytest.mark.parametrize(("case", "make", "needle"), FILE_CATALOGUE, ids=[c[0] for c in FILE_CATALOGUE])
+def test_file_catalogue_is_one_line_and_exit_2(tmp_path, tiny_cache, case, make, needle) -> None:
+    args = make(tmp_path)
+    if "--output" not in args:
+        args += ["--output", str(tmp_path / "run")]
+    proc = _synth(["--config", "configs/tiny.yaml", *args], _env(tiny_cache, **_FILE_ENV), timeout=90)
+    _one_line_exit_2(proc, needle, case)
+    assert not (tmp_path / "run" / "run.json").exists() and not (tmp_path / "in" / "run").exists()
