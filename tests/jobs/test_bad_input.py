@@ -192,3 +192,76 @@ def test_file_catalogue_is_one_line_and_exit_2(tmp_path, tiny_cache, case, make,
     proc = _synth(["--config", "configs/tiny.yaml", *args], _env(tiny_cache, **_FILE_ENV), timeout=90)
     _one_line_exit_2(proc, needle, case)
     assert not (tmp_path / "run" / "run.json").exists() and not (tmp_path / "in" / "run").exists()
+
+
+def _strict_json(text: str):
+    def refuse(name: str):
+        raise ValueError(f"non-standard JSON number {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_row_level_classes_get_statuses_and_the_run_goes_on(tmp_path, tiny_cache, shared_ray) -> None:
+    """A BOM, a null id beside an explicit id that reads like a row number, a seed that overflows with its
+    sample index, NaN/Inf extras and prompts with nothing to ask: row-level, never the shard."""
+    big = 2**63 - 1
+    table = pa.table({
+        "prompt": ["\ufeffa red cube", "a blue ball", "a green bench", "!!!", "on the left", "a pink chair"],
+        "prompt_id": [None, "x", "0", "bang", "left", None],
+        "seed": pa.array([None, big, None, None, None, big - 1], pa.int64()),
+        "num_samples": pa.array([1, 2, 1, 1, 1, 2], pa.int32()),
+        "score": [float("nan"), float("inf"), 1.5, None, float("-inf"), 2.0],
+    })
+    pq.write_table(table, tmp_path / "p.parquet")
+    out = tmp_path / "run"
+    proc = _run(["--prompts", str(tmp_path / "p.parquet"), "--output", str(out), "--num-actors", "1",
+                 "--shard-size", "3", "--threshold", "0"], _env(tiny_cache, **shared_ray))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    side = _sidecars(out)
+    pairs = [(r["row"], r["sample_index"]) for r in side]
+    assert sorted(pairs) == [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0), (5, 0), (5, 1)]
+    by_row = {r["row"]: r for r in side}
+    assert by_row[0]["prompt"] == "a red cube" and by_row[0]["status"] == "accepted"
+    assert by_row[0]["prompt_id"] != "0" and by_row[2]["prompt_id"] == "0"  # no collision, explicit id kept
+    assert len({r["prompt_id"] for r in side if r["sample_index"] == 0}) == 6
+    assert by_row[1]["status"] == "invalid_input" and "does not fit int64" in by_row[1]["error"]
+    assert [r["seed"] for r in side if r["row"] == 5] == [big - 1, big]
+    for row in (3, 4):  # no noun chunk: the benchmark's 1.0 is recorded, the filter rejects by default
+        rec = by_row[row]
+        assert rec["status"] == "rejected" and rec["vqa_score"] == 1.0 and rec["vqa_questions"] == []
+        assert "accept_unscorable" in rec["error"]
+    assert [_strict_json(r["extra"])["score"] for r in sorted(side, key=lambda r: r["key"]) if r["sample_index"] == 0] \
+        == [None, None, 1.5, None, None, 2.0]
+    for tar_path in (out / "shards").glob("*.tar"):
+        with tarfile.open(tar_path) as tar:
+            for name in tar.getnames():
+                if name.endswith(".json"):
+                    _strict_json(tar.extractfile(name).read())
+    assert json.loads((out / "run.json").read_text())["config"]["filter"]["accept_unscorable"] is False
+
+
+def _files(out: Path) -> set[str]:
+    return {p.name for p in (out / "shards").iterdir()}
+
+
+def test_edited_input_is_no_resume_and_force_leaves_nothing_of_the_old_plan(tmp_path, tiny_cache, shared_ray) -> None:
+    env = _env(tiny_cache, **shared_ray)
+    src, out = tmp_path / "p.parquet", tmp_path / "run"
+    old = [f"a red cube number {i}" for i in range(6)]
+    pq.write_table(pa.table({"prompt": old}), src)
+    base = ["--prompts", str(src), "--output", str(out), "--num-actors", "1", "--threshold", "0"]
+    assert _run(base + ["--shard-size", "2"], env).returncode == 0
+    assert {n.split(".")[0] for n in _files(out)} == {"000000", "000001", "000002"}
+    # Same length, same rows, same size: only the content differs.
+    pq.write_table(pa.table({"prompt": old[:-1] + ["a red cubE number 5"]}), src)
+    proc = _run(base + ["--shard-size", "2"], env)
+    _one_line_exit_2(proc, "input prompts differ (their content)")
+    # A forced run with another plan: one shard of 4 rows; the old shards 1 and 2 must not stay readable.
+    pq.write_table(pa.table({"prompt": ["a blue ball", "a green bench", "a pink chair"]}), src)
+    proc = _run(base + ["--shard-size", "4", "--force"], env)
+    assert proc.returncode == 0 and "--force: removed" in proc.stderr, proc.stderr[-3000:]
+    assert {n.split(".")[0] for n in _files(out)} == {"000000"}
+    side = _sidecars(out)
+    assert sorted(r["prompt"] for r in side) == ["a blue ball", "a green bench", "a pink chair"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shards_total"] == 1 and summary["samples"] == 3
