@@ -51,6 +51,8 @@ def _mismatch(old: dict[str, Any], new: RunInfo) -> str | None:
     if old.get("config_hash") != new.config_hash:
         return "the configuration differs"
     old_input = old.get("input") or {}
+    if "content_sha256" not in old_input:
+        return "the input fingerprint is from an older version (no content hash), so a resume cannot be checked"
     if old_input.get("content_sha256") != new.input.get("content_sha256"):
         return "the input prompts differ (their content)"
     if old.get("shard_size") != new.shard_size:

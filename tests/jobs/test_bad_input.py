@@ -265,3 +265,36 @@ def test_edited_input_is_no_resume_and_force_leaves_nothing_of_the_old_plan(tmp_
     assert sorted(r["prompt"] for r in side) == ["a blue ball", "a green bench", "a pink chair"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shards_total"] == 1 and summary["samples"] == 3
+
+
+def _consumer(script: str, args: list[str], env: dict[str, str]):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(("script", "make", "needle"), [
+    ("export_gors.py", lambda p: ["--run", str(p / "run"), "--output", str(p / "file")], "is a file"),
+    ("export_gors.py", lambda p: ["--run", str(p / "run"), "--output", str(p / "full")], "is not empty"),
+    ("score.py", lambda p: ["--images", str(p), "--output", str(p / "file"), "--config", "configs/tiny.yaml"],
+     "is a file"),
+    ("score.py", lambda p: ["--shards", str(p / "run"), "--output", str(p / "file" / "x"),
+                            "--config", "configs/tiny.yaml"], "is a file, not a folder"),
+    ("prompts.py", lambda p: ["--output", str(p / "full"), str(p / "color_val.txt")], "is a folder"),
+    ("prompts.py", lambda p: ["--output", str(p / "o.parquet"), "--seed", str(2**64), str(p / "color_val.txt")],
+     "--seed must fit int64"),
+])
+def test_consumers_refuse_bad_outputs_before_any_work(tmp_path, tiny_cache, script, make, needle) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("{}")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    (tmp_path / "color_val.txt").write_text("a red cube\n")
+    proc = _consumer(script, make(tmp_path), _env(tiny_cache))
+    _one_line_exit_2(proc, needle, script)
+    assert (tmp_path / "file").read_text() == "x" and [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
