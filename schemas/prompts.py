@@ -11,6 +11,8 @@ import hashlib
 import json
 import math
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -66,9 +68,29 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(err).__name__
 
 
+def _interruptible(call: Callable[[], Any]) -> Any:
+    """Run a blocking object-store call in a daemon thread: Ctrl-C stops the job at once instead of
+    after the store's retries (pyarrow does not check signals inside them)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as err:  # handed to the caller's thread
+            box["error"] = err
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def _info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
     try:
-        return fs.get_file_info(path)
+        return fs.get_file_info(path) if fs.type_name == "local" else _interruptible(lambda: fs.get_file_info(path))
     except OSError as err:  # a missing bucket, refused credentials, a timeout: one line
         raise UserError(f"prompts: {uri}: cannot read ({_first_line(err)})") from None
 
@@ -115,7 +137,7 @@ def list_input_files(uri: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
         files = _walk_local(path, uri)
     else:
         try:
-            found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            found = _interruptible(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)))
         except OSError as err:
             raise UserError(f"prompts: {uri}: cannot list ({_first_line(err)})") from None
         rel = len(path.rstrip("/")) + 1

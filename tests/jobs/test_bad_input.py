@@ -298,3 +298,22 @@ def test_consumers_refuse_bad_outputs_before_any_work(tmp_path, tiny_cache, scri
     proc = _consumer(script, make(tmp_path), _env(tiny_cache))
     _one_line_exit_2(proc, needle, script)
     assert (tmp_path / "file").read_text() == "x" and [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
+
+
+def test_ctrl_c_while_an_object_store_retries_stops_at_once(tmp_path, tiny_cache) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    cmd = [sys.executable, str(ROOT / "jobs" / "synthesize.py"), "--config", "configs/tiny.yaml", "--no-progress",
+           "--prompts", "gs://missing-bucket-referee-synth/p.parquet", "--output", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tiny_cache), stderr=subprocess.PIPE, text=True)
+    time.sleep(4)  # well inside job.storage_retry_time_s
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and time.time() - t0 < 5, err
+    assert err.strip().splitlines() == ["error: interrupted"]
