@@ -12,7 +12,9 @@ Otherwise dataset.txt holds the exported prompts, one a line per sample. GORS ta
 back by splitting the file name at ``_``, so a prompt holding ``_``, ``/`` or a character a file
 system refuses cannot be written faithfully: it is reported and skipped, or, with
 ``--map-unsafe``, written with those characters replaced by spaces (the reported mapping goes
-to ``DIR/mapped_prompts.jsonl``).
+to ``DIR/mapped_prompts.jsonl``; names are cut to fit the file system's 255-byte limit, in UTF-8
+bytes). The export is built in a temporary folder beside DIR and renamed at the end: DIR is whole
+or absent, and a rerun after a failure starts clean.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project importable
@@ -52,7 +56,10 @@ def prompt_problem(prompt: str) -> str | None:
 
 
 def mapped(prompt: str) -> str:
-    return re.sub(r"\s+", " ", _UNSAFE.sub(" ", prompt)).strip()[:_MAX_NAME_BYTES]
+    """The prompt with unsafe characters as spaces, cut to _MAX_NAME_BYTES UTF-8 bytes (never mid-character)."""
+    name = re.sub(r"\s+", " ", _UNSAFE.sub(" ", prompt)).strip()
+    cut = name.encode()[:_MAX_NAME_BYTES].decode("utf-8", errors="ignore").strip()
+    return cut if cut not in ("", ".", "..") else "prompt"
 
 
 def _to_png(data: bytes) -> bytes:
@@ -163,6 +170,39 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def check_output(output: Path) -> None:
+    """Before any work: the export needs a new (or empty) folder whose parent can take it."""
+    if not str(output).strip():
+        raise UserError("export: --output is empty; give a folder path")
+    if output.is_file() or output.is_symlink() and not output.is_dir():
+        raise UserError(f"export: --output {output} is a file; give a new folder")
+    if output.is_dir() and any(output.iterdir()):
+        raise UserError(f"export: --output {output} is not empty; choose a new --output")
+    parent = next((p for p in output.resolve().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"export: --output {output}: {parent} is a file, not a folder")
+
+
+def export_whole(run: str, output: Path, include_rejected: bool, map_unsafe: bool) -> dict[str, int]:
+    """Build the export in a temporary folder beside ``output``, then rename it into place."""
+    output = output.resolve()
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"export: --output {output}: cannot create its folder ({err.strerror or err})") from None
+    tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        counts = export(run, tmp, include_rejected, map_unsafe)
+        if output.is_dir():
+            output.rmdir()  # empty (checked): the rename takes its place
+        os.replace(tmp, output)
+    except OSError as err:
+        raise UserError(f"export: writing {output} failed, nothing was left there ({err.strerror or err})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="export_gors.py", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="run folder written by jobs/synthesize.py")
@@ -173,9 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     fs, out = storage.filesystem_for(args.run)
     if not storage.exists(fs, storage.join(out, "run.json")):
         raise UserError(f"export: {args.run} is not a run folder (no run.json)")
-    if args.output.exists() and any((args.output / "samples").glob("*.png")):
-        raise UserError(f"export: {args.output}/samples is not empty; choose a new --output")
-    counts = export(args.run, args.output, args.include_rejected, args.map_unsafe)
+    check_output(args.output)
+    counts = export_whole(args.run, args.output, args.include_rejected, args.map_unsafe)
     print(f"exported {counts['exported']} samples to {args.output} "
           f"({counts['skipped']} skipped, {counts['mapped']} mapped)")
     return 0

@@ -3,7 +3,8 @@
     python jobs/prompts.py --output prompts.parquet color_train.txt shape_val.txt [--limit N] [--seed S]
 
 The category comes from the file name (``color_val.txt`` -> ``color``); prompt ids are
-``{category}_{line:05d}`` (unique across files of different categories). A file that is one of
+``{file name without .txt}_{n:05d}`` (``color_val_00000``): stable, and unique across the files of
+one call (two files of the same name are refused). A file that is one of
 the benchmark's lists (same name and same lines as the copy in data/t2i-compbench) also fills
 ``benchmark_index`` (the prompt's line, 0-based) and ``template`` (a template prompt of a train
 list: GORS's ``index < 560`` rule), so the gors preset applies the template thresholds on its own.
@@ -33,13 +34,18 @@ def category_of(path: Path) -> str:
     return _SPLIT_SUFFIX.sub("", path.stem)
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _lines(path: Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"prompts: {path}: no such file")
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is not text
     except UnicodeDecodeError:
         raise UserError(f"prompts: {path}: not UTF-8 text") from None
+    except OSError as err:
+        raise UserError(f"prompts: {path}: cannot read ({err.strerror or err})") from None
 
 
 def read_prompt_lines(path: Path, limit: int | None = None) -> list[tuple[int, str]]:
@@ -67,12 +73,13 @@ def benchmark_templates(path: Path) -> list[bool] | None:
 
 def prompt_table(files: list[Path], limit: int | None = None, seed: int | None = None) -> pa.Table:
     cols: dict[str, list] = {"prompt": [], "prompt_id": [], "category": [], "benchmark_index": [], "template": []}
+    _check_distinct_names(files)
     for path in files:
         cat = category_of(path)
         templates = benchmark_templates(path)
         for i, (line, prompt) in enumerate(read_prompt_lines(path, limit)):
             cols["prompt"].append(prompt)
-            cols["prompt_id"].append(f"{cat}_{i:05d}")
+            cols["prompt_id"].append(f"{path.stem}_{i:05d}")
             cols["category"].append(cat)
             cols["benchmark_index"].append(line if templates is not None else None)
             cols["template"].append(templates[line] if templates is not None else False)
@@ -82,6 +89,42 @@ def prompt_table(files: list[Path], limit: int | None = None, seed: int | None =
     return pa.table({k: pa.array(v, type=types.get(k)) for k, v in cols.items()})
 
 
+def _check_distinct_names(files: list[Path]) -> None:
+    """Ids come from the file name: two files of one name would give the same ids."""
+    seen: dict[str, Path] = {}
+    for path in files:
+        if path.stem in seen:
+            raise UserError(f"prompts: {seen[path.stem]} and {path} have the same name, so their prompt ids would "
+                            "collide; rename one or make two tables")
+        seen[path.stem] = path
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag and the output path before any work: one line each."""
+    if args.seed is not None and not INT64_MIN <= args.seed <= INT64_MAX:
+        raise UserError(f"--seed must fit int64 ({INT64_MIN} to {INT64_MAX}), got {args.seed}")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    out: Path = args.output
+    if not str(out).strip():
+        raise UserError("--output is empty; give a file path")
+    if out.is_dir():
+        raise UserError(f"--output {out} is a folder; give a file path such as {out / 'prompts.parquet'}")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"--output {out}: {parent} is a file, not a folder")
+
+
+def _write_table(table: pa.Table, out: Path) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(out)  # readers never see half a table
+    except OSError as err:
+        raise UserError(f"--output {out}: cannot write ({err.strerror or err})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="prompts.py", description=__doc__.split("\n")[0])
     p.add_argument("files", nargs="+", type=Path, help="T2I-CompBench prompt files")
@@ -89,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="first N prompts of each file")
     p.add_argument("--seed", type=int, help="base seed for every row (samples get seed, seed+1, ...)")
     args = p.parse_args(argv)
+    check_args(args)
     table = prompt_table(args.files, args.limit, args.seed)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, args.output)
+    _write_table(table, args.output)
     templates = sum(table.column("template").to_pylist())
     print(f"wrote {table.num_rows} prompts to {args.output} ({templates} benchmark template prompts)")
     return 0

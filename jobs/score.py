@@ -169,7 +169,7 @@ def _record(i: int, sample: Sample, questions: list[str], result: Any, error: st
     if result is None:
         return {**rec, "answers": [], "score": None, "status": "unreadable", "error": error,
                 "threshold": None, "accepted": None}
-    decision = decide(result.score, sample.category, cfg.filter, sample.template)
+    decision = decide(result.score, sample.category, cfg.filter, sample.template, bool(result.questions))
     return {**rec, "answers": result.answers, "score": result.score, "status": "scored", "error": None,
             "threshold": decision.threshold, "accepted": decision.accepted}
 
@@ -245,8 +245,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_output(out: Path) -> None:
+    """Before any scoring: the output must be a folder this process can write."""
+    if not str(out).strip():
+        raise UserError("--output is empty; give a folder path")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file; give a folder")
+    parent = next((p for p in out.resolve().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"--output {out}: {parent} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as err:
+        raise UserError(f"--output {out}: cannot write there ({err.strerror or err})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_output(args.output)
     from pipeline.config import load_config
     from pipeline.scorer_record import check_vqa_source, describe
 

@@ -13,6 +13,7 @@ Exit codes: 0 every shard complete; 1 some shards failed after retries (rerun to
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -58,6 +59,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     }
     sets += [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.threshold is not None:
+        if not math.isfinite(args.threshold):  # NaN would pass no score and fail no range check
+            raise UserError(f"--threshold must be a finite number, got {args.threshold}")
         sets += [f"filter.default_threshold={args.threshold}", "filter.thresholds={}"]
     return load_config(args.config, sets)
 
@@ -95,6 +98,24 @@ def _pool_size(cfg: Config) -> tuple[int, float]:
     if per > 0:
         return max(1, int(gpus // per)), per
     return max(1, min(2, int(ray.cluster_resources().get("CPU", 1) // max(cfg.job.cpus_per_actor, 1e-3)))), 0.0
+
+
+def check_placement(cfg: Config, local: bool) -> None:
+    """Actors this Ray can never place would wait forever: refuse on a local Ray (fixed size), say so
+    on a cluster (an autoscaler may add nodes)."""
+    import ray
+
+    n, gpus = _pool_size(cfg)
+    total = ray.cluster_resources()
+    need = {"CPU": n * cfg.job.cpus_per_actor, "GPU": n * gpus}
+    short = [f"{need[k]:g} {k} (has {total.get(k, 0):g})" for k in need if need[k] > total.get(k, 0) + 1e-9]
+    if not short:
+        return
+    what = f"{n} actors need {' and '.join(short)}"
+    if local:
+        raise UserError(f"{what} on this machine's Ray; lower --num-actors or job.cpus_per_actor/gpus_per_actor")
+    print(f"warning: {what} on the cluster now: they start only if the cluster grows (Ctrl-C to stop)",
+          file=sys.stderr)
 
 
 class Progress:
@@ -146,6 +167,7 @@ def _run(args: argparse.Namespace, cfg: Config, plan: dict[str, Any]) -> int:
     pool = None
     t0 = time.time()
     try:
+        check_placement(cfg, local=started)
         pool = _make_pool(cfg, args.output, plan["model_ids"])
         progress = Progress(plan["total_samples"], plan["done_samples"], args.no_progress)
         result = pool.run(plan["todo"], progress.update, lambda stats: None)
@@ -176,10 +198,36 @@ def _scorer_record(cfg: Config, model_ids: dict[str, str]) -> dict[str, Any]:
     return record
 
 
+def _location(uri: str) -> str:
+    """A comparable form of a path or URI: absolute local path, or scheme://bucket/key."""
+    if "://" in uri:
+        return uri.rstrip("/")
+    return str(Path(uri).expanduser().resolve())
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip("/") + "/")
+
+
+def check_paths(prompts: str, output: str) -> None:
+    """Refuse empty paths and a run folder that overlaps its input (the run would read itself back)."""
+    for flag, value in (("--prompts", prompts), ("--output", output)):
+        if not value.strip():
+            raise UserError(f"{flag} is empty; give a path")
+    src, dst = _location(prompts), _location(output)
+    if _inside(dst, src):
+        raise UserError(f"--output {output} is inside --prompts {prompts}; the run would be read back as prompts")
+    if _inside(src, dst):
+        raise UserError(f"--prompts {prompts} is inside --output {output}; keep inputs out of the run folder")
+
+
 def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
+    from pipeline import storage
     from pipeline.scorer_record import check_vqa_source
     from schemas.prompts import fingerprint, read_prompt_tables, samples_of, validate_rows
 
+    check_paths(args.prompts, args.output)
+    storage.configure(cfg.job)
     # Input checks first and with light imports, so a bad file is reported in about a second.
     files, tables = read_prompt_tables(args.prompts)
     rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars)
@@ -196,7 +244,7 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     model_ids = _model_ids(cfg)
     scorer = _scorer_record(cfg, model_ids)
     fs, out = filesystem_for(args.output)
-    info = make_run_info(cfg, model_ids, fingerprint(files), args.prompts, len(specs), scorer)
+    info = make_run_info(cfg, model_ids, fingerprint(files, tables), args.prompts, len(specs), scorer)
     lease = RunLease(fs, out, args.output, cfg.job.lease_heartbeat_s, cfg.job.lease_stale_s)
     try:
         # Before anything in the folder changes: one driver per output, --force included.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -174,13 +175,16 @@ class VqaConfig:
 class FilterConfig:
     default_threshold: float = _f(0.5, 0.0, 1.0)
     thresholds: dict[str, float] = _f({}, 0.0, 1.0)
+    # A prompt with no noun chunk has no question, so the benchmark scores it 1.0 (a product over
+    # nothing); false: the filter rejects such samples (the recorded score stays 1.0).
+    accept_unscorable: bool = False
 
 
 @dataclass
 class JobConfig:
     seed: int = _f(0, 0)
-    samples_per_prompt: int = _f(1, 1)
-    shard_size: int = _f(64, 1)
+    samples_per_prompt: int = _f(1, 1, 99)  # the sample key's two sample digits (schemas/samples.py)
+    shard_size: int = _f(64, 1, 99999)  # the sample key's five row digits
     num_actors: int = _f(0, 0)  # 0 = one per GPU, or 2 on a CPU-only machine
     gpus_per_actor: float = _f(1.0, 0.0)
     cpus_per_actor: float = _f(1.0, 0.0)
@@ -193,6 +197,12 @@ class JobConfig:
     # one not refreshed for lease_stale_s is taken over (a killed driver must not block the resume).
     lease_heartbeat_s: float = _f(10.0, 0.05)
     lease_stale_s: float = _f(120.0, 0.1)
+    # Object stores (s3://, gs://): bounded waits, so a missing bucket or a dead endpoint is an
+    # error within about a minute, never a silent hang.
+    storage_connect_timeout_s: float = _f(10.0, 0.1)
+    storage_request_timeout_s: float = _f(60.0, 0.1)
+    storage_max_attempts: int = _f(3, 1)  # S3 tries per request
+    storage_retry_time_s: float = _f(20.0, 1.0)  # GCS: time spent retrying a request
 
 
 @dataclass
@@ -228,6 +238,7 @@ class Config:
 # Keys that change how a run is executed but not what it produces.
 _RUN_ONLY_JOB_KEYS = {
     "num_actors", "gpus_per_actor", "cpus_per_actor", "max_shard_retries", "lease_heartbeat_s", "lease_stale_s",
+    "storage_connect_timeout_s", "storage_request_timeout_s", "storage_max_attempts", "storage_retry_time_s",
 }
 _RUN_ONLY_ENGINE_KEYS = {"trace", "compile", "view_chunk", "oom_fallback"}
 _RUN_ONLY_MODEL_KEYS = {"tiny_cache_dir", "device"}
@@ -248,6 +259,8 @@ def _check_scalar(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"config: {key} must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # NaN passes every comparison; infinities no range means
+                raise ConfigError(f"config: {key} must be a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"config: {key} must be a number, got {value!r}")
     if tp is str:
@@ -372,7 +385,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config: file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: {p} is not UTF-8 text (save it as UTF-8)") from None
+    except OSError as err:
+        raise ConfigError(f"config: cannot read {p} ({err.strerror or err})") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -44,7 +44,11 @@ class Decision:
     threshold: float
 
 
-def decide(score: float, category: str | None, fcfg: FilterConfig, template: bool = False) -> Decision:
-    """Accept/reject together with the threshold used."""
+def decide(
+    score: float, category: str | None, fcfg: FilterConfig, template: bool = False, scorable: bool = True
+) -> Decision:
+    """Accept/reject together with the threshold used. ``scorable``: the prompt had a question to
+    ask; an unscorable prompt's 1.0 is accepted only with ``filter.accept_unscorable``."""
     threshold = threshold_for(category, fcfg, template)
-    return Decision(accepted=passes(score, threshold), threshold=threshold)
+    accepted = passes(score, threshold) and (scorable or fcfg.accept_unscorable)
+    return Decision(accepted=accepted, threshold=threshold)

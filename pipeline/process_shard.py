@@ -30,6 +30,8 @@ from schemas.samples import ACCEPTED, FAILED, INVALID_INPUT, REJECTED, SampleRec
 # Debug hook for fault tests: scoring raises for this prompt_id (off unless set).
 INJECT_SCORE_ERROR_ENV = "REFEREE_SYNTH_INJECT_SCORE_ERROR"
 
+_UNSCORABLE = "no noun chunk to ask about: score 1.0 by definition, rejected (filter.accept_unscorable is false)"
+
 ProgressFn = Callable[[dict[str, int]], None]
 
 
@@ -120,9 +122,11 @@ class ShardProcessor:
                 rec = self._record(spec, p, FAILED, error=reason[:500], **common)
                 writer.add(rec)
             else:
-                decision = decide(s.score, p.row.category, self.cfg.filter, p.row.template)
+                scorable = bool(s.questions)
+                decision = decide(s.score, p.row.category, self.cfg.filter, p.row.template, scorable)
                 rec = self._record(
                     spec, p, ACCEPTED if decision.accepted else REJECTED, vqa_score=s.score,
+                    error=None if scorable or decision.accepted else _UNSCORABLE,
                     vqa_questions=list(s.questions), vqa_answers=list(s.answers), threshold=decision.threshold,
                     **common,
                 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,11 @@ def make_run_info(
 def _mismatch(old: dict[str, Any], new: RunInfo) -> str | None:
     if old.get("config_hash") != new.config_hash:
         return "the configuration differs"
-    if old.get("input") != new.input:
-        return "the input prompts differ (files, sizes or row counts)"
+    old_input = old.get("input") or {}
+    if "content_sha256" not in old_input:
+        return "the input fingerprint is from an older version (no content hash), so a resume cannot be checked"
+    if old_input.get("content_sha256") != new.input.get("content_sha256"):
+        return "the input prompts differ (their content)"
     if old.get("shard_size") != new.shard_size:
         return "the shard size differs"
     return None
@@ -73,7 +77,7 @@ def prepare_run(fs: pafs.FileSystem, out: str, info: RunInfo, force: bool, outpu
                 "use a new --output, or --force to redo every shard with the new settings"
             )
         if problem:
-            _drop_markers(fs, out)
+            _clear_old_run(fs, out)
         else:
             info.created_at = old.get("created_at", info.created_at)
             resumed = True
@@ -81,12 +85,25 @@ def prepare_run(fs: pafs.FileSystem, out: str, info: RunInfo, force: bool, outpu
     return resumed
 
 
-def _drop_markers(fs: pafs.FileSystem, out: str) -> None:
-    """--force: forget old completions first, so a crash now cannot leave stale 'done' shards."""
-    selector = pafs.FileSelector(storage.join(out, SHARDS_DIR), allow_not_found=True)
-    for info in fs.get_file_info(selector):
-        if info.path.endswith(".stats.json"):
-            fs.delete_file(info.path)
+# Outputs of a whole run that readers find by name; --force removes them with the old shards.
+_RUN_OUTPUTS = ("summary.json", "shards.txt")
+_SHARD_FOLDERS = (SHARDS_DIR, "rejected")
+
+
+def _clear_old_run(fs: pafs.FileSystem, out: str) -> None:
+    """--force: remove every file of the old run where readers look (its plan may differ, so a
+    shard the new plan lacks would stay readable). Markers first, so a crash midway cannot leave
+    a stale 'done' shard."""
+    files = []
+    for folder in _SHARD_FOLDERS:
+        selector = pafs.FileSelector(storage.join(out, folder), allow_not_found=True, recursive=True)
+        files += [i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
+    files += [p for p in (storage.join(out, n) for n in _RUN_OUTPUTS) if storage.exists(fs, p)]
+    files.sort(key=lambda p: not p.endswith(".stats.json"))
+    for path in files:
+        fs.delete_file(path)
+    if files:
+        print(f"--force: removed {len(files)} files of the earlier run in {out}", file=sys.stderr)
 
 
 def remove_leftovers(fs: pafs.FileSystem, out: str) -> int:

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline import storage
+from pipeline.errors import UserError
 from schemas.prompts import PromptRow
 from schemas.run import ShardStats
 from schemas.samples import ACCEPTED, FAILED, INVALID_INPUT, MAX_SHARD_SIZE, REJECTED, SampleRecord, sidecar_table
@@ -42,7 +43,13 @@ class ShardSpec:
 def plan_shards(rows: list[PromptRow], shard_size: int) -> list[ShardSpec]:
     """Deterministic: shard i = rows [i*S, (i+1)*S) of the planned order."""
     if not 1 <= shard_size <= MAX_SHARD_SIZE:
-        raise ValueError(f"shard size must be between 1 and {MAX_SHARD_SIZE}, got {shard_size}")
+        raise UserError(f"shard size must be between 1 and {MAX_SHARD_SIZE}, got {shard_size}")
+    from schemas.samples import SHARD_DIGITS
+
+    shards = -(-len(rows) // shard_size)
+    if shards > 10**SHARD_DIGITS:  # the sample key names shards with SHARD_DIGITS digits
+        raise UserError(f"{len(rows)} rows make {shards} shards of {shard_size}, more than the "
+                        f"{10**SHARD_DIGITS} the sample key can name; raise --shard-size")
     return [ShardSpec(i // shard_size, rows[i:i + shard_size]) for i in range(0, len(rows), shard_size)]
 
 

@@ -11,29 +11,52 @@ from __future__ import annotations
 import errno
 import os
 import uuid
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 
+from pipeline.config import JobConfig
 from pipeline.errors import UserError
+
+# Timeouts and retries for object stores (job.storage_* in the config); the job's config replaces
+# the defaults through configure().
+_TIMEOUTS = JobConfig()
+
+
+def configure(job: JobConfig) -> None:
+    global _TIMEOUTS
+    _TIMEOUTS = job
+
+
+def _s3(uri: str) -> pafs.FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict[str, Any] = {"endpoint_override": endpoint} if endpoint else {}
+    if os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
+        kwargs["region"] = os.environ.get("AWS_REGION") or os.environ["AWS_DEFAULT_REGION"]
+    return pafs.S3FileSystem(
+        connect_timeout=_TIMEOUTS.storage_connect_timeout_s, request_timeout=_TIMEOUTS.storage_request_timeout_s,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=_TIMEOUTS.storage_max_attempts), **kwargs,
+    )
+
+
+def _gcs(uri: str) -> tuple[pafs.FileSystem, str]:
+    # Without a limit the GCS client retries for 15 minutes (a missing bucket, no credentials).
+    _, path = pafs.FileSystem.from_uri(uri)
+    limit = timedelta(seconds=_TIMEOUTS.storage_retry_time_s)
+    return pafs.GcsFileSystem(retry_time_limit=limit), path
 
 
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     """(file system, path inside it) for a local path or a URI."""
     if "://" not in uri:
         return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
-    if uri.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs = {"endpoint_override": endpoint} if endpoint else {}
-        if os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
-            kwargs["region"] = os.environ.get("AWS_REGION") or os.environ["AWS_DEFAULT_REGION"]
-        try:
-            return pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/")
-        except Exception as err:  # pyarrow raises plain ArrowInvalid/OSError for bad settings
-            raise UserError(f"storage: cannot open {uri}: {str(err).splitlines()[0]}") from None
     try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except Exception as err:
+        if uri.startswith("s3://"):
+            return _s3(uri), uri[len("s3://"):].rstrip("/")
+        fs, path = _gcs(uri) if uri.startswith(("gs://", "gcs://")) else pafs.FileSystem.from_uri(uri)
+    except Exception as err:  # pyarrow raises plain ArrowInvalid/OSError for bad settings
         raise UserError(f"storage: cannot open {uri}: {str(err).splitlines()[0]}") from None
     return fs, path.rstrip("/")
 

@@ -7,9 +7,15 @@ raise ``UserError`` with one line naming the path. Row-level problems give the r
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -25,6 +31,10 @@ KNOWN_COLUMNS = {"prompt": pa.string(), "prompt_id": pa.string(), "category": pa
                  "seed": pa.int64(), "num_samples": pa.int32(), "benchmark_index": pa.int64(),
                  "template": pa.bool_()}
 MAX_SAMPLES_PER_PROMPT = 99  # the sample index has two digits in the key
+INT64_MAX = 2**63 - 1  # the sidecar's seed column: seed + sample index must fit
+_BOM = "\ufeff"
+# Hive's name for a null partition value (Spark, Hive and pyarrow write it).
+_HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 
 STATUS_OK = "ok"
 STATUS_INVALID = "invalid_input"
@@ -50,30 +60,131 @@ class InputFile:
     path: str
     size: int
     rows: int
+    partitions: dict[str, str | None] = field(default_factory=dict)  # hive key=value folders above it
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def _interruptible(call: Callable[[], Any]) -> Any:
+    """Run a blocking object-store call in a daemon thread: Ctrl-C stops the job at once instead of
+    after the store's retries (pyarrow does not check signals inside them)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as err:  # handed to the caller's thread
+            box["error"] = err
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
+    try:
+        return fs.get_file_info(path) if fs.type_name == "local" else _interruptible(lambda: fs.get_file_info(path))
+    except OSError as err:  # a missing bucket, refused credentials, a timeout: one line
+        raise UserError(f"prompts: {uri}: cannot read ({_first_line(err)})") from None
+
+
+def _ignored(name: str) -> bool:
+    """Hidden and ``_``-prefixed names (``_SUCCESS``, ``.tmp-*``), as pyarrow datasets ignore them."""
+    return name.startswith((".", "_"))
+
+
+def _walk_local(root: str, uri: str) -> list[pafs.FileInfo]:
+    """Parquet files under a local folder: symlinked folders followed once (a loop ends), each real
+    file listed once (the first path in sorted order), run folders refused."""
+    seen_dirs: set[str] = set()
+    by_real: dict[str, list[str]] = {}
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen_dirs:
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
+        if "run.json" in names:
+            raise UserError(f"prompts: {uri}: holds a run folder ({folder}); its sidecars are not prompts: "
+                            "point --prompts at the prompt files only")
+        dirs[:] = sorted(d for d in dirs if not _ignored(d))
+        for name in names:
+            if name.endswith(".parquet") and not _ignored(name):
+                path = os.path.join(folder, name)
+                by_real.setdefault(os.path.realpath(path), []).append(path)
+    paths = sorted(min(found) for found in by_real.values())
+    return [pafs.LocalFileSystem().get_file_info(p) for p in paths]
 
 
 def list_input_files(uri: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
     """A Parquet file, or every ``*.parquet`` file under a folder, sorted by path."""
+    if not uri.strip():
+        raise UserError("prompts: the path is empty")
     fs, path = filesystem_for(uri)
-    info = fs.get_file_info(path)
+    info = _info(fs, path, uri)
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"prompts: {uri}: no such file or folder")
     if info.type == pafs.FileType.File:
         return fs, [info]
-    selector = pafs.FileSelector(path, recursive=True)
-    files = [f for f in fs.get_file_info(selector) if f.type == pafs.FileType.File and f.path.endswith(".parquet")]
+    if fs.type_name == "local":
+        files = _walk_local(path, uri)
+    else:
+        try:
+            found = _interruptible(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+        except OSError as err:
+            raise UserError(f"prompts: {uri}: cannot list ({_first_line(err)})") from None
+        rel = len(path.rstrip("/")) + 1
+        if any(f.path.endswith("/run.json") for f in found):
+            raise UserError(f"prompts: {uri}: holds a run folder; its sidecars are not prompts: "
+                            "point --prompts at the prompt files only")
+        files = [f for f in found if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+                 and not any(_ignored(part) for part in f.path[rel:].split("/"))]
     if not files:
         raise UserError(f"prompts: {uri}: folder holds no .parquet files")
     return fs, sorted(files, key=lambda f: f.path)
 
 
-def _read_one(fs: pafs.FileSystem, info: pafs.FileInfo) -> pa.Table:
+def hive_partitions(root: str, file_path: str) -> dict[str, str | None]:
+    """``key=value`` folder names between the prompts folder and the file (hive partitioning)."""
+    rel = file_path[len(root.rstrip("/")) + 1:] if file_path.startswith(root.rstrip("/") + "/") else ""
+    parts: dict[str, str | None] = {}
+    for segment in rel.split("/")[:-1]:
+        key, eq, value = segment.partition("=")
+        if eq and key:
+            value = unquote(value)
+            parts[unquote(key)] = None if value == _HIVE_NULL else value
+    return parts
+
+
+def _add_partitions(table: pa.Table, parts: dict[str, str | None], path: str) -> pa.Table:
+    """The partition values as columns (typed as the contract says for known ones)."""
+    for name, value in parts.items():
+        if name in table.column_names:
+            raise UserError(f"prompts: {path}: column '{name}' is both in the file and a hive partition folder")
+        typ = KNOWN_COLUMNS.get(name, pa.string())
+        try:
+            col = pa.array([value] * table.num_rows, pa.string()).cast(typ)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise UserError(f"prompts: {path}: hive partition {name}={value} does not fit {typ}") from None
+        table = table.append_column(name, col)
+    return table
+
+
+def _read_one(fs: pafs.FileSystem, info: pafs.FileInfo, parts: dict[str, str | None]) -> pa.Table:
     try:
         with fs.open_input_file(info.path) as handle:
             table = pq.read_table(handle)
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as err:
         reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
         raise UserError(f"prompts: {info.path}: not a readable Parquet file ({reason})") from None
+    table = _add_partitions(table, parts, info.path)
     if "prompt" not in table.column_names:
         cols = ", ".join(table.column_names) or "none"
         raise UserError(f"prompts: {info.path}: no 'prompt' column (columns: {cols})")
@@ -108,14 +219,31 @@ def _conform(table: pa.Table, path: str) -> pa.Table:
 
 
 def read_prompt_tables(uri: str) -> tuple[list[InputFile], list[pa.Table]]:
+    """Every input file's table, with hive partition folders (``category=color/``) read as columns."""
     fs, infos = list_input_files(uri)
-    tables = [_read_one(fs, info) for info in infos]
-    files = [InputFile(path=i.path, size=i.size, rows=t.num_rows) for i, t in zip(infos, tables)]
+    root = filesystem_for(uri)[1]
+    parts = [hive_partitions(root, i.path) for i in infos]
+    tables = [_read_one(fs, info, part) for info, part in zip(infos, parts)]
+    files = [InputFile(path=i.path, size=i.size, rows=t.num_rows, partitions=p)
+             for i, t, p in zip(infos, tables, parts)]
     return files, tables
 
 
-def fingerprint(files: list[InputFile]) -> dict[str, Any]:
+def content_hash(tables: list[pa.Table]) -> str:
+    """SHA-256 of the tables' data in planned order: an edited prompt changes it, a moved file not."""
+    digest = hashlib.sha256()
+    for table in tables:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table.combine_chunks())
+        digest.update(hashlib.sha256(sink.getvalue().to_pybytes()).digest())
+    return digest.hexdigest()
+
+
+def fingerprint(files: list[InputFile], tables: list[pa.Table]) -> dict[str, Any]:
+    """What a resume must match: the content hash (files, sizes and rows are recorded for people)."""
     return {
+        "content_sha256": content_hash(tables),
         "files": [{"path": f.path, "size": f.size, "rows": f.rows} for f in files],
         "total_rows": sum(f.rows for f in files),
     }
@@ -133,12 +261,51 @@ def _row_problem(prompt: Any, max_chars: int) -> str | None:
     return None
 
 
+def _finite(value: Any) -> Any:
+    """NaN and infinities become null: standard JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _json_safe(value: Any) -> Any:
+    value = _finite(value)
     try:
-        json.dumps(value)
+        json.dumps(value, allow_nan=False)
         return value
     except (TypeError, ValueError):
         return str(value)
+
+
+def _strip_bom(text: Any) -> Any:
+    return text[1:] if isinstance(text, str) and text.startswith(_BOM) else text
+
+
+def _default_ids(tables: list[pa.Table]) -> dict[int, str]:
+    """Ids of rows with a null ``prompt_id``: the row number, made unique against explicit ids."""
+    explicit: set[str] = set()
+    nulls: list[int] = []
+    index = 0
+    for table in tables:
+        ids = table.column("prompt_id").to_pylist() if "prompt_id" in table.column_names else [None] * table.num_rows
+        for pid in ids:
+            if pid is None:
+                nulls.append(index)
+            else:
+                explicit.add(_strip_bom(pid))
+            index += 1
+    out: dict[int, str] = {}
+    for row in nulls:
+        pid, n = str(row), 1
+        while pid in explicit:  # an explicit id that reads like a row number keeps its text
+            pid, n = f"{row}#{n}", n + 1
+        explicit.add(pid)
+        out[row] = pid
+    return out
 
 
 def validate_rows(
@@ -147,21 +314,21 @@ def validate_rows(
     """One PromptRow per input row, in planned order, with a status for each."""
     rows: list[PromptRow] = []
     first_seen: dict[str, int] = {}
+    defaults = _default_ids(tables)
     for table in tables:
         for rec in table.to_pylist():
             index = len(rows)
             pid = rec.get("prompt_id")
-            pid = str(index) if pid is None else pid
+            pid = defaults[index] if pid is None else _strip_bom(pid)
             num = rec.get("num_samples")
             row = PromptRow(
-                row=index, prompt=rec.get("prompt"), prompt_id=pid, category=rec.get("category"),
+                row=index, prompt=_strip_bom(rec.get("prompt")), prompt_id=pid, category=rec.get("category"),
                 seed=rec.get("seed"), num_samples=default_samples if num is None else int(num),
                 extra={k: _json_safe(v) for k, v in rec.items() if k not in KNOWN_COLUMNS},
                 benchmark_index=rec.get("benchmark_index"), template=bool(rec.get("template")),
             )
-            row.error = _row_problem(row.prompt, max_prompt_chars) or _id_problem(pid, first_seen, max_id_chars)
-            if row.error is None and not 1 <= row.num_samples <= MAX_SAMPLES_PER_PROMPT:
-                row.error = f"num_samples must be between 1 and {MAX_SAMPLES_PER_PROMPT}, got {row.num_samples}"
+            row.error = (_row_problem(row.prompt, max_prompt_chars) or _id_problem(pid, first_seen, max_id_chars)
+                         or _samples_problem(row))
             if row.error:
                 row.status = STATUS_INVALID
             first_seen.setdefault(pid, index)
@@ -176,6 +343,14 @@ def _id_problem(pid: str, first_seen: dict[str, int], max_chars: int) -> str | N
         return f"prompt_id has {len(pid)} characters, more than the limit of {max_chars}"
     if pid in first_seen:
         return f"duplicate prompt_id (first used by row {first_seen[pid]})"
+    return None
+
+
+def _samples_problem(row: PromptRow) -> str | None:
+    if not 1 <= row.num_samples <= MAX_SAMPLES_PER_PROMPT:
+        return f"num_samples must be between 1 and {MAX_SAMPLES_PER_PROMPT}, got {row.num_samples}"
+    if row.seed is not None and row.seed + row.num_samples - 1 > INT64_MAX:
+        return f"seed {row.seed} plus sample index {row.num_samples - 1} does not fit int64 (max {INT64_MAX})"
     return None
 
 

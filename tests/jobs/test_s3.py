@@ -113,3 +113,12 @@ def test_unreachable_bucket_is_one_line(tmp_path, tiny_cache, s3_server) -> None
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: output s3://no-such-bucket/run"), proc.stderr
+
+
+@pytest.mark.parametrize("uri", ["s3://no-such-bucket/p.parquet", "s3://no-such-bucket/prompts/"])
+def test_prompts_in_a_missing_bucket_are_one_line(tmp_path, tiny_cache, s3_server, uri) -> None:
+    proc = _run(["--prompts", uri, "--output", str(tmp_path / "run")], _env(tiny_cache, **s3_server), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: prompts: {uri}"), proc.stderr
+    assert not (tmp_path / "run").exists()

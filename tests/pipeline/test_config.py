@@ -143,3 +143,34 @@ def test_cli_set_error_is_one_line_without_traceback() -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines == ["error: config: optim.iterations must be >= 1, got -3"]
+
+
+@pytest.mark.parametrize("override", [
+    "optim.lr_start=.nan", "filter.default_threshold=.nan", "sds.guidance_scale=.inf",
+    "filter.thresholds={color: .nan}", "augment.clip_std=[.nan, 0.2, 0.2]", "job.lease_stale_s=-.inf",
+])
+def test_nan_and_infinities_are_refused_everywhere(override) -> None:
+    with pytest.raises(ConfigError, match="finite number"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("job.samples_per_prompt=100", "job.samples_per_prompt must be <= 99"),
+    ("job.shard_size=100000", "job.shard_size must be <= 99999"),
+])
+def test_flags_beyond_the_sample_key_are_refused(override, needle) -> None:
+    from schemas.prompts import MAX_SAMPLES_PER_PROMPT
+    from schemas.samples import MAX_SHARD_SIZE
+
+    assert (MAX_SAMPLES_PER_PROMPT, MAX_SHARD_SIZE) == (99, 99999)  # the config's bounds say the same
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, [override])
+
+
+def test_a_utf16_or_unreadable_config_is_one_line(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  iterations: 3\n", encoding="utf-16")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(path)
+    path.write_text("\ufeffoptim:\n  iterations: 3\n", encoding="utf-8")  # a BOM is fine
+    assert load_config(path).optim.iterations == 3

@@ -69,3 +69,12 @@ def test_thresholds_out_of_range_rejected(bad):
 
     with pytest.raises(ConfigError):
         load_config(None, [bad])
+
+
+def test_unscorable_prompts_are_a_choice():
+    fcfg = FilterConfig(default_threshold=0.5)
+    assert not decide(1.0, None, fcfg, scorable=False).accepted  # default: no question, no acceptance
+    assert decide(1.0, None, fcfg, scorable=True).accepted
+    fcfg.accept_unscorable = True
+    assert decide(1.0, None, fcfg, scorable=False).accepted
+    assert not FilterConfig().accept_unscorable

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline.errors import UserError
 from pipeline.shards import ShardWriter, encode_image, plan_shards, shard_is_complete, shard_paths
 from pipeline.storage import filesystem_for
 from schemas.prompts import PromptRow
@@ -25,8 +26,15 @@ def test_plan_is_deterministic_contiguous_and_complete() -> None:
     specs = plan_shards(rows, 4)
     assert [s.shard for s in specs] == [0, 1, 2]
     assert [[r.row for r in s.rows] for s in specs] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         plan_shards(rows, 100_000)
+
+
+def test_more_shards_than_the_key_can_name_are_refused_at_planning() -> None:
+    rows = [None] * (10**6 + 1)  # planning looks at the count first
+    with pytest.raises(UserError, match="more than the 1000000 the sample key can name"):
+        plan_shards(rows, 1)  # type: ignore[arg-type]
+    assert len(plan_shards(rows[:-1], 1_000)) == 1_000
 
 
 def test_keys_are_digits_and_unique() -> None:
