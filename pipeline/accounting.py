@@ -63,7 +63,7 @@ def _rates(c: dict[str, Any], price: float) -> dict[str, Any]:
         "acceptance_rate": round(acc / samples, 4) if samples else None,
         "seconds_per_sample": round(secs / samples, 4) if samples else None,
         "seconds_per_accepted": round(per_acc, 4) if per_acc is not None else None,
-        "cost_per_accepted": round(per_acc / 3600 * price, 6) if per_acc is not None and price > 0 else None,
+        "cost_per_accepted": round(per_acc / 3600 * price, 8) if per_acc is not None and price > 0 else None,
     }
 
 
