@@ -26,7 +26,6 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -39,11 +38,15 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks.real_models import RealModels, build_real_models, parameter_counts  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.flop_floor import (  # noqa: E402 - Assumptions and calls_per_image: shared with --plan
+    DEFAULT_QUESTION_TOKENS,
+    DEFAULT_QUESTIONS,
+    DEFAULT_TEXT_TOKENS,
+    Assumptions,
+    calls_per_image,
+)
 
 H100_BF16_DENSE_TFLOPS = 989.0
-DEFAULT_TEXT_TOKENS = 12  # [CLS] + ~10 word pieces + [SEP]: a typical T2I-CompBench prompt
-DEFAULT_QUESTIONS = 2  # noun chunks of a typical prompt ("a red car", "a blue bird")
-DEFAULT_QUESTION_TOKENS = 6  # [ENC] a red car ? [SEP]
 
 META = torch.device("meta")
 
@@ -187,35 +190,6 @@ def vqa_counts(models: RealModels, cfg: Config, question_tokens: int) -> dict[st
 
 
 # ---- per image ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Assumptions:
-    text_tokens: int = DEFAULT_TEXT_TOKENS
-    questions: int = DEFAULT_QUESTIONS
-    question_tokens: int = DEFAULT_QUESTION_TOKENS
-
-
-def calls_per_image(cfg: Config, a: Assumptions) -> dict[str, int]:
-    it, tail = cfg.optim.iterations, cfg.optim.tail_iterations
-    n, k = cfg.augment.num_views, cfg.augment.top_k
-    select = 0 < k < n
-    kept = k if select else n
-    no_grad_views = (it * n if select else 0) + 1  # selection passes + the final plain-image score
-    return {
-        "referee_vit_fwd_bwd": it * kept,
-        "referee_vit_fwd": no_grad_views,
-        "qformer_itm_fwd_bwd": it * kept,
-        "qformer_itm_fwd": no_grad_views,
-        "qformer_caption_fwd_bwd": it * kept,
-        "qformer_caption_fwd": no_grad_views,
-        "vae_decoder_fwd_bwd": it,
-        "vae_decoder_fwd": 1,
-        "unet_cfg_fwd": it + tail,
-        "clip_text_fwd": 1,  # the condition, once per prompt; the unconditional "" once per engine
-        "vqa_vision_fwd": 1,
-        "vqa_question_fwd": a.questions,
-    }
 
 
 DESCRIPTIONS = {

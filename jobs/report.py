@@ -4,7 +4,8 @@
 
 Totals, acceptance rate and throughput; per category a histogram of VQA scores with the
 threshold marked; a contact sheet of accepted and rejected samples with prompt and score; and
-per-question answer rates (which noun phrases fail most).
+per-question answer rates (which noun phrases fail most); acceptance and device seconds per accepted
+image per category, attempts per prompt and the prompts short of a target (``jobs/report_target.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.cli import run_main  # noqa: E402
+from jobs.report_target import target_section  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.reader import completed_shards, shard_images, sidecar_records  # noqa: E402
@@ -123,6 +125,7 @@ def build_report(run: str, samples: int) -> Path:
         cards = "".join(_card(r, thumbs.get(r["key"])) for r in shown if r["status"] == status)
         parts.append(f"<h2>{status.capitalize()} samples</h2><div class='sheet'>{cards or 'none'}</div>")
     parts.append(_question_table(question_rates(made)))
+    parts.append(target_section(records, summary, folder))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>referee-synth report</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
     (folder / "index.html").write_text(page, encoding="utf-8")

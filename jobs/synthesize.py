@@ -2,10 +2,15 @@
 
     python jobs/synthesize.py --prompts PATH --output PATH [--config FILE] [--set k=v ...]
         [--num-actors N] [--shard-size N] [--samples-per-prompt K] [--seed S] [--threshold X] [--force]
-        [--no-progress] [--no-dashboard]
+        [--no-progress] [--no-dashboard] [--target-accepted K --max-samples M] [--gpu-hour-price P]
+    python jobs/synthesize.py --plan --prompts PATH --output PATH [--from-run RUN_DIR] [same options]
 
 On a cluster: ``ray job submit --working-dir . -- python jobs/synthesize.py ...`` (or with
 RAY_ADDRESS set). Otherwise a local Ray starts, its dashboard (unless --no-dashboard) bound to 127.0.0.1.
+``--target-accepted K``: per prompt, samples until K are accepted or M (``--max-samples``) were tried
+(in-shard refill, pipeline/refill.py). ``--plan``: no Ray, no models, no torch: prints and writes
+OUT/plan.json (expected samples, accepted images, GPU-hours), from ``--from-run``'s rates or the FLOP floor;
+the run folder gets nothing else (no run.json, no lease).
 Exit codes: 0 every shard complete; 1 some shards failed after retries (rerun to resume);
 2 usage, configuration or input-file error; 130 interrupted (rerun to resume).
 """
@@ -44,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-prompt", type=int, help="images per prompt (rows may override)")
     p.add_argument("--seed", type=int, help="run seed")
     p.add_argument("--threshold", type=float, help="acceptance threshold for every category")
+    p.add_argument("--target-accepted", type=int, metavar="K",
+                   help="accepted images wanted per prompt: keep sampling until K are accepted (or --max-samples)")
+    p.add_argument("--max-samples", type=int, metavar="M", help="with --target-accepted: attempts per prompt at most")
+    p.add_argument("--gpu-hour-price", type=float, metavar="P", help="price of a device-hour: cost per accepted image")
+    p.add_argument("--plan", action="store_true", help="estimate samples, accepted images and GPU-hours; run nothing")
+    p.add_argument("--from-run", metavar="RUN_DIR", help="with --plan: an earlier run's acceptance rates and seconds")
     p.add_argument("--force", action="store_true", help="redo a run whose config or input changed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-dashboard", action="store_true",
@@ -56,6 +67,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     flags = {
         "job.num_actors": args.num_actors, "job.shard_size": args.shard_size,
         "job.samples_per_prompt": args.samples_per_prompt, "job.seed": args.seed,
+        "job.target_accepted": args.target_accepted, "job.max_samples_per_prompt": args.max_samples,
+        "cost.gpu_hour_price": args.gpu_hour_price,
     }
     sets += [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.threshold is not None:
@@ -148,6 +161,10 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    if args.plan:
+        return plan_only(args, cfg)
+    if args.from_run:
+        raise UserError("--from-run goes with --plan")
     plan = _plan(args, cfg)
     try:
         return _run(args, cfg, plan)
@@ -224,7 +241,7 @@ def check_paths(prompts: str, output: str) -> None:
 def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     from pipeline import storage
     from pipeline.scorer_record import check_vqa_source
-    from schemas.prompts import fingerprint, read_prompt_tables, samples_of, validate_rows
+    from schemas.prompts import fingerprint, read_prompt_tables, validate_rows
 
     check_paths(args.prompts, args.output)
     storage.configure(cfg.job)
@@ -259,12 +276,47 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
         raise
     todo = [s for s in specs if not shard_is_complete(fs, out, s.shard, info.config_hash)]
     done = {s.shard for s in specs} - {s.shard for s in todo}
-    total = sum(samples_of(r) for r in rows)
-    done_samples = sum(samples_of(r) for s in specs if s.shard in done for r in s.rows)
+    total = sum(_expected_samples(r, cfg) for r in rows)
+    done_samples = sum(_expected_samples(r, cfg) for s in specs if s.shard in done for r in s.rows)
     if done:
         print(f"resuming: {len(done)} of {len(specs)} shards already complete", file=sys.stderr)
     return dict(fs=fs, out=out, specs=specs, todo=todo, model_ids=model_ids, rows=rows,
                 total_samples=total, done_samples=done_samples, skipped=len(done), scorer=scorer, lease=lease)
+
+
+def plan_only(args: argparse.Namespace, cfg: Config) -> int:
+    """--plan: estimate the run from the prompts and rates; write OUT/plan.json and nothing else."""
+    import json
+
+    from pipeline import storage
+    from pipeline.run_plan import format_plan, make_plan, rates_from_floor, rates_from_run
+    from pipeline.shards import plan_shards
+    from schemas.prompts import read_prompt_tables, validate_rows
+
+    _, tables = read_prompt_tables(args.prompts)
+    rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars)
+    if not rows:
+        raise UserError(f"prompts: {args.prompts}: no prompt rows")
+    rates = rates_from_run(args.from_run) if args.from_run else rates_from_floor(cfg)
+    result = make_plan(rows, len(plan_shards(rows, cfg.job.shard_size)), cfg, rates)
+    fs, out = storage.filesystem_for(args.output)
+    try:
+        fs.create_dir(out, recursive=True)
+        storage.write_atomic(fs, storage.join(out, "plan.json"), json.dumps(result, indent=1).encode())
+    except OSError as err:
+        raise UserError(f"output {args.output}: cannot write ({str(err).splitlines()[0]})") from None
+    print(format_plan(result))
+    print(f"wrote {storage.join(args.output, 'plan.json')}")
+    return EXIT_OK
+
+
+def _expected_samples(row: Any, cfg: Config) -> int:
+    """Progress total: with a target, K per valid prompt (the least it makes; refills add to the bar)."""
+    from schemas.prompts import STATUS_OK, samples_of
+
+    if cfg.job.target_accepted and row.status == STATUS_OK:
+        return cfg.job.target_accepted
+    return samples_of(row)
 
 
 def _model_ids(cfg: Config) -> dict[str, str]:
@@ -312,11 +364,22 @@ def _cause_line(err: Exception) -> str:
     return lines[-1].strip() if lines else type(err).__name__
 
 
+def _print_accounting(summary: Any) -> None:
+    if summary.seconds_per_accepted is not None:
+        cost = f", cost {summary.cost_per_accepted:.4f} per accepted image" if summary.cost_per_accepted else ""
+        print(f"device time: {summary.device_hours:.4f} h, {summary.seconds_per_accepted:.2f} s per accepted image"
+              f"{cost}", file=sys.stderr)
+    if summary.target_accepted:
+        print(f"target {summary.target_accepted} accepted per prompt: {summary.short_prompts_total} prompt(s) short "
+              "(listed per category in summary.json)", file=sys.stderr)
+
+
 def _finish(plan: dict[str, Any], cfg: Config, failed: dict[int, str], retries: int, wall: float) -> int:
     from pipeline.run_folder import summarize, write_summary
 
     summary = summarize(
-        plan["fs"], plan["out"], len(plan["specs"]), list(failed), wall, retries, plan["skipped"], plan["scorer"]
+        plan["fs"], plan["out"], len(plan["specs"]), list(failed), wall, retries, plan["skipped"], plan["scorer"],
+        cfg,
     )
     write_summary(plan["fs"], plan["out"], summary)
     print(
@@ -325,6 +388,7 @@ def _finish(plan: dict[str, Any], cfg: Config, failed: dict[int, str], retries: 
         f"{summary.invalid_input} invalid input; {summary.images_per_hour:.0f} images/hour",
         file=sys.stderr,
     )
+    _print_accounting(summary)
     if failed:
         for shard, why in sorted(failed.items()):
             print(f"shard {shard:06d} failed: {why}", file=sys.stderr)

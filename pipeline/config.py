@@ -203,6 +203,22 @@ class JobConfig:
     storage_request_timeout_s: float = _f(60.0, 0.1)
     storage_max_attempts: int = _f(3, 1)  # S3 tries per request
     storage_retry_time_s: float = _f(20.0, 1.0)  # GCS: time spent retrying a request
+    # Accept-until-target (pipeline/refill.py): > 0 makes up to max_samples_per_prompt attempts per
+    # prompt until target_accepted are accepted (samples_per_prompt is then unused); 0 = off.
+    target_accepted: int = _f(0, 0, 99)
+    max_samples_per_prompt: int = _f(8, 1, 99)  # the sample index has two digits in the key
+
+
+@dataclass
+class CostConfig:
+    """Reporting and planning only (never part of the config hash)."""
+
+    gpu_hour_price: float = _f(0.0, 0.0)  # price of one device-hour; 0 = no cost figures
+    # --plan without --from-run: seconds per sample from the FLOP floor (pipeline/flop_floor.py) at
+    # plan_tflops x plan_efficiency (DESIGN.md section 6: the goal is within 2x of the floor).
+    plan_tflops: float = _f(989.0, 1e-3)  # H100/H200 dense BF16 peak
+    plan_efficiency: float = _f(0.5, 1e-3, 1.0)
+    plan_acceptance_rate: float = _f(0.5, 0.0, 1.0)  # assumed when no earlier run says
 
 
 @dataclass
@@ -218,6 +234,7 @@ class Config:
     vqa: VqaConfig = field(default_factory=VqaConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     job: JobConfig = field(default_factory=JobConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -229,6 +246,9 @@ class Config:
         """Stable hash of everything that changes the images or the scores."""
         data = self.to_dict()
         data["job"] = {k: v for k, v in data["job"].items() if k not in _RUN_ONLY_JOB_KEYS}
+        if not self.job.target_accepted:  # off: the hash of a run made before these keys existed
+            data["job"] = {k: v for k, v in data["job"].items() if k not in _TARGET_JOB_KEYS}
+        del data["cost"]
         data["engine"] = {k: v for k, v in data["engine"].items() if k not in _RUN_ONLY_ENGINE_KEYS}
         data["models"] = {k: v for k, v in data["models"].items() if k not in _RUN_ONLY_MODEL_KEYS}
         blob = json.dumps(data, sort_keys=True).encode()
@@ -240,6 +260,7 @@ _RUN_ONLY_JOB_KEYS = {
     "num_actors", "gpus_per_actor", "cpus_per_actor", "max_shard_retries", "lease_heartbeat_s", "lease_stale_s",
     "storage_connect_timeout_s", "storage_request_timeout_s", "storage_max_attempts", "storage_retry_time_s",
 }
+_TARGET_JOB_KEYS = {"target_accepted", "max_samples_per_prompt"}
 _RUN_ONLY_ENGINE_KEYS = {"trace", "compile", "view_chunk", "oom_fallback"}
 _RUN_ONLY_MODEL_KEYS = {"tiny_cache_dir", "device"}
 
@@ -359,6 +380,11 @@ def _check_cross_fields(cfg: Config) -> None:
         raise ConfigError(
             f"config: job.lease_stale_s must exceed 2 x job.lease_heartbeat_s ({cfg.job.lease_heartbeat_s}), "
             f"got {cfg.job.lease_stale_s}"
+        )
+    if cfg.job.target_accepted > cfg.job.max_samples_per_prompt:
+        raise ConfigError(
+            f"config: job.target_accepted must be <= job.max_samples_per_prompt ({cfg.job.max_samples_per_prompt}), "
+            f"got {cfg.job.target_accepted}"
         )
     lo, hi = cfg.augment.erasing_scale
     if lo > hi:

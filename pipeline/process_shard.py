@@ -3,8 +3,10 @@
 Batches of (prompt, sample) requests go through the engine; each finished image is encoded as it
 will be stored, and the decoded file is what gets scored (as T2I-CompBench scores the saved PNG),
 so a stored score is what ``jobs/score.py`` finds on the exported file. Acceptance is GORS's
-(``pipeline.filter``). Every sample gets a record. A sample whose optimisation or scoring fails is
-recorded as ``failed`` with the reason and the shard goes on.
+(``pipeline.filter``). Which attempts are made, and in which batches, is ``pipeline.refill``'s:
+fixed ``num_samples`` per prompt, or accept-until-target with in-shard refill. Every sample gets a
+record. A sample whose optimisation or scoring fails is recorded as ``failed`` with the reason and
+the shard goes on. A sample's ``seconds`` is its device time (``pipeline.accounting``).
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ from __future__ import annotations
 import io
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from pipeline.accounting import shard_accounting
 from pipeline.config import Config
 from pipeline.filter import decide
 from pipeline.invert import InversionEngine, SampleRequest, sample_seed
 from pipeline.models import GeneratorModels, VqaModels
+from pipeline.refill import AttemptQueue
 from pipeline.shards import ShardSpec, ShardWriter, encode_image
 from pipeline.vqa import VqaResult, VqaScorer
 from schemas.prompts import PromptRow
@@ -57,13 +61,15 @@ class ShardProcessor:
         self.model_ids = model_ids
         self.config_hash = cfg.hash()
 
-    def _requests(self, spec: ShardSpec) -> Iterator[_Pending]:
-        for i, row in enumerate(spec.rows):
-            if row.status != "ok":
-                continue
-            for k in range(row.num_samples):
-                seed = seed_for(row, k, self.cfg.job.seed)
-                yield _Pending(i, row, SampleRequest(row.prompt or "", row.prompt_id, k, seed))
+    def _queue(self, spec: ShardSpec) -> AttemptQueue:
+        """The shard's attempts: fixed ``num_samples`` per row, or refilled until the job's target."""
+        valid = [(i, row.num_samples) for i, row in enumerate(spec.rows) if row.status == "ok"]
+        return AttemptQueue.for_rows(valid, self.cfg.job.target_accepted, self.cfg.job.max_samples_per_prompt)
+
+    def _pending(self, spec: ShardSpec, row_in_shard: int, k: int) -> _Pending:
+        row = spec.rows[row_in_shard]
+        seed = seed_for(row, k, self.cfg.job.seed)
+        return _Pending(row_in_shard, row, SampleRequest(row.prompt or "", row.prompt_id, k, seed))
 
     def _record(self, spec: ShardSpec, p: _Pending, status: str, **fields) -> SampleRecord:
         return SampleRecord(
@@ -85,38 +91,36 @@ class ShardProcessor:
             out.append(rec)
         return out
 
-    def _score(self, encoded: list[bytes], pendings: list[_Pending]) -> list[VqaResult | Exception]:
-        """Score each stored image as a file reader would see it; a failure fails that sample only."""
+    def _encode_and_score(self, image, p: _Pending) -> tuple[bytes, VqaResult | Exception, float]:
+        """Score the stored image as a file reader would see it; a failure fails that sample only.
+
+        Returns the encoded bytes, the result (or the error) and the seconds this sample's own
+        encoding and scoring took (part of its device time)."""
         from PIL import Image
 
-        out: list[VqaResult | Exception] = []
-        for data, p in zip(encoded, pendings):
-            try:
-                _maybe_inject_score_error([p.row.prompt_id])
-                with Image.open(io.BytesIO(data)) as image:
-                    out.append(self.scorer.score_stored([image], [p.row.prompt or ""])[0])
-            except Exception as err:  # noqa: BLE001 - recorded as the sample's error
-                out.append(err)
-        return out
-
-    def _batch_records(
-        self, spec: ShardSpec, batch: list[_Pending], writer: ShardWriter
-    ) -> dict[str, int]:
         t0 = time.perf_counter()
+        data = encode_image(image, self.cfg.job.image_format)
+        try:
+            _maybe_inject_score_error([p.row.prompt_id])
+            with Image.open(io.BytesIO(data)) as stored:
+                result: VqaResult | Exception = self.scorer.score_stored([stored], [p.row.prompt or ""])[0]
+        except Exception as err:  # noqa: BLE001 - recorded as the sample's error
+            result = err
+        return data, result, time.perf_counter() - t0
+
+    def _batch_records(self, spec: ShardSpec, batch: list[_Pending], writer: ShardWriter) -> list[SampleRecord]:
+        """Invert one batch, score each image, write one record per sample (in batch order)."""
         results = self.engine.run([p.request for p in batch])
-        per_sample = (time.perf_counter() - t0) / max(len(batch), 1)
-        ok = [(r, p) for r, p in zip(results, batch) if r.error is None and r.image is not None]
-        encoded = [encode_image(r.image, self.cfg.job.image_format) for r, _ in ok]
-        scores = self._score(encoded, [p for _, p in ok]) if ok else []
-        score_of = {id(p): (s, data) for (_, p), s, data in zip(ok, scores, encoded)}
-        counts = {ACCEPTED: 0, REJECTED: 0, FAILED: 0}
+        out = []
         for r, p in zip(results, batch):
+            data, s, score_s = (None, None, 0.0)
+            if r.error is None and r.image is not None:
+                data, s, score_s = self._encode_and_score(r.image, p)
             common = dict(
                 itm_score=r.itm_score, final_losses=dict(r.final_losses), iterations=r.iterations,
-                seconds=round(per_sample, 3),
+                seconds=round(r.seconds + score_s, 3), score_seconds=round(score_s, 3),
             )
             p.request.seed = r.seed  # a restarted sample records the seed it finally used
-            s, data = score_of.get(id(p), (None, None))
             if s is None or isinstance(s, Exception):
                 reason = r.error or f"scoring failed: {type(s).__name__}: {s}"
                 rec = self._record(spec, p, FAILED, error=reason[:500], **common)
@@ -131,8 +135,8 @@ class ShardProcessor:
                     **common,
                 )
                 writer.add(rec, data)
-            counts[rec.status] += 1
-        return counts
+            out.append(rec)
+        return out
 
     def process(self, spec: ShardSpec, fs: pafs.FileSystem, out: str, progress: ProgressFn | None = None) -> ShardStats:
         t0 = time.perf_counter()
@@ -143,16 +147,27 @@ class ShardProcessor:
                 writer.add(rec)
             if invalid and progress:
                 progress({INVALID_INPUT: len(invalid)})
-            pending = list(self._requests(spec))
-            size = self.cfg.engine.batch_size
-            for start in range(0, len(pending), size):
-                counts = self._batch_records(spec, pending[start:start + size], writer)
+            queue = self._queue(spec)
+            while len(queue):
+                batch = [self._pending(spec, i, k) for i, k in queue.next_batch(self.cfg.engine.batch_size)]
+                records = self._batch_records(spec, batch, writer)
+                for p, rec in zip(batch, records):
+                    queue.resolve(p.row_in_shard, rec.status == ACCEPTED)
+                queue.refill()  # after the whole batch is scored: the same refills on every run
                 if progress:
-                    progress(counts)
+                    progress(_counts(records))
             writer.records.sort(key=lambda r: r.key)
-            return writer.finish(len(spec.rows), time.perf_counter() - t0, self.config_hash)
+            accounting = shard_accounting(writer.records, spec.rows, queue.prompts)
+            return writer.finish(len(spec.rows), time.perf_counter() - t0, self.config_hash, accounting)
         finally:
             writer.close()
+
+
+def _counts(records: list[SampleRecord]) -> dict[str, int]:
+    counts = {ACCEPTED: 0, REJECTED: 0, FAILED: 0}
+    for rec in records:
+        counts[rec.status] += 1
+    return counts
 
 
 def _maybe_inject_score_error(prompt_ids: list[str]) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipeline import storage
+from pipeline.accounting import run_accounting
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.shards import SHARDS_DIR, read_stats
@@ -119,8 +120,9 @@ def remove_leftovers(fs: pafs.FileSystem, out: str) -> int:
 
 def summarize(
     fs: pafs.FileSystem, out: str, num_shards: int, failed: list[int], wall: float, retries: int, skipped: int,
-    scorer: dict[str, Any] | None = None,
+    scorer: dict[str, Any] | None = None, cfg: Config | None = None,
 ) -> Summary:
+    """Totals from the complete shards' markers; with ``cfg``, its target and device-hour price."""
     stats: list[ShardStats] = [s for s in (read_stats(fs, out, i) for i in range(num_shards)) if s is not None]
     done = {s.shard for s in stats}
     total = {k: sum(getattr(s, k) for s in stats) for k in COUNT_FIELDS}
@@ -129,7 +131,14 @@ def summarize(
         shards_total=num_shards, shards_completed=len(done), shards_failed=sorted(failed),
         wall_seconds=round(wall, 3), images_per_hour=round(3600 * generated / wall, 1) if wall > 0 else 0.0,
         finished_at=now(), retries=retries, skipped_shards=skipped, scorer=dict(scorer or {}), **total,
+        **_accounting(stats, cfg),
     )
+
+
+def _accounting(stats: list[ShardStats], cfg: Config | None) -> dict[str, Any]:
+    price = cfg.cost.gpu_hour_price if cfg else 0.0
+    target, most = (cfg.job.target_accepted, cfg.job.max_samples_per_prompt) if cfg else (0, 0)
+    return run_accounting(stats, price, target, most)
 
 
 def write_summary(fs: pafs.FileSystem, out: str, summary: Summary) -> None:

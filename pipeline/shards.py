@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -129,7 +129,10 @@ class ShardWriter:
             _add_member(tar, f"{record.key}.json", meta.encode())
         self.records.append(record)
 
-    def finish(self, rows: int, seconds: float, config_hash: str) -> ShardStats:
+    def finish(
+        self, rows: int, seconds: float, config_hash: str, accounting: dict[str, Any] | None = None
+    ) -> ShardStats:
+        """``accounting``: the marker's device-time fields (``pipeline.accounting.shard_accounting``)."""
         self._tar.close()
         parquet_path = Path(self._tmp.name) / "shard.parquet"
         pq.write_table(sidecar_table(self.records), parquet_path)
@@ -147,7 +150,7 @@ class ShardWriter:
             rejected=counts[REJECTED], failed=counts[FAILED], invalid_input=counts[INVALID_INPUT],
             seconds=round(seconds, 3), config_hash=config_hash, tar_bytes=self._tar_path.stat().st_size,
             parquet_bytes=parquet_path.stat().st_size, rejected_tar_bytes=rejected_bytes,
-            finished_at=datetime.now(timezone.utc).isoformat(),
+            finished_at=datetime.now(timezone.utc).isoformat(), **(accounting or {}),
         )
         storage.write_atomic(self.fs, paths["stats"], json.dumps(stats.to_dict(), indent=1).encode())
         self.close()

@@ -42,6 +42,11 @@ class ShardStats(SampleCounts):
     parquet_bytes: int
     finished_at: str
     rejected_tar_bytes: int = 0  # 0: no rejected-images tar for this shard
+    # Device time and acceptance (pipeline/accounting.py): the sum of the samples' seconds, per
+    # category {prompts, samples, accepted, rejected, failed, seconds}, prompts short of the target.
+    device_seconds: float = 0.0
+    categories: dict[str, dict[str, Any]] = field(default_factory=dict)
+    short: list[dict[str, Any]] = field(default_factory=list)
     version: int = STATS_SCHEMA_VERSION
 
     @classmethod
@@ -81,4 +86,17 @@ class Summary(SampleCounts):
     skipped_shards: int = 0
     scorer: dict[str, Any] = field(default_factory=dict)  # as in run.json
     extra: dict[str, Any] = field(default_factory=dict)
+    # Cost and target accounting (pipeline/accounting.py run_accounting): overall and per category.
+    device_seconds: float = 0.0
+    device_hours: float = 0.0
+    seconds_per_accepted: float | None = None
+    acceptance_rate: float | None = None
+    gpu_hour_price: float | None = None
+    cost_per_accepted: float | None = None
+    total_cost: float | None = None
+    target_accepted: int | None = None
+    max_samples_per_prompt: int | None = None
+    categories: dict[str, dict[str, Any]] = field(default_factory=dict)
+    short_prompts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    short_prompts_total: int = 0
     version: int = SUMMARY_SCHEMA_VERSION

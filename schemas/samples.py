@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SAMPLE_SCHEMA_VERSION = 2  # 2: benchmark_index, template
+SAMPLE_SCHEMA_VERSION = 3  # 2: benchmark_index, template; 3: score_seconds
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
@@ -49,7 +49,8 @@ class SampleRecord:
     iterations: int = 0
     config_hash: str = ""
     model_ids: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0  # device seconds: share of its optimisation batches + its own scoring
+    score_seconds: float = 0.0  # of which encoding and scoring the stored image
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = SAMPLE_SCHEMA_VERSION
 
@@ -81,6 +82,7 @@ SIDECAR_SCHEMA = pa.schema([
     ("config_hash", pa.string()),
     ("model_ids", _STR_MAP),
     ("seconds", pa.float64()),
+    ("score_seconds", pa.float64()),
     ("extra", pa.string()),  # JSON of the input's extra columns
     ("version", pa.int32()),
 ], metadata={"referee_synth_sample_schema": str(SAMPLE_SCHEMA_VERSION)})

@@ -139,8 +139,10 @@ def test_report_renders_in_chromium_with_every_image(tiny_run, tiny_cache) -> No
         script = "Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])"
         images = tab.evaluate(script)
         b.close()
-    # Two histograms (color, shape) and 21 thumbnails (11 accepted, 10 rejected).
-    assert len(images) == 23
+    # Two histograms (color, shape), 21 thumbnails (11 accepted, 10 rejected), the per-category bars
+    # and the attempts-per-prompt chart.
+    assert len(images) == 25
+    assert "Acceptance and device time per category" in text and "Attempts per prompt" in text
     broken = [src for src, complete, width in images if not complete or width == 0]
     assert broken == []
 

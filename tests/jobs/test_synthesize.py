@@ -321,3 +321,125 @@ def test_run_json_and_summary_record_the_scorers_exactness(tmp_path, tiny_cache,
     assert record["exact"] is False and any("tiny random-weight" in d for d in record["deviations"])
     assert record["vqa_weights"] == run["model_ids"]["vqa"] and record["spacy_version"]
     assert record["spacy_model"].startswith("en_core_web_sm")
+
+
+# ---- accept-until-target, cost accounting, --plan (issue 16) -----------------------------------------
+
+_VOLATILE = ("seconds", "score_seconds")  # device time differs run to run; everything else must not
+
+
+def _stable(rows: list[dict]) -> list[dict]:
+    return sorted(({k: v for k, v in r.items() if k not in _VOLATILE} for r in rows), key=lambda r: r["key"])
+
+
+def _per_prompt(side: list[dict]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for r in sorted(side, key=lambda r: (r["row"], r["sample_index"])):
+        out.setdefault(r["row"], []).append(r["status"])
+    return out
+
+
+def test_target_threshold_zero_and_unreachable(tmp_path, tiny_cache, shared_ray) -> None:
+    """Threshold 0: exactly 2 accepted and 2 samples per valid prompt; a threshold no score reaches:
+    5 samples each, exit 0, every prompt listed short. summary.json: seconds per accepted, per category."""
+    prompts = compbench_prompts("color_val", 3) + [None]
+    path = _prompts(tmp_path / "p.parquet", prompts, category=["color", "shape", "color", "color"])
+    base = ["--prompts", str(path), "--num-actors", "1", "--shard-size", "2", "--target-accepted", "2",
+            "--max-samples", "5", "--gpu-hour-price", "3.6"]
+    easy = _run([*base, "--output", str(tmp_path / "easy"), "--threshold", "0"], _env(tiny_cache, **shared_ray))
+    assert easy.returncode == 0, easy.stderr[-3000:]
+    side = _check_complete_run(tmp_path / "easy", {(r, k) for r in range(3) for k in range(2)} | {(3, 0)})
+    assert _per_prompt(side)[0] == ["accepted"] * 2
+    summary = json.loads((tmp_path / "easy" / "summary.json").read_text())
+    assert summary["accepted"] == 6 and summary["short_prompts_total"] == 0 and summary["target_accepted"] == 2
+    assert summary["seconds_per_accepted"] == pytest.approx(summary["device_seconds"] / 6, rel=1e-3)
+    assert summary["cost_per_accepted"] == pytest.approx(summary["seconds_per_accepted"] / 1000, rel=1e-2)
+    cats = summary["categories"]
+    assert set(cats) == {"color", "shape"} and cats["color"]["accepted"] == 4 and cats["shape"]["prompts"] == 1
+    assert cats["color"]["acceptance_rate"] == 1.0 and cats["color"]["seconds_per_accepted"] > 0
+    assert all(r["seconds"] > r["score_seconds"] > 0 for r in side if r["status"] == "accepted")
+
+    hard = _run([*base, "--output", str(tmp_path / "hard"), "--threshold", "1"], _env(tiny_cache, **shared_ray))
+    assert hard.returncode == 0, hard.stderr[-3000:]
+    side = _check_complete_run(tmp_path / "hard", {(r, k) for r in range(3) for k in range(5)} | {(3, 0)})
+    summary = json.loads((tmp_path / "hard" / "summary.json").read_text())
+    assert summary["accepted"] == 0 and summary["seconds_per_accepted"] is None
+    short = summary["short_prompts"]
+    assert [i["row"] for i in short["color"]] == [0, 2] and [i["row"] for i in short["shape"]] == [1]
+    assert all(i["short_by"] == 2 and i["tried"] == 5 and i["accepted"] == 0 for v in short.values() for i in v)
+    assert "3 prompt(s) short" in hard.stderr
+
+
+def test_target_refill_is_the_same_on_two_actors_one_actor_and_after_a_sigkill(tmp_path, tiny_cache,
+                                                                               shared_ray) -> None:
+    """Refills (shape prompts never accepted, color always) mix prompts in batches; the records and the
+    accepted images do not depend on the actor count, and a killed run resumed gives the same."""
+    prompts = compbench_prompts("shape_val", 6)
+    path = _prompts(tmp_path / "p.parquet", prompts, category=["color", "shape"] * 3)
+    args = ["--prompts", str(path), "--shard-size", "2", "--target-accepted", "2", "--max-samples", "4",
+            "--set", "filter.thresholds={color: 0.0, shape: 1.0}"]
+    two = _run([*args, "--output", str(tmp_path / "two"), "--num-actors", "2"], _env(tiny_cache, **shared_ray))
+    assert two.returncode == 0, two.stderr[-3000:]
+    expected = {(r, k) for r in range(6) for k in range(2 if r % 2 == 0 else 4)}
+    side_two = _check_complete_run(tmp_path / "two", expected)
+
+    one = tmp_path / "one"
+    cmd = [sys.executable, SYNTH, "--config", "configs/tiny.yaml", "--no-progress", *args, "--output", str(one),
+           "--num-actors", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tiny_cache, **shared_ray), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((one / "shards").glob("*.stats.json")):
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(list((one / "shards").glob("*.stats.json"))) < 3, "kill landed too late to test a resume"
+    time.sleep(2)
+    again = _run([*args, "--output", str(one), "--num-actors", "1"], _env(tiny_cache, **shared_ray))
+    assert again.returncode == 0, again.stderr[-3000:]
+    side_one = _check_complete_run(one, expected)
+    assert _stable(side_one) == _stable(side_two)
+    images = [{k: s["png"] for k, s in _tar_samples(out).items()} for out in (tmp_path / "two", one)]
+    assert images[0] == images[1] and len(images[0]) == 6
+
+
+def test_plan_writes_plan_json_without_torch_or_a_run_folder(tmp_path) -> None:
+    path = _prompts(tmp_path / "p.parquet", ["a red cube", "a blue ball", None], category=["color", "shape", "color"])
+    out = tmp_path / "run"
+    code = (
+        "import sys\n"
+        "from jobs.synthesize import main\n"
+        "rc = main(sys.argv[1:])\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'diffusers', 'kornia', 'ray') if m in sys.modules)\n"
+        "print('HEAVY', heavy, rc)\n"
+    )
+    args = ["--plan", "--prompts", str(path), "--output", str(out), "--config", "configs/paper.yaml",
+            "--target-accepted", "2", "--max-samples", "5", "--gpu-hour-price", "2"]
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY [] 0" in proc.stdout and "GPU-hours" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["plan.json"]
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["valid_prompts"] == 2 and plan["invalid_rows"] == 1 and plan["shards"] == 1
+    assert plan["source"]["kind"] == "flop_floor" and plan["source"]["efficiency"] == 0.5
+    # p = 0.5, K = 2, M = 5: E[attempts] = 1 + 1 + 3/4 + 1/2 + 5/16 per prompt.
+    assert plan["expected_samples"] == pytest.approx(2 * 3.5625, abs=0.1)
+    assert plan["cost"] == pytest.approx(plan["gpu_hours"] * 2, abs=0.01)
+
+    # From an earlier run's summary: its per-category rates and seconds.
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    cats = {"color": {"samples": 10, "accepted": 10, "seconds": 20.0}, "shape": {"samples": 10, "accepted": 0,
+                                                                               "seconds": 40.0}}
+    (earlier / "summary.json").write_text(json.dumps({"categories": cats}))
+    proc = subprocess.run([sys.executable, SYNTH, *args, "--from-run", str(earlier)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads((out / "plan.json").read_text())["categories"]
+    assert plan["color"]["expected_samples"] == 2 and plan["color"]["expected_short_prompts"] == 0
+    assert plan["shape"]["expected_samples"] == 5
+    assert plan["shape"]["gpu_hours"] == pytest.approx(5 * 4 / 3600, abs=1e-4)
+    bad = subprocess.run([sys.executable, SYNTH, *args, "--from-run", str(tmp_path / "nothing")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --from-run")

@@ -1,0 +1,120 @@
+"""The report's cost and target section: per category acceptance and seconds per accepted image (a
+table and a bar chart), attempts per prompt, and the prompts that ended short of the target."""
+
+from __future__ import annotations
+
+import html
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from pipeline.accounting import category_of
+
+_MADE = ("accepted", "rejected", "failed")
+
+
+def category_rows(records: list[dict[str, Any]], price: float | None) -> list[dict[str, Any]]:
+    """Per category, from the sidecars: prompts, samples, accepted, acceptance, seconds per accepted."""
+    cats: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"prompts": set(), "samples": 0, "accepted": 0, "seconds": 0.0}
+    )
+    for r in records:
+        if r["status"] not in _MADE:
+            continue
+        c = cats[category_of(r.get("category"))]
+        c["prompts"].add(r["prompt_id"])
+        c["samples"] += 1
+        c["accepted"] += r["status"] == "accepted"
+        c["seconds"] += r.get("seconds") or 0.0
+    rows = []
+    for name, c in sorted(cats.items()):
+        per = c["seconds"] / c["accepted"] if c["accepted"] else None
+        rows.append({"category": name, "prompts": len(c["prompts"]), "samples": c["samples"], "accepted": c["accepted"],
+                     "acceptance_rate": c["accepted"] / c["samples"], "seconds_per_accepted": per,
+                     "cost_per_accepted": per / 3600 * price if per is not None and price else None})
+    return rows
+
+
+def attempts_per_prompt(records: list[dict[str, Any]]) -> Counter:
+    """How many prompts made 1, 2, ... samples."""
+    per = Counter(r["prompt_id"] for r in records if r["status"] in _MADE)
+    return Counter(per.values())
+
+
+def _bars(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["category"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3), dpi=100)
+    a.bar(names, [r["acceptance_rate"] for r in rows], color="#2a2")
+    a.set_ylim(0, 1)
+    a.set_title("acceptance rate")
+    b.bar(names, [r["seconds_per_accepted"] or 0.0 for r in rows], color="#4a7ebb")
+    b.set_title("device seconds per accepted image")
+    for ax in (a, b):
+        ax.tick_params(axis="x", labelrotation=30)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _attempts_chart(dist: Counter, target: int | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = sorted(dist)
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    ax.bar([str(x) for x in xs], [dist[x] for x in xs], color="#4a7ebb")
+    ax.set_xlabel("samples made")
+    ax.set_ylabel("prompts")
+    ax.set_title(f"attempts per prompt (target {target})" if target else "attempts per prompt")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def target_section(records: list[dict[str, Any]], summary: dict[str, Any], folder: Path) -> str:
+    """HTML for the section; its charts are written into ``folder``."""
+    rows = category_rows(records, summary.get("gpu_hour_price"))
+    if not rows:
+        return ""
+    _bars(rows, folder / "categories.png")
+    head = ("<tr><th>category</th><th>prompts</th><th>samples</th><th>accepted</th><th>acceptance rate</th>"
+            "<th>s per accepted</th><th>cost per accepted</th></tr>")
+    body = "".join(
+        f"<tr><td>{html.escape(r['category'])}</td><td>{r['prompts']}</td><td>{r['samples']}</td>"
+        f"<td>{r['accepted']}</td><td>{r['acceptance_rate']:.1%}</td><td>{_fmt(r['seconds_per_accepted'], '.2f')}</td>"
+        f"<td>{_fmt(r['cost_per_accepted'], '.4f')}</td></tr>" for r in rows
+    )
+    parts = ["<h2>Acceptance and device time per category</h2>",
+             f"<p>Overall: {_fmt(summary.get('seconds_per_accepted'), '.2f')} device seconds per accepted image, "
+             f"cost per accepted image {_fmt(summary.get('cost_per_accepted'), '.4f')}.</p>",
+             f"<table>{head}{body}</table>", '<img src="categories.png" alt="per-category bars">']
+    target = summary.get("target_accepted")
+    _attempts_chart(attempts_per_prompt(records), target, folder / "attempts.png")
+    parts.append("<h2>Attempts per prompt</h2><img src='attempts.png' alt='attempts per prompt'>")
+    if target:
+        parts.append(_short_table(summary.get("short_prompts") or {}, target))
+    return "".join(parts)
+
+
+def _short_table(short: dict[str, list[dict[str, Any]]], target: int) -> str:
+    items = [i for v in short.values() for i in v]
+    if not items:
+        return f"<h2>Prompts short of the target ({target})</h2><p>none</p>"
+    head = "<tr><th>category</th><th>prompt_id</th><th>accepted</th><th>tried</th><th>short by</th></tr>"
+    body = "".join(
+        f"<tr><td>{html.escape(i['category'])}</td><td>{html.escape(str(i['prompt_id']))}</td><td>{i['accepted']}</td>"
+        f"<td>{i['tried']}</td><td>{i['short_by']}</td></tr>" for i in items
+    )
+    counts = ", ".join(f"{html.escape(c)}: {len(v)}" for c, v in short.items())
+    return f"<h2>Prompts short of the target ({target})</h2><p>{len(items)} ({counts})</p><table>{head}{body}</table>"
