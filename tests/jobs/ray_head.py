@@ -40,10 +40,15 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def private_ports(port: int, dashboard_port: int) -> list[str]:
+    """Flags that keep a second head off the fixed ports of another Ray on the machine (the GCS,
+    the dashboard and the dashboard agent's 52365, without which `ray job submit` finds no agent)."""
+    return [f"--port={port}", f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={free_port()}"]
+
+
 def head_command(ray_bin: str, temp_dir: str, port: int, dashboard_port: int) -> list[str]:
-    return [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
-            "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    return [ray_bin, "start", "--head", *private_ports(port, dashboard_port), "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
 
 
 def start_head(ray_bin: str, env: dict[str, str], cwd: str, timeout: float = 180) -> RayHead:

@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, copy_project
-from tests.jobs.ray_head import RayHead, free_port, head_processes, listening, start_head, stop_head
+from tests.jobs.ray_head import (
+    RayHead,
+    free_port,
+    head_processes,
+    listening,
+    private_ports,
+    start_head,
+    stop_head,
+)
 from tests.jobs.test_synthesize import _check_complete_run
 
 pytestmark = pytest.mark.slow
@@ -52,8 +60,8 @@ def test_readme_local_head_commands_work_as_printed(tmp_path, tiny_cache) -> Non
     for line in lines:
         if line.strip() == "ray stop":
             continue
-        line = line.replace("ray start --head", f"ray start --head --port={head.port} "
-                            f"--dashboard-port={head.dashboard_port} --temp-dir={head.temp_dir} "
+        ports = " ".join(private_ports(head.port, head.dashboard_port))
+        line = line.replace("ray start --head", f"ray start --head {ports} --temp-dir={head.temp_dir} "
                             "--node-ip-address=127.0.0.1 --num-cpus=2 --disable-usage-stats")
         line = line.replace("http://127.0.0.1:8265", f"http://127.0.0.1:{head.dashboard_port}")
         script.append(_retry_while_agent_starts(line) if line.startswith("ray job submit") else line)
@@ -79,7 +87,7 @@ def test_a_test_head_stops_without_touching_another_ray(tmp_path, tiny_cache) ->
     env = dict(_clean_env(tmp_path, tiny_cache), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
     outsider = RayHead(None, tempfile.mkdtemp(prefix="rs-outsider-", dir="/tmp"), free_port(), free_port())
     started = subprocess.run(
-        [ray_bin, "start", "--head", f"--port={outsider.port}", f"--dashboard-port={outsider.dashboard_port}",
+        [ray_bin, "start", "--head", *private_ports(outsider.port, outsider.dashboard_port),
          f"--temp-dir={outsider.temp_dir}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
          "--num-cpus=1", "--disable-usage-stats"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
