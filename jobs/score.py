@@ -254,11 +254,10 @@ def check_output(out: Path) -> None:
     parent = next((p for p in out.resolve().parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise UserError(f"--output {out}: {parent} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as err:
-        raise UserError(f"--output {out}: cannot write there ({err.strerror or err})") from None
+    # Nothing is created yet: a bad input found next must leave no output folder behind.
+    target = out if out.exists() else parent
+    if target is not None and not os.access(target, os.W_OK | os.X_OK):
+        raise UserError(f"--output {out}: cannot write there ({target} is not writable)")
 
 
 def main(argv: list[str] | None = None) -> int:
