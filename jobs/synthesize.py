@@ -6,8 +6,10 @@
 
 On a cluster: ``ray job submit --working-dir . -- python jobs/synthesize.py ...`` (or with
 RAY_ADDRESS set). Otherwise a local Ray starts, its dashboard (unless --no-dashboard) bound to 127.0.0.1.
-Exit codes: 0 every shard complete; 1 some shards failed after retries (rerun to resume);
-2 usage, configuration or input-file error; 130 interrupted (rerun to resume).
+Shards go to each actor as soon as it is ready; no actor ready after ``job.actor_ready_timeout_s``
+is one line naming the missing resources, exit 1.
+Exit codes: 0 every shard complete; 1 some shards failed after retries, or no actor could start
+for lack of resources (rerun to resume); 2 usage, configuration or input-file error; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="run folder (local, s3://, gs://)")
     p.add_argument("--config", help="YAML preset, e.g. configs/paper.yaml or configs/tiny.yaml")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
-    p.add_argument("--num-actors", type=int, help="actors in the pool (default: one per GPU)")
+    p.add_argument("--num-actors", type=int,
+                   help="actors in the pool (required on a cluster; a local Ray defaults to one per GPU)")
     p.add_argument("--shard-size", type=int, help="prompt rows per shard")
     p.add_argument("--samples-per-prompt", type=int, help="images per prompt (rows may override)")
     p.add_argument("--seed", type=int, help="run seed")
@@ -84,17 +87,23 @@ def start_ray(dashboard: bool = True) -> bool:
     return True
 
 
-def _pool_size(cfg: Config) -> tuple[int, float]:
-    """(actors, GPUs per actor) from the cluster's resources and the config."""
+def _pool_size(cfg: Config, local: bool) -> tuple[int, float]:
+    """(actors, GPUs per actor) from the config. Never from what a cluster has at start: an autoscaler
+    adds GPU nodes only for actors that ask for GPUs. A local Ray's resources are the machine's own,
+    so there a GPU-less machine falls back to CPU actors and num_actors 0 means one per local GPU."""
     import ray
 
+    per, n = cfg.job.gpus_per_actor, cfg.job.num_actors
+    if not local:
+        if not n:
+            raise UserError("job.num_actors is 0: on a cluster set --num-actors N (the job does not guess it from "
+                            "the nodes up at start; an autoscaler adds GPU nodes for the actors that ask)")
+        return n, per
     gpus = ray.cluster_resources().get("GPU", 0.0)
-    per = cfg.job.gpus_per_actor if gpus > 0 else 0.0
-    if cfg.job.num_actors:
-        return cfg.job.num_actors, per
-    if per > 0:
-        return max(1, int(gpus // per)), per
-    return max(1, min(2, int(ray.cluster_resources().get("CPU", 1) // max(cfg.job.cpus_per_actor, 1e-3)))), 0.0
+    if gpus == 0 or per == 0:
+        cpus = ray.cluster_resources().get("CPU", 1)
+        return n or max(1, min(2, int(cpus // max(cfg.job.cpus_per_actor, 1e-3)))), 0.0
+    return n or max(1, int(gpus // per)), per
 
 
 class Progress:
@@ -132,17 +141,20 @@ def main(argv: list[str] | None = None) -> int:
         return _finish(plan, cfg, failed={}, retries=0, wall=0.0)
     import ray
 
+    local = not os.environ.get("RAY_ADDRESS")
     started = start_ray(dashboard=not args.no_dashboard)
     # After ray.init, which installs its own SIGTERM handler: ours stops the actors cleanly.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     pool = None
     t0 = time.time()
     try:
-        pool = _make_pool(cfg, args.output, plan["model_ids"])
+        pool, request = _make_pool(cfg, args.output, plan["model_ids"], plan["info"].config_hash, local)
         progress = Progress(plan["total_samples"], plan["done_samples"], args.no_progress)
-        result = pool.run(plan["todo"], progress.update, lambda stats: None)
+        result = _run_pool(pool, request, plan["todo"], progress)
         progress.close()
         return _finish(plan, cfg, failed=result.failed, retries=result.retries, wall=time.time() - t0)
+    except NoActorsError as err:
+        return fail(str(err), EXIT_FAILED)
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: completed shards are kept; rerun the same command to resume ({args.output})",
@@ -184,8 +196,8 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     done_samples = sum(samples_of(r) for s in specs if s.shard in done for r in s.rows)
     if done:
         print(f"resuming: {len(done)} of {len(specs)} shards already complete", file=sys.stderr)
-    return dict(fs=fs, out=out, specs=specs, todo=todo, model_ids=model_ids, rows=rows,
-                total_samples=total, done_samples=done_samples, skipped=len(done))
+    return dict(fs=fs, out=out, specs=specs, todo=todo, model_ids=model_ids, rows=rows, info=info,
+                output_uri=args.output, total_samples=total, done_samples=done_samples, skipped=len(done))
 
 
 def _model_ids(cfg: Config) -> dict[str, str]:
@@ -200,27 +212,57 @@ def _model_ids(cfg: Config) -> dict[str, str]:
     return {k: f"{getattr(m, k)}@{m.revision}" for k in MODEL_KEYS}
 
 
-def _make_pool(cfg: Config, output: str, model_ids: dict[str, str]):
+def _make_pool(cfg: Config, output: str, model_ids: dict[str, str], config_hash: str, local: bool):
+    """The pool (actors start now, asynchronously) and the resources each actor asks for."""
     from actors.pool import ShardPool
     from actors.shard_worker import remote_worker_class
 
-    n, gpus = _pool_size(cfg)
-    env = _forwarded_env(local=False) if os.environ.get("RAY_ADDRESS") else {}
+    n, gpus = _pool_size(cfg, local)
+    env = {} if local else _forwarded_env(local=False)
     worker = remote_worker_class(cfg.job.cpus_per_actor, gpus, env)
     cfg_dict = cfg.to_dict()
-    pool = ShardPool(lambda q: worker.remote(cfg_dict, output, model_ids, q), n, cfg.job.max_shard_retries)
-    _wait_ready(pool)
-    return pool
+    events = _ActorEvents(config_hash)
+    pool = ShardPool(lambda q: worker.remote(cfg_dict, output, model_ids, q), n, cfg.job.max_shard_retries,
+                     cfg.job.actor_ready_timeout_s, events)
+    return pool, {"CPU": cfg.job.cpus_per_actor, "GPU": gpus}
 
 
-def _wait_ready(pool: Any) -> None:
-    from ray.exceptions import RayActorError
+class _ActorEvents:
+    """Says when actors become ready (with the resources Ray gave them); refuses an actor whose library
+    versions, hence config hash, differ from the driver's (its shards would never count as complete)."""
+
+    def __init__(self, config_hash: str) -> None:
+        self.config_hash = config_hash
+
+    def __call__(self, event: str, d: dict[str, Any]) -> None:
+        if event == "fewer":
+            print(f"warning: only {d['ready']} of {d['size']} actors ready; going on with them "
+                  "(the others start when their resources appear)", file=sys.stderr)
+            return
+        info = d["info"]
+        if info["config_hash"] != self.config_hash:
+            raise UserError(f"an actor on node {info['node']} computes config hash {info['config_hash']}, the driver "
+                            f"{self.config_hash}: install the same library versions on every node")
+        if d["ready"] in (1, d["size"]):
+            have = ", ".join(f"{k} {v:g}" for k, v in sorted(info["resources"].items()))
+            which = "first actor" if d["ready"] == 1 else f"all {d['size']} actors"
+            print(f"{which} ready after {d['seconds']:.1f} s (each has {have or 'no resources'})", file=sys.stderr)
+
+
+def _run_pool(pool: Any, request: dict[str, float], todo: list[Any], progress: Progress) -> Any:
+    """Run the shards; an actor that cannot start is a user-facing one-line error."""
+    from actors.pool import ActorStartError, NoActorReady, missing_resources
 
     try:
-        pool.wait_ready()
-    except RayActorError as err:
-        pool.shutdown()
-        raise UserError(f"actors could not start: {_cause_line(err)}") from None
+        return pool.run(todo, progress.update, lambda stats: None)
+    except ActorStartError as err:
+        raise UserError(f"actors could not start: {_cause_line(err.cause)}") from None
+    except NoActorReady as err:
+        raise NoActorsError(f"{err}: {missing_resources(request)}") from None
+
+
+class NoActorsError(UserError):
+    """Exit 1, not 2: the request may be right and the cluster short (rerun when it has the resources)."""
 
 
 def _cause_line(err: Exception) -> str:
@@ -234,10 +276,14 @@ def _cause_line(err: Exception) -> str:
 
 
 def _finish(plan: dict[str, Any], cfg: Config, failed: dict[int, str], retries: int, wall: float) -> int:
-    from pipeline.run_folder import summarize, write_summary
+    from pipeline.run_folder import complete_stats, summarize, write_card, write_index, write_summary
 
-    summary = summarize(plan["fs"], plan["out"], len(plan["specs"]), list(failed), wall, retries, plan["skipped"])
-    write_summary(plan["fs"], plan["out"], summary)
+    fs, out, info = plan["fs"], plan["out"], plan["info"]
+    stats = complete_stats(fs, out, len(plan["specs"]), info.config_hash)
+    summary = summarize(fs, out, len(plan["specs"]), list(failed), wall, retries, plan["skipped"], stats)
+    write_summary(fs, out, summary)
+    write_index(fs, out, plan["output_uri"], stats)
+    write_card(fs, out, info, summary, stats)
     print(
         f"done: {summary.shards_completed}/{summary.shards_total} shards, {summary.samples} samples: "
         f"{summary.accepted} accepted, {summary.rejected} rejected, {summary.failed} failed, "
