@@ -62,6 +62,10 @@ def shard_paths(out: str, shard: int) -> dict[str, str]:
     }
 
 
+class PublishError(OSError):
+    """An upload that still failed after every try: the shard fails (the driver may retry it)."""
+
+
 @dataclass(frozen=True)
 class PublishRetry:
     """Bounded exponential backoff for one upload: waits backoff_s, 2*backoff_s, ... (at most backoff_max_s)."""
@@ -80,10 +84,10 @@ class PublishRetry:
                 upload()
                 return
             except (OSError, pa.ArrowException) as err:
-                if attempt == self.attempts:
-                    raise
-                delay = min(self.backoff_s * 2 ** (attempt - 1), self.backoff_max_s)
                 first = (str(err).splitlines() or [type(err).__name__])[0]
+                if attempt == self.attempts:
+                    raise PublishError(f"{first} (gave up after {attempt} tries)") from err
+                delay = min(self.backoff_s * 2 ** (attempt - 1), self.backoff_max_s)
                 print(f"publishing {what} failed ({first}); try {attempt + 1}/{self.attempts} in {delay:g} s",
                       file=sys.stderr, flush=True)
                 time.sleep(delay)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import ROOT, compbench_prompts
-from tests.jobs.conftest import free_port
+from tests.jobs.ray_head import free_port
 from tests.jobs.test_synthesize import SYNTH, _env, _prompts, _run
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,108 @@
+"""Start and stop a test's own Ray head, touching no other Ray on the machine (never `ray stop`).
+
+The head runs under `ray start --head --block` in its own temporary root: every Ray process it
+spawns descends from that command or names that folder on its command line, and only those are
+stopped.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+import psutil
+
+
+@dataclass
+class RayHead:
+    proc: subprocess.Popen | None  # the blocking `ray start` (None for a head started elsewhere)
+    temp_dir: str
+    port: int
+    dashboard_port: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def head_command(ray_bin: str, temp_dir: str, port: int, dashboard_port: int) -> list[str]:
+    return [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
+            "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+
+
+def start_head(ray_bin: str, env: dict[str, str], cwd: str, timeout: float = 180) -> RayHead:
+    """A blocking head in a fresh short temp root (Unix socket paths must stay under 108 bytes)."""
+    temp_dir = tempfile.mkdtemp(prefix="rs-ray-", dir="/tmp")
+    port, dash = free_port(), free_port()
+    proc = subprocess.Popen([*head_command(ray_bin, temp_dir, port, dash), "--block"], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    head = RayHead(proc, temp_dir, port, dash)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            stop_head(head)
+            raise RuntimeError(f"ray start exited with {proc.returncode}: {err[-2000:]}")
+        if listening(port) and listening(dash):
+            return head
+        time.sleep(0.3)
+    stop_head(head)
+    raise RuntimeError(f"ray head not up after {timeout:.0f} s")
+
+
+def head_processes(head: RayHead) -> list[psutil.Process]:
+    """This head's processes: descendants of its `ray start`, and any naming its temp root."""
+    found: dict[int, psutil.Process] = {}
+    if head.proc is not None:
+        try:
+            root = psutil.Process(head.proc.pid)
+            found.update({p.pid: p for p in root.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(head.temp_dir in arg for arg in (p.info["cmdline"] or [])):
+                found[p.pid] = p
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return list(found.values())
+
+
+def stop_head(head: RayHead, grace: float = 15) -> None:
+    """Stop exactly this head: its processes get SIGTERM, then SIGKILL after ``grace`` seconds."""
+    procs = head_processes(head)
+    if head.proc is not None and head.proc.poll() is None:
+        procs.append(psutil.Process(head.proc.pid))
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+    if head.proc is not None:
+        head.proc.wait(timeout=grace)
+        if head.proc.stderr:
+            head.proc.stderr.close()
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
