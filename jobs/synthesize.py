@@ -106,6 +106,33 @@ def _pool_size(cfg: Config, local: bool) -> tuple[int, float]:
     return n or max(1, int(gpus // per)), per
 
 
+class RunMetrics:
+    """Prometheus metrics through ray.util.metrics, tagged with the run's output (Ray's metrics agent exports
+    them with a ``ray_`` prefix, e.g. ``ray_referee_synth_samples_accepted_total``; see the README)."""
+
+    STATUSES = ("accepted", "rejected", "failed")
+
+    def __init__(self, output: str) -> None:
+        from ray.util.metrics import Counter, Gauge
+
+        self.tags = {"run": output}
+        self.samples = {
+            s: Counter(f"referee_synth_samples_{s}", description=f"{s} samples of complete shards", tag_keys=("run",))
+            for s in self.STATUSES
+        }
+        self.rate = Gauge("referee_synth_images_per_hour", description="images made per hour in this run",
+                          tag_keys=("run",))
+
+    def shard_done(self, stats: dict[str, Any]) -> None:
+        """Counted per complete shard (not from live progress), so a retried shard is never counted twice."""
+        for s in self.STATUSES:
+            if stats.get(s, 0) > 0:
+                self.samples[s].inc(stats[s], tags=self.tags)
+
+    def set_rate(self, images_per_hour: float) -> None:
+        self.rate.set(images_per_hour, tags=self.tags)
+
+
 class Progress:
     """tqdm over samples with accepted / rejected / failed counts and images per hour."""
 
@@ -120,10 +147,12 @@ class Progress:
         for k, v in counts.items():
             self.counts[k] = self.counts.get(k, 0) + v
         self.bar.update(sum(counts.values()))
-        made = self.counts["accepted"] + self.counts["rejected"] + self.counts["failed"]
-        rate = 3600 * made / max(time.time() - self.t0, 1e-6)
         self.bar.set_postfix(acc=self.counts["accepted"], rej=self.counts["rejected"],
-                             fail=self.counts["failed"], img_h=f"{rate:.0f}")
+                             fail=self.counts["failed"], img_h=f"{self.images_per_hour():.0f}")
+
+    def images_per_hour(self) -> float:
+        made = self.counts["accepted"] + self.counts["rejected"] + self.counts["failed"]
+        return 3600 * made / max(time.time() - self.t0, 1e-6)
 
     def close(self) -> None:
         self.bar.close()
@@ -150,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pool, request = _make_pool(cfg, args.output, plan["model_ids"], plan["info"].config_hash, local)
         progress = Progress(plan["total_samples"], plan["done_samples"], args.no_progress)
-        result = _run_pool(pool, request, plan["todo"], progress)
+        result = _run_pool(pool, request, plan["todo"], progress, RunMetrics(args.output))
         progress.close()
         return _finish(plan, cfg, failed=result.failed, retries=result.retries, wall=time.time() - t0)
     except NoActorsError as err:
@@ -249,12 +278,16 @@ class _ActorEvents:
             print(f"{which} ready after {d['seconds']:.1f} s (each has {have or 'no resources'})", file=sys.stderr)
 
 
-def _run_pool(pool: Any, request: dict[str, float], todo: list[Any], progress: Progress) -> Any:
+def _run_pool(pool: Any, request: dict[str, float], todo: list[Any], progress: Progress, metrics: RunMetrics) -> Any:
     """Run the shards; an actor that cannot start is a user-facing one-line error."""
     from actors.pool import ActorStartError, NoActorReady, missing_resources
 
+    def on_progress(counts: dict[str, int]) -> None:
+        progress.update(counts)
+        metrics.set_rate(progress.images_per_hour())
+
     try:
-        return pool.run(todo, progress.update, lambda stats: None)
+        return pool.run(todo, on_progress, metrics.shard_done)
     except ActorStartError as err:
         raise UserError(f"actors could not start: {_cause_line(err.cause)}") from None
     except NoActorReady as err:
