@@ -8,6 +8,7 @@ worker process.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ from schemas.run import ShardStats
 from schemas.samples import INVALID_INPUT, REJECTED, SampleRecord, sample_key
 
 NOOP_ENV = "REFEREE_SYNTH_NOOP_PROCESSOR"  # "1": actors use this processor (benchmarks, tests)
+NOOP_SECONDS_ENV = "REFEREE_SYNTH_NOOP_SECONDS"  # optional: seconds each shard takes (scheduling tests)
 
 
 class NoopProcessor:
@@ -43,6 +45,7 @@ class NoopProcessor:
         progress: Callable[[dict[str, int]], None] | None = None,
     ) -> ShardStats:
         t0 = time.perf_counter()
+        time.sleep(float(os.environ.get(NOOP_SECONDS_ENV) or 0))
         job = self.cfg.job
         writer = ShardWriter(fs, out, spec.shard, job.image_format, False, retry=PublishRetry.from_job(job))
         try:

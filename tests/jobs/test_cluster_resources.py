@@ -33,11 +33,11 @@ def cpu_only_cluster():
         cluster.shutdown()
 
 
-def _job(tmp_path: Path, cluster, extra: list[str]) -> tuple[list[str], dict[str, str]]:
-    pq.write_table(pa.table({"prompt": [f"a red cube number {i}" for i in range(6)]}), tmp_path / "p.parquet")
+def _job(tmp_path: Path, cluster, extra: list[str], **env_extra: str) -> tuple[list[str], dict[str, str]]:
+    pq.write_table(pa.table({"prompt": [f"a red cube number {i}" for i in range(8)]}), tmp_path / "p.parquet")
     cmd = [sys.executable, SYNTH, "--config", "configs/tiny.yaml", "--no-progress", "--prompts",
-           str(tmp_path / "p.parquet"), "--shard-size", "2", *extra]
-    env = _env(tmp_path, RAY_ADDRESS=cluster.address, REFEREE_SYNTH_NOOP_PROCESSOR="1")
+           str(tmp_path / "p.parquet"), "--shard-size", "1", *extra]
+    env = _env(tmp_path, RAY_ADDRESS=cluster.address, REFEREE_SYNTH_NOOP_PROCESSOR="1", **env_extra)
     return cmd, env
 
 
@@ -51,10 +51,13 @@ def test_actors_request_gpus_and_wait_for_a_gpu_node(tmp_path, cpu_only_cluster)
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: no actor ready after 3 s: each actor asks for CPU 1, GPU 0.5;"), last
     assert last.endswith("missing: GPU") and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "none" / "shards").glob("*.stats.json"))
 
     # Three actors asked for, none can start yet: the job waits (no shard done) ...
     out = tmp_path / "run"
-    cmd, env = _job(tmp_path, cpu_only_cluster, ["--output", str(out), "--num-actors", "3", *gpu_job])
+    cmd, env = _job(tmp_path, cpu_only_cluster, ["--output", str(out), "--num-actors", "3", *gpu_job,
+                                                 "--set", "job.actor_ready_timeout_s=30"],
+                    REFEREE_SYNTH_NOOP_SECONDS="5")
     job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(12)
@@ -66,4 +69,6 @@ def test_actors_request_gpus_and_wait_for_a_gpu_node(tmp_path, cpu_only_cluster)
         job.kill()
     assert job.returncode == 0, err[-3000:]
     assert "first actor ready after" in err and "GPU 0.5" in err  # Ray gave it half a GPU
-    assert len(list((out / "shards").glob("*.stats.json"))) == 3
+    # Past the ready timeout with 2 of 3 actors: a warning, and the job goes on with them.
+    assert "warning: only 2 of 3 actors ready; going on with them" in err
+    assert len(list((out / "shards").glob("*.stats.json"))) == 8
