@@ -1,8 +1,11 @@
-# One command each, on a fresh machine: `make test` (set up + tests), `make demo` (the main job on tiny models).
+# One command each, on a fresh machine: `make test` (set up + tests), `make demo` (the main job on tiny models),
+# `make parity` (converters + loaders + forward against the original LAVIS / BLIP code, in its own venv).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 DEMO_OUT ?= demo-out
+# The original code's environment (tests/parity/reference_recipe.txt), rebuilt whenever the recipe changes.
+PARITY_ENV ?= .parity-env
 
 # `make lock` re-resolves requirements-lock.txt with uv: torch pinned by requirements-torch.txt, its CUDA-only
 # dependencies left out (a CPU install has none; on a GPU node torch's own metadata pins them).
@@ -10,7 +13,7 @@ UV_VERSION := 0.13.9
 LOCK_FLAGS := pyproject.toml --extra test --constraint requirements-torch.txt --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" --quiet
 
-.PHONY: setup test lint demo clean chromium lock
+.PHONY: setup test lint demo clean chromium lock parity
 
 $(VENV)/.installed: pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,10 +43,14 @@ lint: setup
 test: setup
 	$(PY) -m pytest -q
 
+parity: setup
+	$(PY) tests/parity/reference_env.py $(PARITY_ENV)
+	REFEREE_SYNTH_PARITY=1 REFEREE_SYNTH_PARITY_ENV=$(PARITY_ENV) $(PY) -m pytest -q tests/parity
+
 demo: setup
 	$(PY) jobs/prompts.py --output $(DEMO_OUT)/prompts.parquet data/t2i-compbench/color_val.txt --limit 8
 	$(PY) jobs/synthesize.py --prompts $(DEMO_OUT)/prompts.parquet --output $(DEMO_OUT)/run --config configs/tiny.yaml --num-actors 2
 	@echo "shards are in $(DEMO_OUT)/run/shards (WebDataset tars + Parquet sidecars); totals in $(DEMO_OUT)/run/summary.json"
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT)
+	rm -rf $(VENV) $(DEMO_OUT) $(PARITY_ENV)

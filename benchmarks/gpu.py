@@ -152,12 +152,12 @@ def make_scorer(vqa_models: Any, cfg: Config):
     try:
         return vqa_mod.VqaScorer(vqa_models, cfg)
     except Exception:  # noqa: BLE001 - spaCy or its model missing: score fixed questions instead
-        original = vqa_mod.spacy_model_id
-        vqa_mod.spacy_model_id = lambda name: "unavailable"
+        original = vqa_mod.warn_spacy_version
+        vqa_mod.warn_spacy_version = lambda vcfg: {"name": "unavailable", "version": None}
         try:
             return vqa_mod.VqaScorer(vqa_models, cfg)
         finally:
-            vqa_mod.spacy_model_id = original
+            vqa_mod.warn_spacy_version = original
 
 
 # ---- measurements ---------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ BLIP-VQA mean per category, printed in the shape of the paper's Table 3.
 ``--prompts-dir`` is a folder in T2I-CompBench's ``examples/dataset`` layout (``{category}_val.txt``);
 the default is the copy shipped in ``data/t2i-compbench``.
 Writes ``results.json`` and ``results.md`` under ``--output``; the run itself is ``--output/run``
-(rerun to resume).
+(rerun to resume). The table's header line says whether the scorer is exact (the run's record:
+VQA weights, spaCy model and version, deviations from the benchmark).
 """
 
 from __future__ import annotations
@@ -42,14 +43,17 @@ def category_means(records: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def markdown_table(means: dict[str, dict[str, float]]) -> str:
+def markdown_table(means: dict[str, dict[str, float]], scorer: dict | None = None) -> str:
+    from pipeline.scorer_record import describe
+
     cats = list(means)
     head = "| Method | " + " | ".join(c.capitalize() for c in cats) + " |"
     sep = "|---|" + "---|" * len(cats)
     ours = "| referee-synth | " + " | ".join(f"{means[c]['mean']:.4f}" for c in cats) + " |"
     paper = "| paper (Table 3) | " + " | ".join(
         f"{PAPER_TABLE3[c]:.4f}" if c in PAPER_TABLE3 else "n/a" for c in cats) + " |"
-    return "\n".join([head, sep, ours, paper]) + "\n"
+    header = [describe(scorer), ""] if scorer else []
+    return "\n".join([*header, head, sep, ours, paper]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,12 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     if code != EXIT_OK:
         return code
     means = category_means(sidecar_records(str(args.output / "run")))
-    md = markdown_table(means)
+    scorer = json.loads((args.output / "run" / "run.json").read_text()).get("scorer", {})
+    md = markdown_table(means, scorer)
     (args.output / "results.md").write_text(md)
     (args.output / "results.json").write_text(json.dumps(
         {"protocol": "T2I-CompBench BLIP-VQA", "images_per_prompt": args.images_per_prompt,
          "first_seed": BENCHMARK_FIRST_SEED, "limit": args.limit, "categories": means,
-         "paper_table3": PAPER_TABLE3}, indent=1))
+         "paper_table3": PAPER_TABLE3, "scorer": scorer}, indent=1))
     print(md)
     return EXIT_OK
 

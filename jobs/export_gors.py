@@ -2,12 +2,17 @@
 
     python jobs/export_gors.py --run RUN_DIR --output DIR [--include-rejected] [--map-unsafe]
 
-Writes ``DIR/samples/{prompt}_{idx:06d}.png`` (idx runs over the whole export), ``DIR/reward/
-vqa_result.json`` (``[{"question_id": idx, "answer": "0.xxxx"}]`` in the same order) and
-``DIR/dataset.txt`` (the prompts, one a line). GORS takes the prompt back by splitting the file
-name at ``_``, so a prompt holding ``_``, ``/`` or a character a file system refuses cannot be
-written faithfully: it is reported and skipped, or, with ``--map-unsafe``, written with those
-characters replaced by spaces (the reported mapping goes to ``DIR/mapped_prompts.jsonl``).
+Writes ``DIR/samples/{prompt}_{idx:06d}.png`` (idx runs over the whole export, in the run's
+order, which is the benchmark's for tables made by jobs/prompts.py), ``DIR/reward/vqa_result.json``
+(``[{"question_id": idx, "answer": "0.xxxx"}]`` in the same order) and ``DIR/dataset.txt``.
+GORS picks a prompt's threshold by its index in dataset.txt (``index < 560``: template), so when
+the exported prompts come from one T2I-CompBench list, dataset.txt is that list verbatim (other
+prompts after it): GORS's rule then gives every prompt the threshold the run selected it with.
+Otherwise dataset.txt holds the exported prompts, one a line per sample. GORS takes the prompt
+back by splitting the file name at ``_``, so a prompt holding ``_``, ``/`` or a character a file
+system refuses cannot be written faithfully: it is reported and skipped, or, with
+``--map-unsafe``, written with those characters replaced by spaces (the reported mapping goes
+to ``DIR/mapped_prompts.jsonl``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from jobs.cli import run_main  # noqa: E402
 from pipeline import storage  # noqa: E402
+from pipeline.compbench_data import COMPBENCH_DIR, TEMPLATE_PROMPTS  # noqa: E402
+from pipeline.config import FilterConfig, from_dict  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
+from pipeline.filter import threshold_for  # noqa: E402
 from pipeline.reader import shard_images, sidecar_records  # noqa: E402
 
 # Characters GORS or a common file system cannot carry in a file name.
@@ -66,7 +74,7 @@ def export(run: str, output: Path, include_rejected: bool, map_unsafe: bool) -> 
     fs, out = storage.filesystem_for(run)
     samples_dir = output / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
-    rewards, prompts, mapped_rows = [], [], []
+    rewards, exported, mapped_rows = [], [], []
     counts = {"skipped": 0, "no_image": 0}
     for shard in sorted({r["shard"] for r in records}):
         recs = [r for r in records if r["shard"] == shard]
@@ -86,15 +94,66 @@ def export(run: str, output: Path, include_rejected: bool, map_unsafe: bool) -> 
             idx = len(rewards)
             _write(samples_dir / f"{name}_{idx:06d}.png", _to_png(images[rec["key"]]))
             rewards.append({"question_id": idx, "answer": f"{rec['vqa_score']:.4f}"})
-            prompts.append(name)
+            exported.append((name, rec))
     if counts["no_image"]:
         print(f"note: {counts['no_image']} samples have no stored image and are left out", file=sys.stderr)
     (output / "reward").mkdir(exist_ok=True)
     _write(output / "reward" / "vqa_result.json", json.dumps(rewards).encode())
-    _write(output / "dataset.txt", ("\n".join(prompts) + "\n" if prompts else "").encode())
+    lines = dataset_lines(exported)
+    _check_index_rule(lines, exported, _run_filter(fs, out))
+    _write(output / "dataset.txt", ("\n".join(lines) + "\n" if lines else "").encode())
     if mapped_rows:
         _write(output / "mapped_prompts.jsonl", "".join(json.dumps(m) + "\n" for m in mapped_rows).encode())
     return {"exported": len(rewards), "skipped": counts["skipped"], "mapped": len(mapped_rows)}
+
+
+def benchmark_list(rec: dict) -> str | None:
+    """The shipped T2I-CompBench list a record's prompt sits in at its benchmark_index, if any."""
+    idx, cat = rec.get("benchmark_index"), rec.get("category")
+    if idx is None or not cat:
+        return None
+    for split in ("train", "val"):
+        path = COMPBENCH_DIR / f"{cat}_{split}.txt"
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        if idx < len(lines) and lines[idx].strip() == rec["prompt"]:
+            return path.name
+    return None
+
+
+def dataset_lines(exported: list[tuple[str, dict]]) -> list[str]:
+    """dataset.txt for (written prompt, record) pairs: the benchmark list when there is one."""
+    lists = {name for name in (benchmark_list(rec) for _, rec in exported) if name}
+    if len(lists) != 1:
+        if lists:
+            print(f"note: the export mixes {len(lists)} T2I-CompBench lists; GORS trains one category at a time "
+                  "(its index rule needs one list per export)", file=sys.stderr)
+        return [name for name, _ in exported]
+    lines = (COMPBENCH_DIR / lists.pop()).read_text(encoding="utf-8").splitlines()
+    known = set(lines)
+    for name, _ in exported:
+        if name not in known:
+            known.add(name)
+            lines.append(name)
+    return lines
+
+
+def _check_index_rule(lines: list[str], exported: list[tuple[str, dict]], fcfg: FilterConfig) -> None:
+    """Say when GORS's own rule on dataset.txt would pick another threshold than the run did."""
+    first: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        first.setdefault(line, i)
+    off = sum(
+        threshold_for(rec["category"], fcfg, first[name] < TEMPLATE_PROMPTS) != rec.get("threshold")
+        for name, rec in exported if rec.get("threshold") is not None
+    )
+    if off:
+        print(f"note: {off} exported samples would get the other threshold from GORS's index < {TEMPLATE_PROMPTS} "
+              "rule on dataset.txt than the run selected them with", file=sys.stderr)
+
+
+def _run_filter(fs: object, out: str) -> FilterConfig:
+    run = json.loads(storage.read_bytes(fs, storage.join(out, "run.json")))
+    return from_dict(run["config"]).filter
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -1,9 +1,12 @@
 """Turn T2I-CompBench prompt files (one prompt a line) into a prompt table (Parquet).
 
-    python jobs/prompts.py --output prompts.parquet color_val.txt shape_val.txt [--limit N] [--seed S]
+    python jobs/prompts.py --output prompts.parquet color_train.txt shape_val.txt [--limit N] [--seed S]
 
 The category comes from the file name (``color_val.txt`` -> ``color``); prompt ids are
-``{category}_{line:05d}`` (unique across files of different categories).
+``{category}_{line:05d}`` (unique across files of different categories). A file that is one of
+the benchmark's lists (same name and same lines as the copy in data/t2i-compbench) also fills
+``benchmark_index`` (the prompt's line, 0-based) and ``template`` (a template prompt of a train
+list: GORS's ``index < 560`` rule), so the gors preset applies the template thresholds on its own.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from jobs.cli import run_main  # noqa: E402
+from pipeline.compbench_data import COMPBENCH_DIR, TRAIN_SUFFIX, template_flags  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 
 _SPLIT_SUFFIX = re.compile(r"_(train|val|test)$")
@@ -29,28 +33,53 @@ def category_of(path: Path) -> str:
     return _SPLIT_SUFFIX.sub("", path.stem)
 
 
-def read_prompt_file(path: Path, limit: int | None = None) -> list[str]:
+def _lines(path: Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"prompts: {path}: no such file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise UserError(f"prompts: {path}: not UTF-8 text") from None
-    prompts = [line.strip() for line in lines if line.strip()]
-    return prompts[:limit] if limit else prompts
+
+
+def read_prompt_lines(path: Path, limit: int | None = None) -> list[tuple[int, str]]:
+    """(line index, prompt) of the non-empty lines, the first ``limit`` of them."""
+    found = [(i, line.strip()) for i, line in enumerate(_lines(path)) if line.strip()]
+    return found[:limit] if limit else found
+
+
+def read_prompt_file(path: Path, limit: int | None = None) -> list[str]:
+    return [prompt for _, prompt in read_prompt_lines(path, limit)]
+
+
+def benchmark_templates(path: Path) -> list[bool] | None:
+    """Template flags per line when ``path`` is a shipped T2I-CompBench list, else None."""
+    shipped = COMPBENCH_DIR / path.name
+    if not shipped.is_file():
+        return None
+    lines = _lines(path)
+    if lines != shipped.read_text(encoding="utf-8").splitlines():
+        print(f"note: {path} is named like a T2I-CompBench list but differs from it: no benchmark index "
+              "or template flag", file=sys.stderr)
+        return None
+    return template_flags(lines, train=path.stem.endswith(TRAIN_SUFFIX))
 
 
 def prompt_table(files: list[Path], limit: int | None = None, seed: int | None = None) -> pa.Table:
-    cols: dict[str, list] = {"prompt": [], "prompt_id": [], "category": []}
+    cols: dict[str, list] = {"prompt": [], "prompt_id": [], "category": [], "benchmark_index": [], "template": []}
     for path in files:
         cat = category_of(path)
-        for i, prompt in enumerate(read_prompt_file(path, limit)):
+        templates = benchmark_templates(path)
+        for i, (line, prompt) in enumerate(read_prompt_lines(path, limit)):
             cols["prompt"].append(prompt)
             cols["prompt_id"].append(f"{cat}_{i:05d}")
             cols["category"].append(cat)
+            cols["benchmark_index"].append(line if templates is not None else None)
+            cols["template"].append(templates[line] if templates is not None else False)
     if seed is not None:
         cols["seed"] = [seed] * len(cols["prompt"])
-    return pa.table(cols)
+    types = {"benchmark_index": pa.int64(), "template": pa.bool_()}
+    return pa.table({k: pa.array(v, type=types.get(k)) for k, v in cols.items()})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     table = prompt_table(args.files, args.limit, args.seed)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, args.output)
-    print(f"wrote {table.num_rows} prompts to {args.output}")
+    templates = sum(table.column("template").to_pylist())
+    print(f"wrote {table.num_rows} prompts to {args.output} ({templates} benchmark template prompts)")
     return 0
 
 

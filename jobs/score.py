@@ -1,13 +1,19 @@
 """Score images with BLIP-VQA exactly as T2I-CompBench does, and write its result files.
 
-    python jobs/score.py --images DIR --output DIR [--category NAME] [--config FILE] [--set k=v ...]
+    python jobs/score.py --images DIR --output DIR [--category NAME] [--prompt-split last|first]
+        [--config FILE] [--set k=v ...]
     python jobs/score.py --shards RUN_DIR --output DIR [--config FILE] [--set k=v ...]
 
 ``--images`` reads a T2I-CompBench samples folder (``{prompt}_{idx:06d}.png``, ordered by idx);
-``--shards`` reads the accepted samples of a run's ``RUN_DIR/shards/*.tar``. Writes
+the prompt is the name up to the last ``_`` (benchmark prompts hold none; rows whose prompt holds
+one are marked), or, with ``--prompt-split first``, up to the first ``_`` exactly as the benchmark
+reads it. ``--shards`` reads the accepted samples of a run's ``RUN_DIR/shards/*.tar``, with their
+benchmark template flags. Every image is scored alone, as the run scored it when it was stored,
+so a run's stored scores are reproduced to the digit. Writes
 ``vqa_result.json`` (the benchmark's ``[{"question_id": i, "answer": "0.xxxx"}]``, one entry per
 image in order; an unreadable image gets "0.0000" so later entries stay aligned, as GORS needs),
-``scores.jsonl`` (one line per image) and ``score_summary.json``; prints the mean score.
+``scores.jsonl`` (one line per image) and ``score_summary.json`` (with the scorer's exactness
+record); prints the mean score and whether the scorer is exact.
 """
 
 from __future__ import annotations
@@ -42,13 +48,18 @@ class Sample:
     open_image: Callable[[], Any]  # -> PIL image; raises on unreadable data
     category: str | None = None
     key: str | None = None
+    template: bool = False  # a benchmark template prompt (from the run's metadata)
+    underscore: bool = False  # the file name's prompt part holds '_' (read up to the last one)
 
 
 # --- inputs -----------------------------------------------------------------------------------
 
 
-def folder_samples(folder: Path, category: str | None) -> list[Sample]:
-    """A samples folder's images ordered by the integer after the last ``_`` (the benchmark's order)."""
+def folder_samples(folder: Path, category: str | None, prompt_split: str = "last") -> list[Sample]:
+    """A samples folder's images ordered by the integer after the last ``_`` (the benchmark's order).
+
+    The prompt is the name before the last ``_`` (``prompt_split="last"``) or before the first,
+    as T2I-CompBench's reader takes it (``"first"``)."""
     from PIL import Image
 
     if not folder.is_dir():
@@ -59,13 +70,18 @@ def folder_samples(folder: Path, category: str | None) -> list[Sample]:
         if not m or not path.is_file():
             continue
         opener = (lambda p: lambda: Image.open(p))(path)
-        found.append((int(m["idx"]), Sample(path.name, m["prompt"], opener, category)))
+        underscore = "_" in m["prompt"]
+        prompt = path.name.split("_")[0] if prompt_split == "first" else m["prompt"]
+        found.append((int(m["idx"]), Sample(path.name, prompt, opener, category, underscore=underscore)))
     if not found:
         raise UserError(f"no images named PROMPT_IDX.png in {folder}")
-    with_underscore = sum("_" in s.prompt for _, s in found if s.prompt)
+    with_underscore = sum(s.underscore for _, s in found)
     if with_underscore:
-        print(f"note: {with_underscore} prompts hold '_'; read as everything before the last '_' "
-              "(T2I-CompBench's own reader stops at the first)", file=sys.stderr)
+        how = ("up to the first '_', as T2I-CompBench does" if prompt_split == "first" else
+               "as everything before the last '_' (T2I-CompBench's own reader stops at the first: "
+               "--prompt-split first)")
+        print(f"note: {with_underscore} file names hold '_' in the prompt part; read {how}; marked in scores.jsonl",
+              file=sys.stderr)
     return [s for _, s in sorted(found, key=lambda t: t[0])]
 
 
@@ -106,7 +122,7 @@ def _shard_sample(tar_path: Path, key: str, members: dict[str, tarfile.TarInfo])
         return Image.open(io.BytesIO(_read_member(tar_path, members[ext])))
 
     name = f"{tar_path.name}:{key}.{ext or 'png'}"
-    return Sample(name, prompt, opener, meta.get("category"), key)
+    return Sample(name, prompt, opener, meta.get("category"), key, template=bool(meta.get("template")))
 
 
 def shard_samples(run_dir: Path) -> list[Sample]:
@@ -130,13 +146,14 @@ def shard_samples(run_dir: Path) -> list[Sample]:
 # --- scoring ----------------------------------------------------------------------------------
 
 
-def _load(sample: Sample, scorer: Any) -> tuple[Any, str | None]:
-    """(3xSxS tensor, None) or (None, why it is unreadable)."""
+def _score_one(sample: Sample, scorer: Any) -> tuple[Any, str | None]:
+    """(VqaResult, None) or (None, why the image is unreadable)."""
     if not sample.prompt:
         return None, "no prompt"
     try:
         with sample.open_image() as img:
-            return scorer.load_pil(img), None
+            img.load()  # decode now: a broken file is the sample's problem, not the scorer's
+            return scorer.score_stored([img], [sample.prompt])[0], None
     except Exception as err:  # PIL raises many types for bad data (OSError, ValueError, SyntaxError...)
         return None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
 
@@ -146,12 +163,13 @@ def _record(i: int, sample: Sample, questions: list[str], result: Any, error: st
 
     rec: dict[str, Any] = {
         "index": i, "image": sample.name, "key": sample.key, "prompt": sample.prompt,
-        "category": sample.category, "questions": questions,
+        "prompt_holds_underscore": sample.underscore, "category": sample.category, "template": sample.template,
+        "questions": questions,
     }
     if result is None:
         return {**rec, "answers": [], "score": None, "status": "unreadable", "error": error,
                 "threshold": None, "accepted": None}
-    decision = decide(result.score, sample.category, cfg.filter)
+    decision = decide(result.score, sample.category, cfg.filter, sample.template)
     return {**rec, "answers": result.answers, "score": result.score, "status": "scored", "error": None,
             "threshold": decision.threshold, "accepted": decision.accepted}
 
@@ -160,21 +178,14 @@ def score_samples(samples: list[Sample], scorer: Any, cfg: Any) -> Iterator[dict
     """One record per sample, in order; unreadable ones get a status and a line on stderr."""
     from tqdm import tqdm
 
-    step = cfg.vqa.image_batch_size
     with tqdm(total=len(samples), unit="img", desc="BLIP-VQA", file=sys.stderr, dynamic_ncols=True) as bar:
-        for start in range(0, len(samples), step):
-            batch = samples[start : start + step]
-            loaded = [_load(s, scorer) for s in batch]
-            ok = [k for k, (img, _) in enumerate(loaded) if img is not None]
-            results = scorer.score([loaded[k][0] for k in ok], [batch[k].prompt for k in ok])
-            by_pos = dict(zip(ok, results))
-            for k, sample in enumerate(batch):
-                res = by_pos.get(k)
-                if res is None:
-                    bar.write(f"unreadable: {sample.name} ({loaded[k][1]})", file=sys.stderr)
-                questions = res.questions if res else (scorer.questions([sample.prompt])[0] if sample.prompt else [])
-                yield _record(start + k, sample, questions, res, loaded[k][1], cfg)
-            bar.update(len(batch))
+        for i, sample in enumerate(samples):
+            res, error = _score_one(sample, scorer)
+            if res is None:
+                bar.write(f"unreadable: {sample.name} ({error})", file=sys.stderr)
+            questions = res.questions if res else (scorer.questions([sample.prompt])[0] if sample.prompt else [])
+            yield _record(i, sample, questions, res, error, cfg)
+            bar.update(1)
 
 
 # --- outputs ----------------------------------------------------------------------------------
@@ -202,10 +213,12 @@ def write_outputs(out: Path, records: list[dict], summary: dict, digits: int) ->
     write_atomic(out / "score_summary.json", json.dumps(summary, indent=2) + "\n")
 
 
-def summarize(records: list[dict], scorer: Any, cfg: Any, source: str) -> dict:
+def summarize(records: list[dict], scorer: Any, cfg: Any, source: str, prompt_split: str) -> dict:
     scores = [r["score"] for r in records if r["status"] == "scored"]
     return {
         "source": source,
+        "prompt_split": prompt_split,
+        "prompts_holding_underscore": sum(r["prompt_holds_underscore"] for r in records),
         "images": len(records),
         "scored": len(scores),
         "unreadable": len(records) - len(scores),
@@ -225,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--shards", type=Path, metavar="RUN_DIR", help="run folder; scores RUN_DIR/shards/*.tar")
     parser.add_argument("--output", required=True, type=Path, help="folder for vqa_result.json and scores.jsonl")
     parser.add_argument("--category", default=None, help="category for the filter thresholds (--images only)")
+    parser.add_argument("--prompt-split", choices=["last", "first"], default="last",
+                        help="--images: prompt = name up to the last '_' (default) or the first (the benchmark's)")
     parser.add_argument("--config", type=Path, default=None, help="YAML preset (default: paper settings)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     return parser
@@ -233,10 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.config import load_config
+    from pipeline.scorer_record import check_vqa_source, describe
 
     cfg = load_config(args.config, args.overrides)
+    check_vqa_source(cfg)
     if args.images is not None:
-        samples, source = folder_samples(args.images, args.category), str(args.images)
+        samples, source = folder_samples(args.images, args.category, args.prompt_split), str(args.images)
     else:
         samples, source = shard_samples(args.shards), str(args.shards)
 
@@ -245,11 +262,12 @@ def main(argv: list[str] | None = None) -> int:
 
     scorer = VqaScorer(load_vqa_models(cfg), cfg)
     records = list(score_samples(samples, scorer, cfg))
-    summary = summarize(records, scorer, cfg, source)
+    summary = summarize(records, scorer, cfg, source, args.prompt_split)
     write_outputs(args.output, records, summary, cfg.vqa.round_digits)
     mean = summary["mean_score"]
     shown = f"{mean:.{cfg.vqa.round_digits}f}" if mean is not None else "n/a"
     print(f"BLIP-VQA score: {shown} ({summary['scored']} images scored, {summary['unreadable']} unreadable)")
+    print(describe(scorer.record))
     return 0
 
 

@@ -166,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     plan = _plan(args, cfg)
+    try:
+        return _run(args, cfg, plan)
+    finally:
+        plan["lease"].release()
+
+
+def _run(args: argparse.Namespace, cfg: Config, plan: dict[str, Any]) -> int:
+    """Process the planned shards on Ray (the caller holds the run folder's lease)."""
     if not plan["todo"]:
         return _finish(plan, cfg, failed={}, retries=0, wall=0.0)
     import ray
@@ -197,7 +205,20 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
 
 
+def _scorer_record(cfg: Config, model_ids: dict[str, str]) -> dict[str, Any]:
+    """The scorer's exactness record; says when spaCy is not the pinned version (real models only)."""
+    from pipeline.scorer_record import model_set, planned_record, spacy_warning
+
+    record = planned_record(cfg, model_ids["vqa"])
+    warning = spacy_warning({"name": record["spacy_model"], "version": record["spacy_version"]},
+                            cfg.vqa.spacy_version)
+    if warning and not model_set(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
+    return record
+
+
 def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
+    from pipeline.scorer_record import check_vqa_source
     from schemas.prompts import fingerprint, read_prompt_tables, samples_of, validate_rows
 
     # Input checks first and with light imports, so a bad file is reported in about a second.
@@ -205,20 +226,30 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars)
     if not rows:
         raise UserError(f"prompts: {args.prompts}: no prompt rows")
+    check_vqa_source(cfg)  # before any run folder, actor or GPU work: a missing converted checkpoint is one line
 
+    from pipeline.lease import RunLease
     from pipeline.run_folder import make_run_info, prepare_run, remove_leftovers
     from pipeline.shards import plan_shards, shard_is_complete
     from pipeline.storage import filesystem_for
 
     specs = plan_shards(rows, cfg.job.shard_size)
     model_ids = _model_ids(cfg)
+    scorer = _scorer_record(cfg, model_ids)
     fs, out = filesystem_for(args.output)
-    info = make_run_info(cfg, model_ids, fingerprint(files), args.prompts, len(specs))
+    info = make_run_info(cfg, model_ids, fingerprint(files), args.prompts, len(specs), scorer)
+    lease = RunLease(fs, out, args.output, cfg.job.lease_heartbeat_s, cfg.job.lease_stale_s)
     try:
+        # Before anything in the folder changes: one driver per output, --force included.
+        lease.acquire()
         prepare_run(fs, out, info, args.force, args.output)
         remove_leftovers(fs, out)
     except OSError as err:
+        lease.release()
         raise UserError(f"output {args.output}: cannot write ({str(err).splitlines()[0]})") from None
+    except BaseException:
+        lease.release()
+        raise
     todo = [s for s in specs if not shard_is_complete(fs, out, s.shard, info.config_hash)]
     done = {s.shard for s in specs} - {s.shard for s in todo}
     total = sum(samples_of(r) for r in rows)
@@ -226,7 +257,8 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     if done:
         print(f"resuming: {len(done)} of {len(specs)} shards already complete", file=sys.stderr)
     return dict(fs=fs, out=out, specs=specs, todo=todo, model_ids=model_ids, rows=rows, info=info,
-                output_uri=args.output, total_samples=total, done_samples=done_samples, skipped=len(done))
+                output_uri=args.output, total_samples=total, done_samples=done_samples, skipped=len(done),
+                scorer=scorer, lease=lease)
 
 
 def _model_ids(cfg: Config) -> dict[str, str]:
@@ -313,7 +345,8 @@ def _finish(plan: dict[str, Any], cfg: Config, failed: dict[int, str], retries: 
 
     fs, out, info = plan["fs"], plan["out"], plan["info"]
     stats = complete_stats(fs, out, len(plan["specs"]), info.config_hash)
-    summary = summarize(fs, out, len(plan["specs"]), list(failed), wall, retries, plan["skipped"], stats)
+    summary = summarize(fs, out, len(plan["specs"]), list(failed), wall, retries, plan["skipped"], plan["scorer"],
+                        stats)
     write_summary(fs, out, summary)
     write_index(fs, out, plan["output_uri"], stats)
     write_card(fs, out, info, summary, stats)

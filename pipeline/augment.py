@@ -1,7 +1,8 @@
 """Augmented referee views of an image (the paper's augmentation regularisation).
 
 Each view is (adaptive avg pool + adaptive max pool) / 2 of the whole image at the referee's
-input size, then kornia RandomAffine, RandomPerspective, ColorJitter, RandomErasing, then
+input size, then kornia RandomAffine (per-axis translate), RandomPerspective, ColorJitter,
+RandomErasing (one rectangle shared by an image's views when ``erase_same_on_views``), then
 Gaussian noise twice (per-view std ~ U(0, noise_std_max), then std noise_std), then CLIP
 normalisation. Everything is differentiable with respect to the image and runs in float32
 (kornia's HSV path gives NaN in fp16 on black pixels).
@@ -36,16 +37,21 @@ class ViewAugmenter(nn.Module):
         self.cfg = cfg
         self.size = image_size
         self.num_views = cfg.num_views
-        t = cfg.affine_translate
+        tx, ty = cfg.affine_translate
         self.ops = nn.ModuleList(
             [
-                K.RandomAffine(degrees=cfg.affine_degrees, translate=(t, t), padding_mode="zeros", p=1.0),
+                K.RandomAffine(degrees=cfg.affine_degrees, translate=(tx, ty), padding_mode="zeros", p=1.0),
                 K.RandomPerspective(distortion_scale=cfg.perspective_distortion, p=cfg.perspective_p),
                 K.ColorJitter(
                     cfg.jitter_brightness, cfg.jitter_contrast, cfg.jitter_saturation, cfg.jitter_hue,
                     p=cfg.jitter_p,
                 ),
-                K.RandomErasing(scale=tuple(cfg.erasing_scale), ratio=tuple(cfg.erasing_ratio), p=cfg.erasing_p),
+                # kornia sees one image's N views as its batch (see forward), so same_on_batch shares
+                # one rectangle among those views and never across samples.
+                K.RandomErasing(
+                    scale=tuple(cfg.erasing_scale), ratio=tuple(cfg.erasing_ratio), p=cfg.erasing_p,
+                    same_on_batch=cfg.erase_same_on_views,
+                ),
             ]
         )
         self.register_buffer("mean", torch.tensor(cfg.clip_mean).view(1, 3, 1, 1), persistent=False)

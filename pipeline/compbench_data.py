@@ -6,6 +6,10 @@ from pathlib import Path
 
 # The repository's own copy: a clone needs nothing beside it.
 COMPBENCH_DIR = Path(__file__).resolve().parent.parent / "data" / "t2i-compbench"
+# Lines 1-560 of each *_train.txt are template prompts, the rest natural ones: GORS
+# (GORS_finetune/train_dataset.py) tells them apart by `index < 560` in the train list.
+TEMPLATE_PROMPTS = 560
+TRAIN_SUFFIX = "_train"
 
 
 def compbench_file(name: str) -> Path:
@@ -19,3 +23,11 @@ def compbench_file(name: str) -> Path:
 def available() -> list[str]:
     """Names of the shipped lists, e.g. ``['color_train', 'color_val', ...]``."""
     return sorted(p.stem for p in COMPBENCH_DIR.glob("*.txt"))
+
+
+def template_flags(lines: list[str], train: bool) -> list[bool]:
+    """Per line: a template prompt by GORS's rule, on the FIRST occurrence of its text (``list.index``)."""
+    first: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        first.setdefault(line.split("\t")[0], i)
+    return [train and first[line.split("\t")[0]] < TEMPLATE_PROMPTS for line in lines]

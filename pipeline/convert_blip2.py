@@ -1,10 +1,13 @@
 """Convert the LAVIS BLIP-2 stage-1 checkpoint into the referee folder the loader reads.
 
-``blip2_pretrained.pth`` holds ``{"model": state_dict}`` with ``visual_encoder.*`` (EVA ViT-g,
-39 blocks, ``attn.qkv`` without bias plus separate ``q_bias`` / ``v_bias``), ``ln_vision.*``,
-``query_tokens``, ``Qformer.bert.*`` (BERT with cross-attention and separate query FFNs),
-``Qformer.cls.predictions.*`` (the LM head), ``itm_head.*``, ``vision_proj.*``, ``text_proj.*``
-and ``temp``. The result is:
+LAVIS's released ``blip2_pretrained.pth`` holds ``{"model": state_dict}`` with the trainable
+parameters only: ``ln_vision.*``, ``query_tokens``, ``Qformer.bert.*`` (BERT with cross-attention
+and separate query FFNs), ``Qformer.cls.predictions.*`` (the LM head), ``itm_head.*``,
+``vision_proj.*``, ``text_proj.*`` and ``temp``. The frozen ViT is not in it: LAVIS builds it from
+``eva_vit_g.pth`` (EVA ViT-g, bare timm-style names, 40 blocks of which LAVIS uses the first 39;
+``attn.qkv`` without bias plus separate ``q_bias`` / ``v_bias``). A single file that already holds
+``visual_encoder.*`` (a user's merged or fine-tuned checkpoint) is accepted too. Formats are told
+apart by their keys, never by file names. The result is:
 
     OUT/config.json, OUT/model.safetensors   transformers Blip2ForImageTextRetrieval
     OUT/caption_head/                         pipeline.caption_head.Blip2CaptionHead
@@ -12,7 +15,9 @@ and ``temp``. The result is:
 
 The architecture is read from the tensor shapes; attention heads, which shapes cannot tell,
 follow BLIP-2 (88 dimensions per head in EVA ViT-g, 64 in the BERT Q-Former) unless
-``base_config`` gives them. Read with ``torch.load(weights_only=True)``, written as safetensors.
+``base_config`` gives them. ``ln_vision`` keeps its own LayerNorm eps (1e-5, the ViT blocks use
+1e-6): the config's ``vision_config.post_layernorm_eps``, which the loader applies. Read with
+``torch.load(weights_only=True)``, written as safetensors.
 """
 
 from __future__ import annotations
@@ -56,17 +61,105 @@ _IGNORED = re.compile(r"^(temp|Qformer\.bert\.embeddings\.position_ids|Qformer\.
 
 _EVA_HEAD_DIM = 88  # EVA ViT-g: 1408 / 16
 _BERT_HEAD_DIM = 64  # BERT-base: 768 / 12
-_EVA_EPS = 1e-6  # EVA blocks' LayerNorm (LAVIS's ln_vision uses 1e-5; transformers has one eps for both)
+_EVA_EPS = 1e-6  # EVA blocks' LayerNorm
+LN_VISION_EPS = 1e-5  # LAVIS's ln_vision is a default nn.LayerNorm; transformers gives it the blocks' eps
 _BERT_EPS = 1e-12
+# EVA-CLIP ViT-g as released in eva_vit_g.pth has 40 blocks; BLIP-2 drops the last one (the paper uses the
+# second-last layer's features), so LAVIS builds 39 and loads the file with strict=False.
+EVA_G_WIDTH = 1408
+EVA_G_FILE_BLOCKS = 40
+LAVIS_VIT_BLOCKS = 39
+_VIT_PREFIX = "visual_encoder."
+# Keys of the ViT file that LAVIS's ViT has no place for (EVA-CLIP's final norm and heads): ignored, as LAVIS does.
+_VISION_IGNORED = re.compile(r"^(norm|fc_norm|head)\.")
+_VISION_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 def _fail(path: Path, why: str) -> UserError:
     return UserError(f"{path}: not a LAVIS BLIP-2 stage-1 checkpoint ({why}); expected blip2_pretrained.pth")
 
 
+def _vision_fail(path: Path, why: str) -> UserError:
+    return UserError(f"{path}: not an EVA ViT checkpoint ({why}); expected eva_vit_g.pth")
+
+
 def load_original(path: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's state dict, read without running pickle code."""
     return ckpt.load_state_dict(path, partial(_fail, path))
+
+
+def has_vit(state: dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith(_VIT_PREFIX) for k in state)
+
+
+def is_blip2(state: dict[str, torch.Tensor]) -> bool:
+    """The Q-Former and its query tokens: what every BLIP-2 stage-1 checkpoint has, merged or not."""
+    return "query_tokens" in state and any(k.startswith("Qformer.bert.") for k in state)
+
+
+def vision_blocks_used(file_blocks: int, width: int, path: Path) -> int:
+    """How many leading blocks of a separate ViT file LAVIS builds: all but the last one.
+
+    The released EVA ViT-g must have its 40 blocks (39 used): a file with another count is not it.
+    """
+    if width == EVA_G_WIDTH and file_blocks != EVA_G_FILE_BLOCKS:
+        raise _vision_fail(path, f"{file_blocks} blocks; EVA ViT-g has {EVA_G_FILE_BLOCKS}, of which LAVIS uses "
+                                 f"the first {LAVIS_VIT_BLOCKS}")
+    if file_blocks < 2:
+        raise _vision_fail(path, f"{file_blocks} blocks; LAVIS drops the last block, so at least 2 are needed")
+    return file_blocks - 1
+
+
+def load_vision(path: Path) -> dict[str, torch.Tensor]:
+    """The ViT file's tensors under LAVIS's ``visual_encoder.`` names, its last block and heads dropped."""
+    state = ckpt.load_state_dict(path, partial(_vision_fail, path))
+    if is_blip2(state) or has_vit(state):
+        raise _vision_fail(path, "it holds BLIP-2 (visual_encoder.* / Qformer.*) keys; pass it as --lavis-checkpoint")
+    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
+        raise _vision_fail(path, "no patch_embed.proj.weight / pos_embed keys")
+    blocks = ckpt.depth(state, "blocks.")
+    gaps = sorted(set(range(blocks)) - set(ckpt.layer_indices(state, "blocks.")))
+    if gaps:  # depth is read from the highest block index: a gap would silently shorten the ViT
+        raise _vision_fail(path, f"blocks.{gaps[0]}.* missing of {blocks} blocks")
+    used = vision_blocks_used(blocks, state["patch_embed.proj.weight"].shape[0], path)
+    out = {}
+    for key, value in state.items():
+        m = _VISION_BLOCK.match(key)
+        if _VISION_IGNORED.match(key) or (m and int(m.group(1)) >= used):
+            continue
+        out[_VIT_PREFIX + key] = value
+    return out
+
+
+def check_merged_vit(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A merged file must hold the ViT LAVIS runs: EVA ViT-g's 40 blocks pasted in whole are one too many."""
+    blocks = ckpt.depth(state, _VIT_PREFIX + "blocks.")
+    if blocks == EVA_G_FILE_BLOCKS:
+        raise UserError(
+            f"{path}: its ViT has {blocks} blocks, but LAVIS's BLIP-2 uses {LAVIS_VIT_BLOCKS} (the first "
+            f"{LAVIS_VIT_BLOCKS} of eva_vit_g.pth); drop visual_encoder.blocks.{blocks - 1}.* or pass the ViT file "
+            "as --vision-checkpoint"
+        )
+
+
+def load_checkpoints(checkpoint: Path, vision_checkpoint: Path | None) -> dict[str, torch.Tensor]:
+    """One LAVIS state dict (``visual_encoder.*`` included) from the released pair or a merged file."""
+    state = load_original(checkpoint)
+    if not is_blip2(state):
+        if "patch_embed.proj.weight" in state:  # a bare ViT: the two files swapped
+            raise _fail(checkpoint, "it holds a bare ViT; pass that file as --vision-checkpoint")
+        raise _fail(checkpoint, "no Qformer.bert.* or query_tokens keys")
+    if vision_checkpoint is None:
+        if not has_vit(state):
+            # LAVIS saves trainable parameters only: the released file has no (frozen) ViT.
+            raise UserError(f"{checkpoint.name} has no ViT weights: pass --vision-checkpoint eva_vit_g.pth")
+        check_merged_vit(state, checkpoint)
+        return state
+    if has_vit(state):
+        raise UserError(
+            f"{checkpoint}: it already holds visual_encoder.* weights; drop --vision-checkpoint {vision_checkpoint}"
+        )
+    return {**state, **load_vision(Path(vision_checkpoint))}
 
 
 def _rename(key: str, rules: list[tuple[str, str]]) -> str | None:
@@ -126,7 +219,11 @@ def infer_config(state: dict[str, torch.Tensor], path: Path, base: Any = None) -
     dims = partial(ckpt.shape, state, fail=fail)  # the shape of a required tensor
     bv = base.vision_config if base is not None else None
     bq = base.qformer_config if base is not None else None
-    vision = {**ckpt.vit_vision_config(state, fail, _EVA_HEAD_DIM, _EVA_EPS, bv), "qkv_bias": True}
+    vision = {
+        **ckpt.vit_vision_config(state, fail, _EVA_HEAD_DIM, _EVA_EPS, bv),
+        "qkv_bias": True,
+        "post_layernorm_eps": LN_VISION_EPS,  # applied by pipeline.models (see apply_post_layernorm_eps)
+    }
     width = vision["hidden_size"]
     vocab, hidden = dims("Qformer.bert.embeddings.word_embeddings.weight")
     if base is None and (width % _EVA_HEAD_DIM or hidden % _BERT_HEAD_DIM):
@@ -166,7 +263,10 @@ def _base_config(base_config: Any) -> Any:
     return ckpt.read_base_config(base_config, Blip2Config, "BLIP-2")
 
 
-def _build_models(state: dict[str, torch.Tensor], path: Path, base: Any) -> tuple[Any, Any]:
+def build_models(state: dict[str, torch.Tensor], path: Path, base: Any = None) -> tuple[Any, Any]:
+    """(Blip2ForImageTextRetrieval, Blip2CaptionHead) holding the checkpoint's tensors.
+
+    Under ``torch.device("meta")`` this checks a full-size key set without allocating memory."""
     from transformers import Blip2ForImageTextRetrieval
 
     from pipeline.caption_head import Blip2CaptionHead, Blip2CaptionHeadConfig
@@ -175,6 +275,7 @@ def _build_models(state: dict[str, torch.Tensor], path: Path, base: Any) -> tupl
     referee_state, head_state = split_state(state, path)
     fail = partial(_fail, path)
     referee = Blip2ForImageTextRetrieval(config)
+    apply_post_layernorm_eps(referee)
     ckpt.check_keys(referee_state, referee.state_dict(), fail, "referee keys")
     referee.load_state_dict(referee_state, strict=True)
     vocab, hidden = config.qformer_config.vocab_size, config.qformer_config.hidden_size
@@ -185,21 +286,28 @@ def _build_models(state: dict[str, torch.Tensor], path: Path, base: Any) -> tupl
     return referee, head
 
 
+def apply_post_layernorm_eps(referee: Any) -> None:
+    """Give ``ln_vision`` (transformers' ``post_layernorm``) its own eps when the config records one."""
+    eps = getattr(referee.config.vision_config, "post_layernorm_eps", None)
+    if eps is not None:
+        referee.vision_model.post_layernorm.eps = float(eps)
+
+
 def convert_lavis_blip2(
-    checkpoint: Path, output: Path, tokenizer: Path | None = None, *, base_config: Any = None
+    checkpoint: Path, output: Path, tokenizer: Path | None = None, *, vision_checkpoint: Path | None = None,
+    base_config: Any = None,
 ) -> Path:
     """Write a referee folder (Blip2ForImageTextRetrieval + caption_head/ + tokenizer) to ``output``.
 
-    ``base_config``: a Blip2Config or a folder holding one, only for the attention-head counts and
-    LayerNorm eps (the checkpoint's shapes decide everything else).
+    ``checkpoint``: LAVIS's ``blip2_pretrained.pth`` (then ``vision_checkpoint`` is ``eva_vit_g.pth``)
+    or one file that already holds ``visual_encoder.*``. ``base_config``: a Blip2Config or a folder
+    holding one, only for the attention-head counts and LayerNorm eps (shapes decide everything else).
     """
     checkpoint, output = Path(checkpoint), Path(output)
     ckpt.ensure_new_output(output)
-    state = load_original(checkpoint)
-    if not any(k.startswith("Qformer.bert.") for k in state) or "query_tokens" not in state:
-        raise _fail(checkpoint, "no Qformer.bert.* or query_tokens keys")
+    state = load_checkpoints(checkpoint, vision_checkpoint)
     tok = _load_tokenizer(tokenizer)
-    referee, head = _build_models(state, checkpoint, _base_config(base_config))
+    referee, head = build_models(state, checkpoint, _base_config(base_config))
     if len(tok) != referee.config.qformer_config.vocab_size:
         raise UserError(
             f"tokenizer has {len(tok)} tokens but the checkpoint's vocabulary has "

@@ -91,7 +91,7 @@ def infer_config(state: dict[str, torch.Tensor], tokenizer: Any, path: Path, bas
     return BlipConfig(vision_config=vision, text_config=text)
 
 
-def _load_tokenizer(source: Path | None) -> Any:
+def load_tokenizer(source: Path | None) -> Any:
     """bert-base-uncased plus BLIP's [DEC] (bos) and [ENC], added in BLIP's order."""
     return ckpt.load_bert_tokenizer(
         source, [("bos_token", "[DEC]"), ("additional_special_tokens", "[ENC]")], present=ckpt.in_vocab
@@ -106,25 +106,33 @@ def _base_config(base_config: str | Path | None) -> Any:
     return ckpt.read_base_config(base_config, BlipConfig, "BLIP")
 
 
+def build_model(state: dict[str, torch.Tensor], config: Any, path: Path) -> Any:
+    """A BlipForQuestionAnswering holding the checkpoint's tensors; every key must map.
+
+    Under ``torch.device("meta")`` this checks a full-size key set without allocating memory."""
+    from transformers import BlipForQuestionAnswering
+
+    mapped = {new: v for k, v in state.items() if (new := rename_key(k)) is not None}
+    model = BlipForQuestionAnswering(config)
+    ckpt.check_keys(mapped, model.state_dict(), partial(_fail, path))
+    model.load_state_dict(mapped, strict=True)
+    return model
+
+
 def convert_blip_vqa(
     checkpoint: Path, output: Path, tokenizer: Path | None = None, *, base_config: str | Path | None = None
 ) -> Path:
     """Write a BlipForQuestionAnswering folder (config, safetensors, tokenizer) to ``output``."""
-    from transformers import BlipForQuestionAnswering
-
     checkpoint, output = Path(checkpoint), Path(output)
     ckpt.ensure_new_output(output)
     state = load_original(checkpoint)
-    tok = _load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer)
     config = infer_config(state, tok, checkpoint, _base_config(base_config))
     if len(tok) != config.text_config.vocab_size:
         raise UserError(
             f"tokenizer has {len(tok)} tokens but the checkpoint's vocabulary has {config.text_config.vocab_size}; "
             "use bert-base-uncased (BLIP adds [DEC] and [ENC] to it)"
         )
-    mapped = {new: v for k, v in state.items() if (new := rename_key(k)) is not None}
-    model = BlipForQuestionAnswering(config)
-    ckpt.check_keys(mapped, model.state_dict(), partial(_fail, checkpoint))
-    model.load_state_dict(mapped, strict=True)
+    model = build_model(state, config, checkpoint)
     ckpt.write_atomically(output, {"": model}, tok)
     return output

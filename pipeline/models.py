@@ -17,8 +17,10 @@ import torch
 
 from pipeline.caption_head import Blip2CaptionHead
 from pipeline.config import MODEL_KEYS, Config, ModelsConfig
+from pipeline.convert_blip2 import apply_post_layernorm_eps
 from pipeline.errors import ModelLoadError
 from pipeline.quiet import quiet_library_logs
+from pipeline.scorer_record import expand
 from pipeline.tiny_models import small_sources, tiny_sources
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,7 +45,7 @@ def model_sources(mcfg: ModelsConfig) -> dict[str, str]:
         return tiny_sources(mcfg.tiny_cache_dir or None, mcfg.tiny_seed)
     if mcfg.small:
         return small_sources(mcfg.tiny_cache_dir or None, mcfg.tiny_seed)
-    return {k: getattr(mcfg, k) for k in MODEL_KEYS}
+    return {k: expand(getattr(mcfg, k)) for k in MODEL_KEYS}  # folders may start with ~
 
 
 def _load(what: str, key: str, loader: Callable[..., Any], source: str, **kwargs: Any) -> Any:
@@ -111,6 +113,7 @@ def load_generator_models(cfg: Config) -> GeneratorModels:
     clip_tok = _load("the CLIP tokenizer", sd_key, CLIPTokenizer.from_pretrained, sd, subfolder="tokenizer", **rev)
     scheduler = _load("the noise scheduler", sd_key, DDPMScheduler.from_pretrained, sd, subfolder="scheduler", **rev)
     referee = _load("the BLIP-2 referee", ref_key, Blip2ForImageTextRetrieval.from_pretrained, src["referee"], **rev)
+    apply_post_layernorm_eps(referee)  # a converted LAVIS referee: ln_vision's eps differs from the ViT's
     head = _load_caption_head(src["referee"], rev)
     ref_tok = _load("the BLIP-2 tokenizer", ref_key, AutoTokenizer.from_pretrained, src["referee"], **rev)
     if ref_tok.bos_token != "[DEC]":
@@ -132,7 +135,7 @@ def _load_caption_head(referee_source: str, rev: dict[str, str]) -> Blip2Caption
         raise ModelLoadError(
             f"the BLIP-2 caption head (caption_head/) is missing from {referee_source!r}; "
             "make a referee folder with `python jobs/convert_checkpoints.py blip2 --lavis-checkpoint "
-            "blip2_pretrained.pth --output DIR` and set models.referee to DIR"
+            "blip2_pretrained.pth --vision-checkpoint eva_vit_g.pth --output DIR` and set models.referee to DIR"
         ) from None
 
 
@@ -142,7 +145,8 @@ def load_vqa_models(cfg: Config) -> VqaModels:
     quiet_library_logs()
     m = cfg.models
     src = model_sources(m)["vqa"]
-    device, dtype = resolve_device(m.device), DTYPES[m.dtype]
+    # float32 always: bf16 moves answers in the 4th decimal, which the protocol rounds to.
+    device, dtype = resolve_device(m.device), torch.float32
     rev = {} if m.tiny or m.small else {"revision": m.revision}
     model = _load("the BLIP-VQA model", "vqa", BlipForQuestionAnswering.from_pretrained, src, **rev)
     tokenizer = _load("the BLIP-VQA tokenizer", "vqa", AutoTokenizer.from_pretrained, src, **rev)

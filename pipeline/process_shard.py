@@ -1,12 +1,15 @@
-"""One shard end to end, without Ray: invert -> score -> filter -> write.
+"""One shard end to end, without Ray: invert -> encode -> score -> filter -> write.
 
-Batches of (prompt, sample) requests go through the engine; finished images are scored and
-filtered; every sample gets a record. A sample whose optimisation or scoring fails is recorded
-as ``failed`` with the reason and the shard goes on.
+Batches of (prompt, sample) requests go through the engine; each finished image is encoded as it
+will be stored, and the decoded file is what gets scored (as T2I-CompBench scores the saved PNG),
+so a stored score is what ``jobs/score.py`` finds on the exported file. Acceptance is GORS's
+(``pipeline.filter``). Every sample gets a record. A sample whose optimisation or scoring fails is
+recorded as ``failed`` with the reason and the shard goes on.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -15,10 +18,10 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from pipeline.config import Config
-from pipeline.filter import threshold_for
-from pipeline.invert import InversionEngine, SampleRequest, SampleResult, sample_seed
+from pipeline.filter import decide
+from pipeline.invert import InversionEngine, SampleRequest, sample_seed
 from pipeline.models import GeneratorModels, VqaModels
-from pipeline.shards import PublishRetry, ShardSpec, ShardWriter
+from pipeline.shards import PublishRetry, ShardSpec, ShardWriter, encode_image
 from pipeline.vqa import VqaResult, VqaScorer
 from schemas.prompts import PromptRow
 from schemas.run import ShardStats
@@ -65,6 +68,7 @@ class ShardProcessor:
             key=sample_key(spec.shard, p.row_in_shard, p.request.sample_index), shard=spec.shard, row=p.row.row,
             prompt_id=p.row.prompt_id, prompt=p.row.prompt, category=p.row.category,
             sample_index=p.request.sample_index, seed=p.request.seed, status=status,
+            benchmark_index=p.row.benchmark_index, template=p.row.template,
             config_hash=self.config_hash, model_ids=self.model_ids, extra=p.row.extra, **fields,
         )
 
@@ -79,20 +83,19 @@ class ShardProcessor:
             out.append(rec)
         return out
 
-    def _score(self, results: list[SampleResult], pendings: list[_Pending]) -> list[VqaResult | Exception]:
-        """Score the batch; on an error, score one by one so only the faulty sample fails."""
-        try:
-            _maybe_inject_score_error([p.row.prompt_id for p in pendings])
-            return list(self.scorer.score([r.image for r in results], [p.row.prompt for p in pendings]))
-        except Exception:  # noqa: BLE001 - isolate the failing sample below
-            out: list[VqaResult | Exception] = []
-            for r, p in zip(results, pendings):
-                try:
-                    _maybe_inject_score_error([p.row.prompt_id])
-                    out.append(self.scorer.score([r.image], [p.row.prompt])[0])
-                except Exception as err:  # noqa: BLE001 - recorded as the sample's error
-                    out.append(err)
-            return out
+    def _score(self, encoded: list[bytes], pendings: list[_Pending]) -> list[VqaResult | Exception]:
+        """Score each stored image as a file reader would see it; a failure fails that sample only."""
+        from PIL import Image
+
+        out: list[VqaResult | Exception] = []
+        for data, p in zip(encoded, pendings):
+            try:
+                _maybe_inject_score_error([p.row.prompt_id])
+                with Image.open(io.BytesIO(data)) as image:
+                    out.append(self.scorer.score_stored([image], [p.row.prompt or ""])[0])
+            except Exception as err:  # noqa: BLE001 - recorded as the sample's error
+                out.append(err)
+        return out
 
     def _batch_records(
         self, spec: ShardSpec, batch: list[_Pending], writer: ShardWriter
@@ -101,8 +104,9 @@ class ShardProcessor:
         results = self.engine.run([p.request for p in batch])
         per_sample = (time.perf_counter() - t0) / max(len(batch), 1)
         ok = [(r, p) for r, p in zip(results, batch) if r.error is None and r.image is not None]
-        scores = self._score([r for r, _ in ok], [p for _, p in ok]) if ok else []
-        score_of = {id(p): s for (_, p), s in zip(ok, scores)}
+        encoded = [encode_image(r.image, self.cfg.job.image_format) for r, _ in ok]
+        scores = self._score(encoded, [p for _, p in ok]) if ok else []
+        score_of = {id(p): (s, data) for (_, p), s, data in zip(ok, scores, encoded)}
         counts = {ACCEPTED: 0, REJECTED: 0, FAILED: 0}
         for r, p in zip(results, batch):
             common = dict(
@@ -110,19 +114,19 @@ class ShardProcessor:
                 seconds=round(per_sample, 3),
             )
             p.request.seed = r.seed  # a restarted sample records the seed it finally used
-            s = score_of.get(id(p))
+            s, data = score_of.get(id(p), (None, None))
             if s is None or isinstance(s, Exception):
                 reason = r.error or f"scoring failed: {type(s).__name__}: {s}"
                 rec = self._record(spec, p, FAILED, error=reason[:500], **common)
                 writer.add(rec)
             else:
-                thr = threshold_for(p.row.category, self.cfg.filter)
-                status = ACCEPTED if s.score >= thr else REJECTED
+                decision = decide(s.score, p.row.category, self.cfg.filter, p.row.template)
                 rec = self._record(
-                    spec, p, status, vqa_score=s.score, vqa_questions=list(s.questions),
-                    vqa_answers=list(s.answers), threshold=thr, **common,
+                    spec, p, ACCEPTED if decision.accepted else REJECTED, vqa_score=s.score,
+                    vqa_questions=list(s.questions), vqa_answers=list(s.answers), threshold=decision.threshold,
+                    **common,
                 )
-                writer.add(rec, r.image)
+                writer.add(rec, data)
             counts[rec.status] += 1
         return counts
 

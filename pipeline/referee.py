@@ -168,10 +168,12 @@ class Referee:
         hidden = self.qformer_hidden(image_embeds.repeat(2, 1, 1), ids, allowed)
         return hidden[:n], hidden[n:]
 
-    def _itm_loss(self, itm_hidden: torch.Tensor) -> torch.Tensor:
+    def _itm_logits(self, itm_hidden: torch.Tensor) -> torch.Tensor:
         q = itm_hidden[:, : self.num_queries].to(self.model.itm_head.weight.dtype)
-        logits = self.model.itm_head(q).mean(dim=1).float()
-        return -F.log_softmax(logits, dim=-1)[:, ITM_MATCH]
+        return self.model.itm_head(q).mean(dim=1).float()
+
+    def _itm_loss(self, itm_hidden: torch.Tensor) -> torch.Tensor:
+        return -F.log_softmax(self._itm_logits(itm_hidden), dim=-1)[:, ITM_MATCH]
 
     def _caption_terms(self, caption_hidden: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token caption losses of the real next tokens, and the row each belongs to.
@@ -206,3 +208,15 @@ class Referee:
         dense = torch.zeros(valid.shape, device=terms.device, dtype=terms.dtype)
         dense[valid] = terms
         return dense
+
+    # ---- raw outputs (what tests/parity compares with the original code) ------------------------
+    def itm_logits(self, pixels: torch.Tensor, text: TextBatch) -> torch.Tensor:
+        """[n, 2] ITM logits (no match, match): the ITM head averaged over the query outputs."""
+        itm_hidden, _ = self._joint_hidden(self.image_embeds(pixels), text)
+        return self._itm_logits(itm_hidden)
+
+    def caption_logits(self, pixels: torch.Tensor, text: TextBatch) -> torch.Tensor:
+        """[n, T, vocab] LM-head logits at every text position (position t predicts token t+1)."""
+        _, caption_hidden = self._joint_hidden(self.image_embeds(pixels), text)
+        text_hidden = caption_hidden[:, self.num_queries :].to(self.head.dense.weight.dtype)
+        return self.head(text_hidden).float()

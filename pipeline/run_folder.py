@@ -22,13 +22,15 @@ def now() -> str:
 
 
 def make_run_info(
-    cfg: Config, model_ids: dict[str, str], fingerprint: dict[str, Any], prompts_uri: str, num_shards: int
+    cfg: Config, model_ids: dict[str, str], fingerprint: dict[str, Any], prompts_uri: str, num_shards: int,
+    scorer: dict[str, Any] | None = None,
 ) -> RunInfo:
     t = now()
     return RunInfo(
         config=cfg.to_dict(), config_hash=cfg.hash(), model_ids=model_ids, input=fingerprint,
         prompts_uri=prompts_uri, shard_size=cfg.job.shard_size, num_shards=num_shards,
-        code_version=code_version(), created_at=t, updated_at=t, libraries=library_versions(cfg.vqa.spacy_model),
+        code_version=code_version(), created_at=t, updated_at=t, scorer=dict(scorer or {}),
+        libraries=library_versions(cfg.vqa.spacy_model),
     )
 
 
@@ -107,7 +109,7 @@ def complete_stats(fs: pafs.FileSystem, out: str, num_shards: int, config_hash: 
 
 def summarize(
     fs: pafs.FileSystem, out: str, num_shards: int, failed: list[int], wall: float, retries: int, skipped: int,
-    stats: list[ShardStats] | None = None,
+    scorer: dict[str, Any] | None = None, stats: list[ShardStats] | None = None,
 ) -> Summary:
     stats = complete_stats(fs, out, num_shards) if stats is None else stats
     done = {s.shard for s in stats}
@@ -116,7 +118,7 @@ def summarize(
     return Summary(
         shards_total=num_shards, shards_completed=len(done), shards_failed=sorted(failed),
         wall_seconds=round(wall, 3), images_per_hour=round(3600 * generated / wall, 1) if wall > 0 else 0.0,
-        finished_at=now(), retries=retries, skipped_shards=skipped, **total,
+        finished_at=now(), retries=retries, skipped_shards=skipped, scorer=dict(scorer or {}), **total,
     )
 
 

@@ -163,13 +163,14 @@ class ShardWriter:
             self._rej = tarfile.open(self._rej_path, "w", format=tarfile.PAX_FORMAT)
         return self._rej
 
-    def add(self, record: SampleRecord, image: torch.Tensor | None = None) -> None:
+    def add(self, record: SampleRecord, image: bytes | None = None) -> None:
+        """``image``: the encoded bytes (``encode_image``), the very bytes the sample was scored on."""
         if record.status == ACCEPTED and image is None:
             raise ValueError(f"accepted sample {record.key} has no image")
         tar = self._tar_for(record.status) if image is not None else None
         if tar is not None:
             # Member names come from the digits-only key, never from user strings.
-            _add_member(tar, f"{record.key}.{self.fmt}", encode_image(image, self.fmt))
+            _add_member(tar, f"{record.key}.{self.fmt}", image)
             _add_member(tar, f"{record.key}.txt", (record.prompt or "").encode())
             meta = json.dumps(record.to_json_dict(), ensure_ascii=False, sort_keys=True)
             _add_member(tar, f"{record.key}.json", meta.encode())

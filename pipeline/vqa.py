@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.models import VqaModels
-from pipeline.questions import questions_for, spacy_model_id
+from pipeline.questions import questions_for, warn_spacy_version
+from pipeline.scorer_record import deviations, make_record, model_set
 
 
 @dataclass
@@ -104,6 +105,15 @@ class SpecialIds:
 # --- the scorer ----------------------------------------------------------------------------------
 
 
+def _force_vision_eps(model: Any, eps: float) -> float:
+    """Set every vision LayerNorm to BLIP's eps (the hub config says 1e-5); returns the loaded one."""
+    norms = [m for m in model.vision_model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    loaded = float(norms[0].eps) if norms else eps
+    for norm in norms:
+        norm.eps = eps
+    return loaded
+
+
 class VqaScorer:
     """Scores images against prompts with the T2I-CompBench BLIP-VQA protocol."""
 
@@ -117,16 +127,21 @@ class VqaScorer:
         self.model_image_size = int(model.config.vision_config.image_size)
         # The hub weights were resized to 384; the protocol's 480 needs interpolated positions.
         self.pos_interpolated = self.model_image_size != self.vcfg.image_size
+        loaded_eps = _force_vision_eps(model, self.vcfg.vision_layer_norm_eps)
         dev, dt = models.device, torch.float32
-        self._mean = torch.tensor(cfg.augment.clip_mean, device=dev, dtype=dt).view(1, 3, 1, 1)
-        self._std = torch.tensor(cfg.augment.clip_std, device=dev, dtype=dt).view(1, 3, 1, 1)
+        # The scorer's own constants (vqa.image_*), never the referee's augment.clip_*.
+        self._mean = torch.tensor(self.vcfg.image_mean, device=dev, dtype=dt).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.vcfg.image_std, device=dev, dtype=dt).view(1, 3, 1, 1)
+        spacy = warn_spacy_version(self.vcfg)
+        vision = {"image_size": self.model_image_size, "layer_norm_eps": loaded_eps}
+        self.record = make_record(cfg, models.source, spacy, deviations(cfg, spacy, vision, model_set(cfg)))
         self.metadata: dict[str, Any] = {
             "model_source": models.source,
             "model_image_size": self.model_image_size,
             "protocol_image_size": self.vcfg.image_size,
             "pos_interpolated": self.pos_interpolated,
             "token_ids": {"enc": self.ids.enc, "dec": self.ids.dec, "yes": self.ids.yes, "no": self.ids.no},
-            "spacy_model": spacy_model_id(self.vcfg.spacy_model),
+            **self.record,
         }
         if self.pos_interpolated:
             self.metadata["caveat"] = (
@@ -164,7 +179,7 @@ class VqaScorer:
 
     def image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
         vision = self.models.model.vision_model
-        pixels = pixels.to(self.models.dtype)
+        pixels = pixels.to(torch.float32)  # the scorer runs in float32 whatever models.dtype says
         return vision(pixel_values=pixels, interpolate_pos_encoding=self.pos_interpolated).last_hidden_state
 
     # -- text path --
@@ -248,6 +263,14 @@ class VqaScorer:
         with torch.no_grad():
             probs = self.answer_probs(images, questions)
         return [self._result(q, p) for q, p in zip(questions, probs)]
+
+    def score_stored(self, images: list[Any], prompts: list[str]) -> list[VqaResult]:
+        """Scores of images as stored (PIL images, e.g. decoded from a tar's bytes), resized as the
+        benchmark does. One image per pass: a score then depends on nothing else in the batch, so
+        the run's stored score and ``jobs/score.py``'s agree to the last digit."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        return [self.score([self.load_pil(image)], [prompt])[0] for image, prompt in zip(images, prompts)]
 
     def _result(self, questions: list[str], probs: torch.Tensor) -> VqaResult:
         answers = [round_answer(p, self.vcfg.round_digits) for p in probs.tolist()]

@@ -18,9 +18,12 @@ import pyarrow.parquet as pq
 from pipeline.errors import UserError
 from pipeline.storage import filesystem_for
 
-PROMPTS_SCHEMA_VERSION = 1
+PROMPTS_SCHEMA_VERSION = 2  # 2: benchmark_index, template
+# benchmark_index: the prompt's line (0-based) in its T2I-CompBench list; template: a template
+# prompt of a train list (GORS's index < 560 rule), which selects {category}_template thresholds.
 KNOWN_COLUMNS = {"prompt": pa.string(), "prompt_id": pa.string(), "category": pa.string(),
-                 "seed": pa.int64(), "num_samples": pa.int32()}
+                 "seed": pa.int64(), "num_samples": pa.int32(), "benchmark_index": pa.int64(),
+                 "template": pa.bool_()}
 MAX_SAMPLES_PER_PROMPT = 99  # the sample index has two digits in the key
 
 STATUS_OK = "ok"
@@ -36,6 +39,8 @@ class PromptRow:
     seed: int | None
     num_samples: int
     extra: dict[str, Any] = field(default_factory=dict)
+    benchmark_index: int | None = None
+    template: bool = False
     status: str = STATUS_OK
     error: str | None = None
 
@@ -80,6 +85,8 @@ def _castable(src: pa.DataType, dst: pa.DataType, name: str) -> bool:
         return True
     if pa.types.is_integer(dst):
         return pa.types.is_integer(src)
+    if pa.types.is_boolean(dst):
+        return pa.types.is_boolean(src)
     is_text = pa.types.is_string(src) or pa.types.is_large_string(src)
     # Integer ids are common and unambiguous as text; an integer prompt is not a prompt.
     return is_text or (name == "prompt_id" and pa.types.is_integer(src))
@@ -150,6 +157,7 @@ def validate_rows(
                 row=index, prompt=rec.get("prompt"), prompt_id=pid, category=rec.get("category"),
                 seed=rec.get("seed"), num_samples=default_samples if num is None else int(num),
                 extra={k: _json_safe(v) for k, v in rec.items() if k not in KNOWN_COLUMNS},
+                benchmark_index=rec.get("benchmark_index"), template=bool(rec.get("template")),
             )
             row.error = _row_problem(row.prompt, max_prompt_chars) or _id_problem(pid, first_seen, max_id_chars)
             if row.error is None and not 1 <= row.num_samples <= MAX_SAMPLES_PER_PROMPT:

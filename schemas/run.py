@@ -67,6 +67,8 @@ class RunInfo(JsonRecord):
     # Installed versions (torch, transformers, diffusers, kornia, spaCy and its model, Pillow, ray, ...);
     # the output-changing ones are part of config_hash.
     libraries: dict[str, str] = field(default_factory=dict)
+    # The scorer's exactness record (pipeline/scorer_record.py): exact, deviations, spaCy, VQA weights.
+    scorer: dict[str, Any] = field(default_factory=dict)
     version: int = RUN_SCHEMA_VERSION
 
 
@@ -80,5 +82,6 @@ class Summary(SampleCounts):
     finished_at: str
     retries: int = 0
     skipped_shards: int = 0
+    scorer: dict[str, Any] = field(default_factory=dict)  # as in run.json
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = SUMMARY_SCHEMA_VERSION

@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SAMPLE_SCHEMA_VERSION = 1
+SAMPLE_SCHEMA_VERSION = 2  # 2: benchmark_index, template
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
@@ -37,6 +37,8 @@ class SampleRecord:
     sample_index: int
     seed: int | None
     status: str
+    benchmark_index: int | None = None  # line in the T2I-CompBench list the prompt came from
+    template: bool = False  # a benchmark template prompt: {category}_template threshold
     error: str | None = None
     vqa_score: float | None = None
     vqa_questions: list[str] = field(default_factory=list)
@@ -64,6 +66,8 @@ SIDECAR_SCHEMA = pa.schema([
     ("prompt", pa.string()),
     ("category", pa.string()),
     ("sample_index", pa.int32()),
+    ("benchmark_index", pa.int64()),
+    ("template", pa.bool_()),
     ("seed", pa.int64()),
     ("status", pa.string()),
     ("error", pa.string()),

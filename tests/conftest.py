@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -52,3 +54,18 @@ def compbench_prompts(name: str, limit: int | None = None) -> list[str]:
     lines = (COMPBENCH / f"{name}.txt").read_text().splitlines()
     prompts = [line.strip() for line in lines if line.strip()]
     return prompts[:limit] if limit else prompts
+
+
+def project_files() -> list[str]:
+    """What a clone of the working tree holds: tracked files plus new, not ignored ones."""
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    return [f for f in out.split("\0") if f and (ROOT / f).is_file()]
+
+
+def copy_project(dest: Path) -> Path:
+    """The project's files in ``dest`` (a stand-in for ``git clone``), nothing beside them."""
+    for name in project_files():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, dest / name)
+    return dest

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,26 +11,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.compbench_data import COMPBENCH_DIR, available
+from tests.conftest import ROOT, copy_project, project_files
 
-ROOT = Path(__file__).resolve().parent.parent
 # Paths that would reach outside a clone: `../shared`, or a parent folder's `shared`.
 OUTSIDE = re.compile(r"\.\./shared|parent\s*/\s*[\"']shared[\"']|parents?\[\d\]\s*/\s*[\"']shared[\"']")
-
-
-def _project_files() -> list[str]:
-    """What a clone of the working tree holds: tracked files plus new, not ignored ones."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
-    return [f for f in out.split("\0") if f and (ROOT / f).is_file()]
 
 
 @pytest.fixture(scope="module")
 def lone_clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's files in ``TMP/x/repo``, with no sibling folder at all."""
-    repo = tmp_path_factory.mktemp("x") / "repo"
-    for name in _project_files():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, repo / name)
+    repo = copy_project(tmp_path_factory.mktemp("x") / "repo")
     assert sorted(p.name for p in repo.parent.iterdir()) == ["repo"]
     return repo
 
@@ -49,7 +38,7 @@ def test_demo_prompts_resolve_in_a_lone_clone(lone_clone: Path, tmp_path: Path) 
 
 def test_no_project_file_reaches_outside_the_clone() -> None:
     hits = []
-    for name in _project_files():
+    for name in project_files():
         if name.startswith("data/") or name == "tests/test_fresh_clone.py":
             continue
         text = (ROOT / name).read_text(errors="replace")

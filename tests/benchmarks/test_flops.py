@@ -51,7 +51,10 @@ def test_top_k_adds_the_selection_pass() -> None:
     from benchmarks.flops import Assumptions, calls_per_image
     from pipeline.config import load_config, preset_path
 
-    cfg = load_config(preset_path("vlminv"))  # 10 views, the 5 hardest kept
+    cfg = load_config(preset_path("vlminv"), ["augment.top_k=5"])  # 10 views, the 5 hardest kept
     calls = calls_per_image(cfg, Assumptions())
     assert calls["referee_vit_fwd_bwd"] == 150 * 5
     assert calls["referee_vit_fwd"] == 150 * 10 + 1
+    # The vlminv preset itself keeps all 10 views (the code's aug_topk = cutn): no selection pass.
+    calls = calls_per_image(load_config(preset_path("vlminv")), Assumptions())
+    assert calls["referee_vit_fwd_bwd"] == 150 * 10 and calls["referee_vit_fwd"] == 1

@@ -78,6 +78,20 @@ def test_gors_export_layout_order_and_rewards(tiny_run, tiny_cache, tmp_path) ->
     assert not any("red" in f.name and "cube" in f.name for f in (out / "samples").iterdir())
 
 
+def test_score_py_reproduces_every_stored_score_string(tiny_run, tiny_cache, tmp_path) -> None:
+    """Synthesis scores the stored PNG as the benchmark would: score.py on the run agrees to the digit."""
+    out = tmp_path / "rescore"
+    proc = _job("score.py", ["--shards", str(tiny_run), "--output", str(out), "--config", "configs/tiny.yaml"],
+                _env(tiny_cache))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    accepted = {r["key"]: r for r in _sidecars(tiny_run) if r["status"] == "accepted"}
+    lines = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
+    answers = [r["answer"] for r in json.loads((out / "vqa_result.json").read_text())]
+    assert [x["key"] for x in lines] == sorted(accepted) and len(lines) == 11
+    assert answers == [f"{accepted[x['key']]['vqa_score']:.4f}" for x in lines]
+    assert all(x["answers"] == accepted[x["key"]]["vqa_answers"] for x in lines)
+
+
 def test_gors_export_maps_unsafe_prompts_when_asked(tiny_run, tiny_cache, tmp_path) -> None:
     out = tmp_path / "gors"
     proc = _job("export_gors.py", ["--run", str(tiny_run), "--output", str(out), "--map-unsafe",
@@ -144,4 +158,6 @@ def test_evaluate_prints_table_for_two_categories(tiny_cache, shared_ray, tmp_pa
     assert results["categories"]["color"]["images"] == 4 and results["categories"]["shape"]["images"] == 4
     seeds = sorted(r["seed"] for r in _sidecars(out / "run") if r["category"] == "color")
     assert seeds == [42, 42, 43, 43]  # T2I-CompBench's seeds 42.. per prompt
-    assert (out / "results.md").read_text().startswith("| Method |")
+    header = (out / "results.md").read_text().splitlines()[0]
+    assert header.startswith("BLIP-VQA scorer: approximate;") and "tiny random-weight" in header
+    assert results["scorer"]["exact"] is False and results["scorer"]["spacy_version"]

@@ -95,7 +95,7 @@ def test_scores_jsonl_has_the_protocol_questions(folder_run, samples_dir):
         assert line["status"] == "scored" and len(line["answers"]) == len(line["questions"])
         product = float(np.prod(np.float32(line["answers"]), dtype=np.float32)) if line["answers"] else 1.0
         assert abs(line["score"] - product) <= 5e-5
-        assert line["accepted"] == (line["score"] >= line["threshold"])
+        assert line["accepted"] == (line["score"] > line["threshold"])  # GORS: strictly greater
 
 
 def test_unreadable_image_gets_a_status(folder_run):
@@ -153,3 +153,26 @@ def test_shards_mode_scores_accepted_samples(tmp_path, tiny_cache):
     assert [x["key"] for x in lines] == ["000000000000", "000000000200"]
     assert lines[1]["questions"] == _expected_questions(rows[2][1])
     assert all(x["category"] == "color" and x["status"] == "scored" for x in lines)
+
+
+@pytest.mark.parametrize(("split", "read_as"), [("last", "a red_cube and a blue ball"), ("first", "a red")])
+def test_prompts_holding_underscore_are_marked_and_first_split_reads_as_the_benchmark(
+    tmp_path, tiny_cache, split, read_as
+):
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    _png(rng).save(folder / "a green bench_000000.png")
+    _png(rng).save(folder / "a red_cube and a blue ball_000001.png")
+    out = tmp_path / "out"
+    proc = _run(["--images", str(folder), "--output", str(out), "--prompt-split", split], tiny_cache)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
+    assert [(x["prompt"], x["prompt_holds_underscore"]) for x in lines] == [
+        ("a green bench", False), (read_as, True)]
+    assert lines[1]["questions"] == _expected_questions(read_as)
+    assert "1 file names hold '_'" in proc.stderr
+    summary = json.loads((out / "score_summary.json").read_text())
+    assert summary["prompt_split"] == split and summary["prompts_holding_underscore"] == 1
+    assert summary["scorer"]["exact"] is False and summary["scorer"]["deviations"]
+    assert "BLIP-VQA scorer: approximate" in proc.stdout

@@ -57,7 +57,7 @@ def test_pooling_and_clip_normalisation(augmenter, tiny_cfg) -> None:
     torch.testing.assert_close(augmenter.plain(images), (pooled - mean) / std)
     # With every random op switched off, a view is exactly the plain input.
     off = dataclasses.replace(
-        tiny_cfg.augment, affine_degrees=0.0, affine_translate=0.0, perspective_p=0.0, jitter_p=0.0,
+        tiny_cfg.augment, affine_degrees=0.0, affine_translate=[0.0, 0.0], perspective_p=0.0, jitter_p=0.0,
         erasing_p=0.0, noise_std=0.0, noise_std_max=0.0,
     )
     views = ViewAugmenter(off, s)(images, [1, 2], iteration=0)
@@ -66,7 +66,7 @@ def test_pooling_and_clip_normalisation(augmenter, tiny_cfg) -> None:
 
 def test_gaussian_noise_levels(tiny_cfg) -> None:
     cfg = dataclasses.replace(
-        tiny_cfg.augment, num_views=64, affine_degrees=0.0, affine_translate=0.0, perspective_p=0.0,
+        tiny_cfg.augment, num_views=64, affine_degrees=0.0, affine_translate=[0.0, 0.0], perspective_p=0.0,
         jitter_p=0.0, erasing_p=0.0,
     )
     aug = ViewAugmenter(cfg, 32)
@@ -77,3 +77,43 @@ def test_gaussian_noise_levels(tiny_cfg) -> None:
     lo, hi = cfg.noise_std, (cfg.noise_std**2 + cfg.noise_std_max**2) ** 0.5
     assert torch.all(per_view > lo * 0.95) and torch.all(per_view < hi * 1.05)
     assert per_view.std() > 0  # the first noise's std differs per view
+
+
+def _only(tiny_cfg, **on) -> object:
+    """The tiny augment config with every random op off except those in ``on``."""
+    off = dict(affine_degrees=0.0, affine_translate=[0.0, 0.0], perspective_p=0.0, jitter_p=0.0, erasing_p=0.0,
+               noise_std=0.0, noise_std_max=0.0, num_views=6)
+    return dataclasses.replace(tiny_cfg.augment, **{**off, **on})
+
+
+def _erased(aug: ViewAugmenter, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """[B, N, S, S] masks of the erased pixels (erasing writes 0 into an all-ones image)."""
+    views = aug(images, seeds, iteration=3) * aug.std + aug.mean  # back to pixel units
+    return views.amin(dim=2) < 0.5
+
+
+def test_erasing_shares_one_rectangle_among_an_images_views_only(tiny_cfg) -> None:
+    aug = ViewAugmenter(_only(tiny_cfg, erasing_p=1.0, erase_same_on_views=True), 32)
+    masks = _erased(aug, torch.ones(3, 3, 64, 64), [11, 12, 13])
+    assert masks.any(dim=(2, 3)).all()  # every view has a rectangle
+    for b in range(3):
+        assert all(torch.equal(masks[b, 0], masks[b, k]) for k in range(1, masks.shape[1]))
+    # the samples of one batch are never coupled: each image draws its own rectangle
+    assert not torch.equal(masks[0, 0], masks[1, 0]) or not torch.equal(masks[1, 0], masks[2, 0])
+
+
+def test_erasing_per_view_when_not_shared(tiny_cfg) -> None:
+    aug = ViewAugmenter(_only(tiny_cfg, erasing_p=1.0, erase_same_on_views=False), 32)
+    masks = _erased(aug, torch.ones(1, 3, 64, 64), [11])
+    assert len({tuple(masks[0, k].flatten().tolist()) for k in range(masks.shape[1])}) > 1
+
+
+@pytest.mark.parametrize(("translate", "moves_x"), [([0.0, 0.1], False), ([0.1, 0.0], True)])
+def test_translate_is_per_axis(tiny_cfg, translate, moves_x) -> None:
+    """An image that varies along x only: a y-only shift leaves the middle row as it was."""
+    aug = ViewAugmenter(_only(tiny_cfg, affine_translate=translate, num_views=8), 32)
+    ramp = torch.linspace(0.0, 1.0, 64).expand(1, 3, 64, 64).contiguous()
+    views = aug(ramp, [5], iteration=0)[0]
+    mid = views[:, :, 16, :]
+    plain_mid = aug.plain(ramp)[0, :, 16, :].expand_as(mid)
+    assert torch.allclose(mid, plain_mid, atol=1e-5) is not moves_x

@@ -17,7 +17,7 @@ def test_defaults_are_the_papers_numbers() -> None:
     # Views.
     a = c.augment
     assert a.num_views == 30 and a.top_k == 0
-    assert (a.affine_degrees, a.affine_translate) == (30.0, 0.1)
+    assert (a.affine_degrees, a.affine_translate, a.erase_same_on_views) == (30.0, [0.1, 0.1], True)
     assert (a.perspective_distortion, a.perspective_p) == (0.2, 0.4)
     assert (a.jitter_brightness, a.jitter_contrast, a.jitter_saturation, a.jitter_hue, a.jitter_p) == (
         0.1, 0.1, 0.1, 0.1, 0.5,
@@ -59,7 +59,17 @@ def test_presets_load(name: str) -> None:
 def test_vlminv_preset_is_the_public_code() -> None:
     cfg = load_config(preset_path("vlminv"))
     assert cfg.optim.optimizer == "sgd" and cfg.augment.num_views == 10
-    assert 0 < cfg.augment.top_k < cfg.augment.num_views
+    # cutn 10 and aug_topk 10: every view is kept, no hardest-view selection pass
+    assert cfg.augment.top_k == 0
+    assert cfg.augment.affine_translate == [0.0, 0.1]  # scalar 0.1 under kornia 0.6.12: y only
+    assert cfg.augment.erase_same_on_views is True
+
+
+def test_translate_accepts_one_number_for_both_axes() -> None:
+    assert load_config(None, ["augment.affine_translate=0.2"]).augment.affine_translate == [0.2, 0.2]
+    assert load_config(None, ["augment.affine_translate=[0, 0.1]"]).augment.affine_translate == [0.0, 0.1]
+    with pytest.raises(ConfigError, match="affine_translate"):
+        load_config(None, ["augment.affine_translate=[0.1, 0.1, 0.1]"])
 
 
 def test_yaml_round_trip(tmp_path) -> None:

@@ -1,4 +1,7 @@
-"""LAVIS BLIP-2 stage-1 checkpoint -> referee folder: round trip through the tiny referee, rejections."""
+"""LAVIS BLIP-2 stage-1 checkpoint -> referee folder: round trip through the tiny referee, rejections.
+
+Two layouts: the released pair (``blip2_pretrained.pth`` without ``visual_encoder.*`` + a bare-named
+``eva_vit_g.pth`` with one block more than LAVIS uses) and one merged file holding the ViT."""
 
 from __future__ import annotations
 
@@ -83,8 +86,30 @@ def _save(tmp_path: Path, state: dict[str, torch.Tensor], name: str = "blip2_pre
     return path
 
 
-def _convert(ckpt: Path, out: Path, tiny_referee_dir: Path) -> Path:
-    return convert_lavis_blip2(ckpt, out, tokenizer=tiny_referee_dir, base_config=tiny_referee_dir)
+def _convert(ckpt: Path, out: Path, tiny_referee_dir: Path, vision: Path | None = None) -> Path:
+    return convert_lavis_blip2(
+        ckpt, out, tokenizer=tiny_referee_dir, vision_checkpoint=vision, base_config=tiny_referee_dir
+    )
+
+
+def _released_pair(lavis: dict[str, torch.Tensor], extra_block_seed: int = 2) -> tuple[dict, dict]:
+    """(trainable-only state, bare-named ViT file state with one extra block, fp16 as the real file, and
+    EVA-CLIP's final norm, which LAVIS does not use)."""
+    trainable = {k: v for k, v in lavis.items() if not k.startswith("visual_encoder.")}
+    vit = {k.removeprefix("visual_encoder."): v.half() for k, v in lavis.items() if k.startswith("visual_encoder.")}
+    depth = 1 + max(int(k.split(".")[1]) for k in vit if k.startswith("blocks."))
+    g = torch.Generator().manual_seed(extra_block_seed)
+    for key in [k for k in vit if k.startswith("blocks.0.")]:
+        vit[key.replace("blocks.0.", f"blocks.{depth}.", 1)] = torch.randn(vit[key].shape, generator=g).half()
+    width = vit["cls_token"].shape[-1]
+    vit["norm.weight"], vit["norm.bias"] = torch.ones(width).half(), torch.zeros(width).half()
+    return trainable, vit
+
+
+def _save_bare(tmp_path: Path, state: dict[str, torch.Tensor], name: str) -> Path:
+    path = tmp_path / name
+    torch.save(state, path)  # eva_vit_g.pth is a bare state dict, no {"model": ...}
+    return path
 
 
 def test_round_trip_through_the_lavis_layout(tmp_path, source, tiny_referee_dir, tiny_cfg) -> None:
@@ -167,3 +192,106 @@ def test_cli_reports_one_line_and_exit_2(tmp_path, tiny_referee_dir) -> None:
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "not a LAVIS BLIP-2" in lines[0]
+
+
+def test_released_pair_converts_and_uses_all_but_the_last_vit_block(tmp_path, source, tiny_referee_dir,
+                                                                    tiny_cfg) -> None:
+    from transformers import Blip2ForImageTextRetrieval
+
+    referee, head = source
+    trainable, vit = _released_pair(_to_lavis(referee, head))
+    # Formats are told apart by their keys: unusual names on purpose.
+    ckpt = _save(tmp_path, trainable, "stage1.bin")
+    vision = _save_bare(tmp_path, vit, "vit.weights")
+    out = _convert(ckpt, tmp_path / "referee", tiny_referee_dir, vision)
+    loaded = Blip2ForImageTextRetrieval.from_pretrained(out).state_dict()
+    assert loaded.keys() == referee.keys()  # the extra block and EVA-CLIP's norm are not in it
+    for k, v in referee.items():
+        expected = v.half().float() if k.startswith("vision_model.") and "post_layernorm" not in k else v
+        assert torch.equal(loaded[k], expected), k
+    sd = model_sources(tiny_cfg.models)["stable_diffusion"]
+    cfg = load_config(overrides=[f"models.referee={out}", f"models.stable_diffusion={sd}", "models.device=cpu"])
+    vision_model = load_generator_models(cfg).referee.vision_model
+    assert vision_model.post_layernorm.eps == 1e-5  # LAVIS's ln_vision, not the blocks' eps
+    assert vision_model.encoder.layers[0].layer_norm1.eps != 1e-5
+
+
+def test_released_file_without_vit_names_the_missing_file(tmp_path, source, tiny_referee_dir) -> None:
+    trainable, _ = _released_pair(_to_lavis(*source))
+    ckpt = _save(tmp_path, trainable)
+    with pytest.raises(UserError) as err:
+        _convert(ckpt, tmp_path / "out", tiny_referee_dir)
+    assert str(err.value) == "blip2_pretrained.pth has no ViT weights: pass --vision-checkpoint eva_vit_g.pth"
+    proc = _cli(tmp_path, "--lavis-checkpoint", str(ckpt), "--tokenizer", str(tiny_referee_dir))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "error: blip2_pretrained.pth has no ViT weights: pass --vision-checkpoint eva_vit_g.pth"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_merged_file_with_all_40_eva_blocks_is_refused(tmp_path, source, tiny_referee_dir) -> None:
+    lavis = _to_lavis(*source)
+    block0 = {k: v for k, v in lavis.items() if k.startswith("visual_encoder.blocks.0.")}
+    merged = {k: v for k, v in lavis.items() if not k.startswith("visual_encoder.blocks.")}
+    for i in range(40):
+        merged.update({k.replace("blocks.0.", f"blocks.{i}.", 1): v for k, v in block0.items()})
+    msg = _rejects(tmp_path, merged, tiny_referee_dir, "40 blocks", "LAVIS", "uses 39")
+    assert "--vision-checkpoint" in msg
+
+
+def test_vision_checkpoint_rejections(tmp_path, source, tiny_referee_dir) -> None:
+    lavis = _to_lavis(*source)
+    trainable, vit = _released_pair(lavis)
+    ckpt = _save(tmp_path, trainable)
+    merged = _save(tmp_path, lavis, "merged.pth")
+    vision = _save_bare(tmp_path, vit, "eva_vit_g.pth")
+    cases = [
+        (merged, vision, "already holds visual_encoder"),  # two ViTs: which one is meant?
+        (ckpt, merged, "pass it as --lavis-checkpoint"),  # the files swapped
+        (vision, ckpt, "bare ViT; pass that file as --vision-checkpoint"),
+        (ckpt, _save_bare(tmp_path, {"weight": torch.zeros(2)}, "other.pth"), "not an EVA ViT"),
+        (ckpt, _save_bare(tmp_path, {k: v for k, v in vit.items() if not k.startswith("blocks.1.")},
+                          "gap.pth"), "missing"),
+    ]
+    for blip2, vit_file, words in cases:
+        with pytest.raises(UserError, match=words) as err:
+            _convert(blip2, tmp_path / "out", tiny_referee_dir, vit_file)
+        assert "\n" not in str(err.value)
+        assert not (tmp_path / "out").exists()
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "obj": _Opaque()}, pickled)
+    with pytest.raises(UserError, match="weights-only"):
+        _convert(ckpt, tmp_path / "out", tiny_referee_dir, pickled)
+
+
+class _Opaque:
+    """Not a tensor: torch.load(weights_only=True) refuses to unpickle it."""
+
+
+def test_eva_g_file_must_have_its_40_blocks(tmp_path, source, tiny_referee_dir) -> None:
+    trainable, _ = _released_pair(_to_lavis(*source))
+    ckpt = _save(tmp_path, trainable)
+    # Shapes of the real EVA ViT-g, cut down to what the block count check reads (39 blocks: pre-trimmed).
+    vit = {"patch_embed.proj.weight": torch.zeros(1408, 3, 14, 14), "pos_embed": torch.zeros(1, 257, 1408)}
+    vit.update({f"blocks.{i}.norm1.weight": torch.zeros(1) for i in range(39)})
+    with pytest.raises(UserError, match="39 blocks; EVA ViT-g has 40, of which LAVIS uses the first 39"):
+        _convert(ckpt, tmp_path / "out", tiny_referee_dir, _save_bare(tmp_path, vit, "eva_vit_g.pth"))
+
+
+def test_cli_converts_the_released_pair(tmp_path, source, tiny_referee_dir) -> None:
+    referee, head = source
+    trainable, vit = _released_pair(_to_lavis(referee, head))
+    ckpt, vision = _save(tmp_path, trainable), _save_bare(tmp_path, vit, "eva_vit_g.pth")
+    # The tiny widths need the base config's head counts, which the CLI does not take: full-size
+    # widths (88 / 64 per head) are covered by tests/parity.
+    proc = _cli(tmp_path, "--lavis-checkpoint", str(ckpt), "--vision-checkpoint", str(vision),
+                "--tokenizer", str(tiny_referee_dir))
+    assert proc.returncode == 2 and "base_config" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "jobs/convert_checkpoints.py", "blip2", *args, "--output", str(tmp_path / "out")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )

@@ -207,7 +207,7 @@ def test_referee_loss_falls_over_30_iterations(generator_models, tiny_cfg) -> No
     cfg = _cfg(
         tiny_cfg, engine__trace=True, optim__iterations=30, optim__tail_iterations=0, optim__ema_restarts=[],
         optim__sds_step=0.0, optim__noise_std=0.0, optim__lr_start=0.1, optim__lr_end=0.1, optim__warmup=0,
-        augment__affine_degrees=0.0, augment__affine_translate=0.0, augment__perspective_p=0.0,
+        augment__affine_degrees=0.0, augment__affine_translate=[0.0, 0.0], augment__perspective_p=0.0,
         augment__jitter_p=0.0, augment__erasing_p=0.0, augment__noise_std=0.0, augment__noise_std_max=0.0,
     )
     r = InversionEngine(generator_models, cfg).run([SampleRequest(PROMPTS[0], "fixed", 0, 7)])[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.shards import ShardWriter
+from pipeline.shards import ShardWriter, encode_image
 from pipeline.storage import filesystem_for
 from schemas.samples import SampleRecord, sample_key
 from tests.conftest import ROOT
@@ -50,7 +50,7 @@ def _write_run(out: Path, shards: int, per_shard: int) -> dict[str, tuple[int, f
             status = "rejected" if r == per_shard else "accepted"
             rec = SampleRecord(key=sample_key(shard, r, 0), shard=shard, row=i, prompt_id=str(i), prompt=f"prompt {i}",
                                category=None, sample_index=0, seed=i, status=status, vqa_score=(i + 1) / 1000)
-            w.add(rec, torch.full((3, 8, 8), i / 255))
+            w.add(rec, encode_image(torch.full((3, 8, 8), i / 255), "png"))
             if status == "accepted":
                 want[f"prompt {i}"] = (i, (i + 1) / 1000)
         w.finish(rows=per_shard + 1, seconds=0.0, config_hash="h")

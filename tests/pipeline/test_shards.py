@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline import storage
-from pipeline.shards import PublishRetry, ShardWriter, plan_shards, shard_is_complete, shard_paths
+from pipeline.shards import PublishRetry, ShardWriter, encode_image, plan_shards, shard_is_complete, shard_paths
 from pipeline.storage import filesystem_for
 from schemas.prompts import PromptRow
 from schemas.samples import SampleRecord, sample_key
@@ -38,9 +38,9 @@ def test_keys_are_digits_and_unique() -> None:
 def test_writer_publishes_tar_sidecar_then_marker(tmp_path) -> None:
     fs, out = filesystem_for(str(tmp_path / "run"))
     w = ShardWriter(fs, out, 3, "png", keep_rejected=True)
-    img = torch.rand(3, 16, 16)
+    img = encode_image(torch.rand(3, 16, 16), "png")
     w.add(_rec(3, 0, 0, "accepted"), img)
-    w.add(_rec(3, 0, 1, "rejected"), torch.rand(3, 16, 16))
+    w.add(_rec(3, 0, 1, "rejected"), encode_image(torch.rand(3, 16, 16), "png"))
     w.add(_rec(3, 1, 0, "failed"))
     paths = shard_paths(out, 3)
     assert not fs.get_file_info(paths["stats"]).is_file  # nothing is marked before finish
@@ -75,7 +75,7 @@ def test_no_rejected_tar_when_nothing_was_rejected(tmp_path) -> None:
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"old")
     w = ShardWriter(fs, out, 0, "png", keep_rejected=True)
-    w.add(_rec(0, 0, 0, "accepted"), torch.rand(3, 8, 8))
+    w.add(_rec(0, 0, 0, "accepted"), encode_image(torch.rand(3, 8, 8), "png"))
     stats = w.finish(rows=1, seconds=0.1, config_hash="h")
     assert stats.rejected_tar_bytes == 0 and not stale.exists()
     assert shard_is_complete(fs, out, 0, "h")
@@ -91,14 +91,14 @@ def test_transient_publish_faults_are_retried_with_backoff(tmp_path, monkeypatch
     monkeypatch.setenv(storage.REFUSE_WRITES_ENV, "000005.parquet:2")
     fs, out = filesystem_for(str(tmp_path / "run"))
     w = ShardWriter(fs, out, 5, "png", keep_rejected=False, retry=_retry(3))
-    w.add(_rec(5, 0, 0, "accepted"), torch.rand(3, 8, 8))
+    w.add(_rec(5, 0, 0, "accepted"), encode_image(torch.rand(3, 8, 8), "png"))
     w.finish(rows=1, seconds=0.1, config_hash="h")
     assert shard_is_complete(fs, out, 5, "h")
     err = capsys.readouterr().err
     assert err.count("publishing") == 2 and "try 3/3 in 0.02 s" in err
     monkeypatch.setenv(storage.REFUSE_WRITES_ENV, "000006.stats.json:1")
     w = ShardWriter(fs, out, 6, "png", keep_rejected=False, retry=_retry(2))
-    w.add(_rec(6, 0, 0, "accepted"), torch.rand(3, 8, 8))
+    w.add(_rec(6, 0, 0, "accepted"), encode_image(torch.rand(3, 8, 8), "png"))
     w.finish(rows=1, seconds=0.1, config_hash="h")
     assert shard_is_complete(fs, out, 6, "h")
 
@@ -108,7 +108,7 @@ def test_a_lasting_publish_fault_fails_the_shard_after_the_bounded_tries(tmp_pat
     monkeypatch.setenv(storage.REFUSE_WRITES_ENV, "000007.tar")
     fs, out = filesystem_for(str(tmp_path / "run"))
     w = ShardWriter(fs, out, 7, "png", keep_rejected=False, retry=_retry(3))
-    w.add(_rec(7, 0, 0, "accepted"), torch.rand(3, 8, 8))
+    w.add(_rec(7, 0, 0, "accepted"), encode_image(torch.rand(3, 8, 8), "png"))
     with pytest.raises(OSError, match=r"write refused .* \(gave up after 3 tries\)"):
         w.finish(rows=1, seconds=0.1, config_hash="h")
     assert storage._refused[shard_paths(out, 7)["tar"]] == 3

@@ -194,9 +194,33 @@ def test_preprocess_resizes_and_normalises(scorer, tiny_cfg):
     grey = torch.full((3, 40, 70), 0.5)
     out = scorer.preprocess([grey])
     assert out.shape == (1, 3, size, size)
-    mean = torch.tensor(tiny_cfg.augment.clip_mean).view(3, 1, 1)
-    std = torch.tensor(tiny_cfg.augment.clip_std).view(3, 1, 1)
+    mean = torch.tensor(tiny_cfg.vqa.image_mean).view(3, 1, 1)
+    std = torch.tensor(tiny_cfg.vqa.image_std).view(3, 1, 1)
     assert torch.allclose(out[0], ((0.5 - mean) / std).expand(3, size, size), atol=1e-5)
+
+
+def test_normalisation_is_the_scorers_own_not_the_referees(vqa_models, tiny_cache, scorer):
+    base = [f"models.tiny_cache_dir={tiny_cache}"]
+    tuned = load_config(preset_path("tiny"), [*base, "augment.clip_mean=[0.1, 0.2, 0.3]"])
+    tuned_referee = VqaScorer(vqa_models, tuned)
+    images = _images(2, seed=5)
+    assert tuned_referee.score(images, PROMPTS[:2]) == scorer.score(images, PROMPTS[:2])
+    other = VqaScorer(vqa_models, load_config(preset_path("tiny"), [*base, "vqa.image_mean=[0.1, 0.2, 0.3]"]))
+    assert not torch.equal(other.preprocess(images[:1]), scorer.preprocess(images[:1]))
+
+
+def test_scorer_runs_in_float32_whatever_models_dtype(tiny_cache):
+    from pipeline.models import load_vqa_models
+
+    cfg = load_config(preset_path("tiny"), [f"models.tiny_cache_dir={tiny_cache}", "models.dtype=bfloat16"])
+    models = load_vqa_models(cfg)
+    assert models.dtype == torch.float32
+    assert {p.dtype for p in models.model.parameters()} == {torch.float32}
+
+
+def test_vision_layernorm_eps_is_blips(scorer, vqa_models, tiny_cfg):
+    norms = [m for m in vqa_models.model.vision_model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(m.eps == tiny_cfg.vqa.vision_layer_norm_eps == 1e-6 for m in norms)
 
 
 def test_answers_are_differentiable_wrt_the_image(scorer):
@@ -229,7 +253,22 @@ def test_metadata_at_native_size(scorer, vqa_models):
     assert meta["pos_interpolated"] is False and "caveat" not in meta
     assert meta["model_source"] == vqa_models.source
     assert meta["model_image_size"] == meta["protocol_image_size"] == 480
-    assert meta["spacy_model"].startswith("en_core_web_sm")
+    assert meta["spacy_model"].startswith("en_core_web_sm") and meta["spacy_version"]
+    # tiny weights are never the benchmark's: recorded as not exact, with the reason
+    assert meta["exact"] is False and meta["dtype"] == "float32"
+    assert any("tiny random-weight" in d for d in meta["deviations"])
+    assert (meta["spacy_version"] == "3.5.0") is not any("spaCy" in d for d in meta["deviations"])
+
+
+def test_spacy_model_may_be_a_folder(vqa_models, tiny_cache, tmp_path, scorer):
+    from pipeline.questions import load_spacy
+
+    folder = tmp_path / "sm"
+    load_spacy("en_core_web_sm").to_disk(folder)
+    cfg = load_config(preset_path("tiny"), [f"models.tiny_cache_dir={tiny_cache}", f"vqa.spacy_model={folder}"])
+    from_folder = VqaScorer(vqa_models, cfg)
+    assert from_folder.questions(PROMPTS) == scorer.questions(PROMPTS)
+    assert from_folder.metadata["spacy_version"] == scorer.metadata["spacy_version"]
 
 
 def test_load_pil_matches_pil_bicubic(scorer):
