@@ -37,24 +37,36 @@ def _random_kill_fires(shard: int, attempt: int, batch: int) -> bool:
     return draw < float(prob)
 
 
+def _model_processor(cfg: Any, model_ids: dict[str, str]) -> Any:
+    import torch
+
+    from pipeline.models import load_generator_models, load_vqa_models
+    from pipeline.process_shard import ShardProcessor
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, int(cfg.job.cpus_per_actor)))
+    return ShardProcessor(cfg, load_generator_models(cfg), load_vqa_models(cfg), model_ids)
+
+
 class ShardWorker:
     def __init__(self, cfg_dict: dict[str, Any], output: str, model_ids: dict[str, str], progress: Any) -> None:
-        import torch
-
         from pipeline.config import from_dict
-        from pipeline.models import load_generator_models, load_vqa_models
-        from pipeline.process_shard import ShardProcessor
-        from pipeline.storage import filesystem_for
+        from pipeline.noop_processor import NOOP_ENV, NoopProcessor
+        from pipeline.storage import configure, filesystem_for
 
         cfg = from_dict(cfg_dict)
-        if not torch.cuda.is_available():
-            torch.set_num_threads(max(1, int(cfg.job.cpus_per_actor)))
-        self.processor = ShardProcessor(cfg, load_generator_models(cfg), load_vqa_models(cfg), model_ids)
+        configure(cfg.job)  # the run's object-store timeouts, as in the driver
+        noop = os.environ.get(NOOP_ENV) == "1"
+        self.processor = NoopProcessor(cfg, model_ids) if noop else _model_processor(cfg, model_ids)
+        self.config_hash = cfg.hash()  # includes this node's library versions: the driver compares
         self.fs, self.out = filesystem_for(output)
         self.progress = progress
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> dict[str, Any]:
+        """What the driver logs and checks: the resources Ray gave this actor and its config hash."""
+        ctx = ray.get_runtime_context()
+        return {"resources": ctx.get_assigned_resources(), "node": ctx.get_node_id()[:12],
+                "config_hash": self.config_hash}
 
     def process(self, spec: Any, attempt: int) -> dict[str, Any]:
         batches = iter(range(1 << 30))

@@ -62,9 +62,7 @@ def check(out: Path, rows: int) -> dict[str, int]:
     pairs = collections.Counter((r["row"], r["sample_index"]) for r in records)
     keys = collections.Counter(r["key"] for r in records)
     in_tars: collections.Counter[str] = collections.Counter()
-    for tar_path in (out / "shards").glob("*.tar"):
-        if tar_path.name.endswith(".rejected.tar"):
-            continue
+    for tar_path in (out / "shards").glob("*.tar"):  # rejected images live in rejected/
         with tarfile.open(tar_path) as tar:
             in_tars.update(n.split(".")[0] for n in tar.getnames() if n.endswith(".json"))
     accepted = {r["key"] for r in records if r["status"] == "accepted"}

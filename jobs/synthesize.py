@@ -11,8 +11,10 @@ RAY_ADDRESS set). Otherwise a local Ray starts, its dashboard (unless --no-dashb
 (in-shard refill, pipeline/refill.py). ``--plan``: no Ray, no models, no torch: prints and writes
 OUT/plan.json (expected samples, accepted images, GPU-hours), from ``--from-run``'s rates or the FLOP floor;
 the run folder gets nothing else (no run.json, no lease).
-Exit codes: 0 every shard complete; 1 some shards failed after retries (rerun to resume);
-2 usage, configuration or input-file error; 130 interrupted (rerun to resume).
+Shards go to each actor as soon as it is ready; no actor ready after ``job.actor_ready_timeout_s``
+is one line naming the missing resources, exit 1.
+Exit codes: 0 every shard complete; 1 some shards failed after retries, or no actor could start
+for lack of resources (rerun to resume); 2 usage, configuration or input-file error; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="run folder (local, s3://, gs://)")
     p.add_argument("--config", help="YAML preset, e.g. configs/paper.yaml or configs/tiny.yaml")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
-    p.add_argument("--num-actors", type=int, help="actors in the pool (default: one per GPU)")
+    p.add_argument("--num-actors", type=int,
+                   help="actors in the pool (required on a cluster; a local Ray defaults to one per GPU)")
     p.add_argument("--shard-size", type=int, help="prompt rows per shard")
     p.add_argument("--samples-per-prompt", type=int, help="images per prompt (rows may override)")
     p.add_argument("--seed", type=int, help="run seed")
@@ -100,17 +103,50 @@ def start_ray(dashboard: bool = True) -> bool:
     return True
 
 
-def _pool_size(cfg: Config) -> tuple[int, float]:
-    """(actors, GPUs per actor) from the cluster's resources and the config."""
+def _pool_size(cfg: Config, local: bool) -> tuple[int, float]:
+    """(actors, GPUs per actor) from the config. Never from what a cluster has at start: an autoscaler
+    adds GPU nodes only for actors that ask for GPUs. A local Ray's resources are the machine's own,
+    so there a GPU-less machine falls back to CPU actors and num_actors 0 means one per local GPU."""
     import ray
 
+    per, n = cfg.job.gpus_per_actor, cfg.job.num_actors
+    if not local:
+        if not n:
+            raise UserError("job.num_actors is 0: on a cluster set --num-actors N (the job does not guess it from "
+                            "the nodes up at start; an autoscaler adds GPU nodes for the actors that ask)")
+        return n, per
     gpus = ray.cluster_resources().get("GPU", 0.0)
-    per = cfg.job.gpus_per_actor if gpus > 0 else 0.0
-    if cfg.job.num_actors:
-        return cfg.job.num_actors, per
-    if per > 0:
-        return max(1, int(gpus // per)), per
-    return max(1, min(2, int(ray.cluster_resources().get("CPU", 1) // max(cfg.job.cpus_per_actor, 1e-3)))), 0.0
+    if gpus == 0 or per == 0:
+        cpus = ray.cluster_resources().get("CPU", 1)
+        return n or max(1, min(2, int(cpus // max(cfg.job.cpus_per_actor, 1e-3)))), 0.0
+    return n or max(1, int(gpus // per)), per
+
+
+class RunMetrics:
+    """Prometheus metrics through ray.util.metrics, tagged with the run's output (Ray's metrics agent exports
+    them with a ``ray_`` prefix, e.g. ``ray_referee_synth_samples_accepted_total``; see the README)."""
+
+    STATUSES = ("accepted", "rejected", "failed")
+
+    def __init__(self, output: str) -> None:
+        from ray.util.metrics import Counter, Gauge
+
+        self.tags = {"run": output}
+        self.samples = {
+            s: Counter(f"referee_synth_samples_{s}", description=f"{s} samples of complete shards", tag_keys=("run",))
+            for s in self.STATUSES
+        }
+        self.rate = Gauge("referee_synth_images_per_hour", description="images made per hour in this run",
+                          tag_keys=("run",))
+
+    def shard_done(self, stats: dict[str, Any]) -> None:
+        """Counted per complete shard (not from live progress), so a retried shard is never counted twice."""
+        for s in self.STATUSES:
+            if stats.get(s, 0) > 0:
+                self.samples[s].inc(stats[s], tags=self.tags)
+
+    def set_rate(self, images_per_hour: float) -> None:
+        self.rate.set(images_per_hour, tags=self.tags)
 
 
 def check_placement(cfg: Config, local: bool) -> None:
@@ -118,7 +154,7 @@ def check_placement(cfg: Config, local: bool) -> None:
     on a cluster (an autoscaler may add nodes)."""
     import ray
 
-    n, gpus = _pool_size(cfg)
+    n, gpus = _pool_size(cfg, local)
     total = ray.cluster_resources()
     need = {"CPU": n * cfg.job.cpus_per_actor, "GPU": n * gpus}
     short = [f"{need[k]:g} {k} (has {total.get(k, 0):g})" for k in need if need[k] > total.get(k, 0) + 1e-9]
@@ -145,10 +181,12 @@ class Progress:
         for k, v in counts.items():
             self.counts[k] = self.counts.get(k, 0) + v
         self.bar.update(sum(counts.values()))
-        made = self.counts["accepted"] + self.counts["rejected"] + self.counts["failed"]
-        rate = 3600 * made / max(time.time() - self.t0, 1e-6)
         self.bar.set_postfix(acc=self.counts["accepted"], rej=self.counts["rejected"],
-                             fail=self.counts["failed"], img_h=f"{rate:.0f}")
+                             fail=self.counts["failed"], img_h=f"{self.images_per_hour():.0f}")
+
+    def images_per_hour(self) -> float:
+        made = self.counts["accepted"] + self.counts["rejected"] + self.counts["failed"]
+        return 3600 * made / max(time.time() - self.t0, 1e-6)
 
     def close(self) -> None:
         self.bar.close()
@@ -178,18 +216,21 @@ def _run(args: argparse.Namespace, cfg: Config, plan: dict[str, Any]) -> int:
         return _finish(plan, cfg, failed={}, retries=0, wall=0.0)
     import ray
 
+    local = not os.environ.get("RAY_ADDRESS")
     started = start_ray(dashboard=not args.no_dashboard)
     # After ray.init, which installs its own SIGTERM handler: ours stops the actors cleanly.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     pool = None
     t0 = time.time()
     try:
-        check_placement(cfg, local=started)
-        pool = _make_pool(cfg, args.output, plan["model_ids"])
+        check_placement(cfg, local)
+        pool, request = _make_pool(cfg, args.output, plan["model_ids"], plan["info"].config_hash, local)
         progress = Progress(plan["total_samples"], plan["done_samples"], args.no_progress)
-        result = pool.run(plan["todo"], progress.update, lambda stats: None)
+        result = _run_pool(pool, request, plan["todo"], progress, RunMetrics(args.output))
         progress.close()
         return _finish(plan, cfg, failed=result.failed, retries=result.retries, wall=time.time() - t0)
+    except NoActorsError as err:
+        return fail(str(err), EXIT_FAILED)
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: completed shards are kept; rerun the same command to resume ({args.output})",
@@ -280,8 +321,9 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     done_samples = sum(_expected_samples(r, cfg) for s in specs if s.shard in done for r in s.rows)
     if done:
         print(f"resuming: {len(done)} of {len(specs)} shards already complete", file=sys.stderr)
-    return dict(fs=fs, out=out, specs=specs, todo=todo, model_ids=model_ids, rows=rows,
-                total_samples=total, done_samples=done_samples, skipped=len(done), scorer=scorer, lease=lease)
+    return dict(fs=fs, out=out, specs=specs, todo=todo, model_ids=model_ids, rows=rows, info=info,
+                output_uri=args.output, total_samples=total, done_samples=done_samples, skipped=len(done),
+                scorer=scorer, lease=lease)
 
 
 def plan_only(args: argparse.Namespace, cfg: Config) -> int:
@@ -331,27 +373,61 @@ def _model_ids(cfg: Config) -> dict[str, str]:
     return {k: f"{getattr(m, k)}@{m.revision}" for k in MODEL_KEYS}
 
 
-def _make_pool(cfg: Config, output: str, model_ids: dict[str, str]):
+def _make_pool(cfg: Config, output: str, model_ids: dict[str, str], config_hash: str, local: bool):
+    """The pool (actors start now, asynchronously) and the resources each actor asks for."""
     from actors.pool import ShardPool
     from actors.shard_worker import remote_worker_class
 
-    n, gpus = _pool_size(cfg)
-    env = _forwarded_env(local=False) if os.environ.get("RAY_ADDRESS") else {}
+    n, gpus = _pool_size(cfg, local)
+    env = {} if local else _forwarded_env(local=False)
     worker = remote_worker_class(cfg.job.cpus_per_actor, gpus, env)
     cfg_dict = cfg.to_dict()
-    pool = ShardPool(lambda q: worker.remote(cfg_dict, output, model_ids, q), n, cfg.job.max_shard_retries)
-    _wait_ready(pool)
-    return pool
+    events = _ActorEvents(config_hash)
+    pool = ShardPool(lambda q: worker.remote(cfg_dict, output, model_ids, q), n, cfg.job.max_shard_retries,
+                     cfg.job.actor_ready_timeout_s, events)
+    return pool, {"CPU": cfg.job.cpus_per_actor, "GPU": gpus}
 
 
-def _wait_ready(pool: Any) -> None:
-    from ray.exceptions import RayActorError
+class _ActorEvents:
+    """Says when actors become ready (with the resources Ray gave them); refuses an actor whose library
+    versions, hence config hash, differ from the driver's (its shards would never count as complete)."""
+
+    def __init__(self, config_hash: str) -> None:
+        self.config_hash = config_hash
+
+    def __call__(self, event: str, d: dict[str, Any]) -> None:
+        if event == "fewer":
+            print(f"warning: only {d['ready']} of {d['size']} actors ready; going on with them "
+                  "(the others start when their resources appear)", file=sys.stderr)
+            return
+        info = d["info"]
+        if info["config_hash"] != self.config_hash:
+            raise UserError(f"an actor on node {info['node']} computes config hash {info['config_hash']}, the driver "
+                            f"{self.config_hash}: install the same library versions on every node")
+        if d["ready"] in (1, d["size"]):
+            have = ", ".join(f"{k} {v:g}" for k, v in sorted(info["resources"].items()))
+            which = "first actor" if d["ready"] == 1 else f"all {d['size']} actors"
+            print(f"{which} ready after {d['seconds']:.1f} s (each has {have or 'no resources'})", file=sys.stderr)
+
+
+def _run_pool(pool: Any, request: dict[str, float], todo: list[Any], progress: Progress, metrics: RunMetrics) -> Any:
+    """Run the shards; an actor that cannot start is a user-facing one-line error."""
+    from actors.pool import ActorStartError, NoActorReady, missing_resources
+
+    def on_progress(counts: dict[str, int]) -> None:
+        progress.update(counts)
+        metrics.set_rate(progress.images_per_hour())
 
     try:
-        pool.wait_ready()
-    except RayActorError as err:
-        pool.shutdown()
-        raise UserError(f"actors could not start: {_cause_line(err)}") from None
+        return pool.run(todo, on_progress, metrics.shard_done)
+    except ActorStartError as err:
+        raise UserError(f"actors could not start: {_cause_line(err.cause)}") from None
+    except NoActorReady as err:
+        raise NoActorsError(f"{err}: {missing_resources(request)}") from None
+
+
+class NoActorsError(UserError):
+    """Exit 1, not 2: the request may be right and the cluster short (rerun when it has the resources)."""
 
 
 def _cause_line(err: Exception) -> str:
@@ -375,13 +451,15 @@ def _print_accounting(summary: Any) -> None:
 
 
 def _finish(plan: dict[str, Any], cfg: Config, failed: dict[int, str], retries: int, wall: float) -> int:
-    from pipeline.run_folder import summarize, write_summary
+    from pipeline.run_folder import complete_stats, summarize, write_card, write_index, write_summary
 
-    summary = summarize(
-        plan["fs"], plan["out"], len(plan["specs"]), list(failed), wall, retries, plan["skipped"], plan["scorer"],
-        cfg,
-    )
-    write_summary(plan["fs"], plan["out"], summary)
+    fs, out, info = plan["fs"], plan["out"], plan["info"]
+    stats = complete_stats(fs, out, len(plan["specs"]), info.config_hash)
+    summary = summarize(fs, out, len(plan["specs"]), list(failed), wall, retries, plan["skipped"], plan["scorer"],
+                        cfg, stats)
+    write_summary(fs, out, summary)
+    write_index(fs, out, plan["output_uri"], stats)
+    write_card(fs, out, info, summary, stats)
     print(
         f"done: {summary.shards_completed}/{summary.shards_total} shards, {summary.samples} samples: "
         f"{summary.accepted} accepted, {summary.rejected} rejected, {summary.failed} failed, "

@@ -185,12 +185,19 @@ class JobConfig:
     seed: int = _f(0, 0)
     samples_per_prompt: int = _f(1, 1, 99)  # the sample key's two sample digits (schemas/samples.py)
     shard_size: int = _f(64, 1, 99999)  # the sample key's five row digits
-    num_actors: int = _f(0, 0)  # 0 = one per GPU, or 2 on a CPU-only machine
-    gpus_per_actor: float = _f(1.0, 0.0)
+    # Actors in the pool. On a cluster (RAY_ADDRESS) this must be set: the job never infers it from the
+    # resources that exist at start (an autoscaler adds GPU nodes only for actors that ask). 0 = a local
+    # Ray only: one per local GPU, or up to 2 CPU actors on a machine without GPUs.
+    num_actors: int = _f(0, 0)
+    gpus_per_actor: float = _f(1.0, 0.0)  # fractions share a GPU; 0 = CPU actors
     cpus_per_actor: float = _f(1.0, 0.0)
     max_shard_retries: int = _f(3, 0)
+    actor_ready_timeout_s: float = _f(900.0, 1.0)  # no actor ready by then (e.g. no GPU node came): exit 1
+    publish_attempts: int = _f(4, 1)  # tries per shard file upload (tar, sidecar, marker) before the shard fails
+    publish_backoff_s: float = _f(0.5, 0.0)  # first wait between tries; doubles each time
+    publish_backoff_max_s: float = _f(8.0, 0.0)
     image_format: str = _f("png", choices=["png", "jpg", "webp"])
-    keep_rejected_images: bool = True  # rejected images go to {shard}.rejected.tar (reports, analysis)
+    keep_rejected_images: bool = True  # rejected images go to rejected/{shard}.tar (reports, analysis)
     max_prompt_chars: int = _f(1000, 1)
     max_prompt_id_chars: int = _f(128, 1)
     # The run folder's lease (one driver per output): a holder refreshes it every lease_heartbeat_s;
@@ -243,8 +250,12 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def hash(self) -> str:
-        """Stable hash of everything that changes the images or the scores."""
+        """Stable hash of everything that changes the images or the scores: the method's settings and
+        the installed versions of the libraries that compute them (pipeline/versions.py)."""
+        from pipeline.versions import output_versions
+
         data = self.to_dict()
+        data["libraries"] = output_versions(self.vqa.spacy_model)
         data["job"] = {k: v for k, v in data["job"].items() if k not in _RUN_ONLY_JOB_KEYS}
         if not self.job.target_accepted:  # off: the hash of a run made before these keys existed
             data["job"] = {k: v for k, v in data["job"].items() if k not in _TARGET_JOB_KEYS}
@@ -257,7 +268,8 @@ class Config:
 
 # Keys that change how a run is executed but not what it produces.
 _RUN_ONLY_JOB_KEYS = {
-    "num_actors", "gpus_per_actor", "cpus_per_actor", "max_shard_retries", "lease_heartbeat_s", "lease_stale_s",
+    "num_actors", "gpus_per_actor", "cpus_per_actor", "max_shard_retries", "actor_ready_timeout_s",
+    "publish_attempts", "publish_backoff_s", "publish_backoff_max_s", "lease_heartbeat_s", "lease_stale_s",
     "storage_connect_timeout_s", "storage_request_timeout_s", "storage_max_attempts", "storage_retry_time_s",
 }
 _TARGET_JOB_KEYS = {"target_accepted", "max_samples_per_prompt"}

@@ -25,7 +25,7 @@ from pipeline.filter import decide
 from pipeline.invert import InversionEngine, SampleRequest, sample_seed
 from pipeline.models import GeneratorModels, VqaModels
 from pipeline.refill import AttemptQueue
-from pipeline.shards import ShardSpec, ShardWriter, encode_image
+from pipeline.shards import PublishRetry, ShardSpec, ShardWriter, encode_image
 from pipeline.vqa import VqaResult, VqaScorer
 from schemas.prompts import PromptRow
 from schemas.run import ShardStats
@@ -140,7 +140,9 @@ class ShardProcessor:
 
     def process(self, spec: ShardSpec, fs: pafs.FileSystem, out: str, progress: ProgressFn | None = None) -> ShardStats:
         t0 = time.perf_counter()
-        writer = ShardWriter(fs, out, spec.shard, self.cfg.job.image_format, self.cfg.job.keep_rejected_images)
+        job = self.cfg.job
+        retry = PublishRetry.from_job(job)
+        writer = ShardWriter(fs, out, spec.shard, job.image_format, job.keep_rejected_images, retry)
         try:
             invalid = self._invalid_records(spec)
             for rec in invalid:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import sys
@@ -72,19 +73,44 @@ def decode_image(data: bytes) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def finetune_stream(run: str, min_score: float = 0.0) -> Iterator[tuple[torch.Tensor, str, float]]:
-    """(image, caption, VQA score) of every accepted sample, streamed from the tars with webdataset.
+def finetune_stream(
+    run: str, min_score: float = 0.0, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 256,
+) -> Any:
+    """(image, caption, VQA score) of every accepted sample of the run's complete shards: a webdataset
+    pipeline (a torch ``IterableDataset``) for multi-GPU training.
 
-    Use the score as the reward weight of a GORS-style reward-weighted finetuning loss.
+    Shards are shuffled with ``seed + epoch`` (the same order on every rank), split by
+    torch.distributed rank and then by DataLoader worker, and samples are shuffled within a
+    ``shuffle_buffer``: across all ranks and workers each accepted sample comes exactly once per
+    epoch. Build one per epoch with its ``epoch`` (cheap). Ranks may get unequal sample counts when
+    shards do not divide evenly; training loops that need equal steps should cap them. Use the score
+    as the reward weight of a GORS-style reward-weighted finetuning loss.
     """
+    import random
+
     import webdataset as wds
 
     urls = tar_urls(run)
-    if not urls:
-        return
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-    for sample in dataset:
-        image_key = next(k for k in IMAGE_EXTENSIONS if k in sample)
-        meta = json.loads(sample["json"])
-        if meta["vqa_score"] >= min_score:
-            yield decode_image(sample[image_key]), sample["txt"].decode(), float(meta["vqa_score"])
+    random.Random(f"{seed}:{epoch}").shuffle(urls)
+    return wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.split_by_node,
+        wds.split_by_worker,
+        wds.tarfile_to_samples(),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), rng=random.Random(f"{seed}:{epoch}:samples")),
+        wds.select(functools.partial(_at_least, min_score)),  # picklable for spawned DataLoader workers
+        wds.map(_training_pair),
+    )
+
+
+def _score(sample: dict[str, Any]) -> float:
+    return float(json.loads(sample["json"])["vqa_score"])
+
+
+def _at_least(min_score: float, sample: dict[str, Any]) -> bool:
+    return _score(sample) >= min_score
+
+
+def _training_pair(sample: dict[str, Any]) -> tuple[torch.Tensor, str, float]:
+    image_key = next(k for k in IMAGE_EXTENSIONS if k in sample)
+    return decode_image(sample[image_key]), sample["txt"].decode(), _score(sample)

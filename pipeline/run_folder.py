@@ -3,37 +3,24 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+import yaml
 
 from pipeline import storage
 from pipeline.accounting import run_accounting
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.shards import SHARDS_DIR, read_stats
+from pipeline.shards import REJECTED_DIR, SHARDS_DIR, read_stats
+from pipeline.versions import OUTPUT_LIBRARIES, code_version, library_versions
 from schemas.run import COUNT_FIELDS, RunInfo, ShardStats, Summary
 
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat()
-
-
-def code_version() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
-        )
-        if out.returncode == 0:
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
 
 
 def make_run_info(
@@ -45,11 +32,24 @@ def make_run_info(
         config=cfg.to_dict(), config_hash=cfg.hash(), model_ids=model_ids, input=fingerprint,
         prompts_uri=prompts_uri, shard_size=cfg.job.shard_size, num_shards=num_shards,
         code_version=code_version(), created_at=t, updated_at=t, scorer=dict(scorer or {}),
+        libraries=library_versions(cfg.vqa.spacy_model),
     )
+
+
+def _library_change(old: dict[str, Any], new: RunInfo) -> str | None:
+    """'torch 2.13.0 -> 2.14.0, ...' for the output-changing libraries that differ, if run.json has them."""
+    before = old.get("libraries") or {}
+    keys = [*OUTPUT_LIBRARIES, "spacy_model"]
+    now = new.libraries
+    changed = [f"{k} {before[k]} -> {now.get(k)}" for k in keys if k in before and before[k] != now.get(k)]
+    return ", ".join(changed) or None
 
 
 def _mismatch(old: dict[str, Any], new: RunInfo) -> str | None:
     if old.get("config_hash") != new.config_hash:
+        change = _library_change(old, new)
+        if change:
+            return f"the library versions differ ({change}), which can change images and scores"
         return "the configuration differs"
     old_input = old.get("input") or {}
     if "content_sha256" not in old_input:
@@ -109,21 +109,28 @@ def _clear_old_run(fs: pafs.FileSystem, out: str) -> None:
 
 def remove_leftovers(fs: pafs.FileSystem, out: str) -> int:
     """Delete temporary files a crashed writer left behind (never a final name)."""
-    selector = pafs.FileSelector(storage.join(out, SHARDS_DIR), allow_not_found=True)
     removed = 0
-    for info in fs.get_file_info(selector):
-        if ".tmp-" in info.path.rsplit("/", 1)[-1]:
-            fs.delete_file(info.path)
-            removed += 1
+    for folder in (SHARDS_DIR, REJECTED_DIR):
+        selector = pafs.FileSelector(storage.join(out, folder), allow_not_found=True)
+        for info in fs.get_file_info(selector):
+            if ".tmp-" in info.path.rsplit("/", 1)[-1]:
+                fs.delete_file(info.path)
+                removed += 1
     return removed
+
+
+def complete_stats(fs: pafs.FileSystem, out: str, num_shards: int, config_hash: str | None = None) -> list[ShardStats]:
+    """The markers of the run's shards (made with ``config_hash`` when given), in shard order."""
+    stats = (read_stats(fs, out, i) for i in range(num_shards))
+    return [s for s in stats if s is not None and (config_hash is None or s.config_hash == config_hash)]
 
 
 def summarize(
     fs: pafs.FileSystem, out: str, num_shards: int, failed: list[int], wall: float, retries: int, skipped: int,
-    scorer: dict[str, Any] | None = None, cfg: Config | None = None,
+    scorer: dict[str, Any] | None = None, cfg: Config | None = None, stats: list[ShardStats] | None = None,
 ) -> Summary:
     """Totals from the complete shards' markers; with ``cfg``, its target and device-hour price."""
-    stats: list[ShardStats] = [s for s in (read_stats(fs, out, i) for i in range(num_shards)) if s is not None]
+    stats = complete_stats(fs, out, num_shards) if stats is None else stats
     done = {s.shard for s in stats}
     total = {k: sum(getattr(s, k) for s in stats) for k in COUNT_FIELDS}
     generated = total["accepted"] + total["rejected"] + total["failed"]
@@ -143,3 +150,73 @@ def _accounting(stats: list[ShardStats], cfg: Config | None) -> dict[str, Any]:
 
 def write_summary(fs: pafs.FileSystem, out: str, summary: Summary) -> None:
     storage.write_atomic(fs, storage.join(out, "summary.json"), json.dumps(summary.to_dict(), indent=1).encode())
+
+
+INDEX_FILE = "shards.txt"
+CARD_FILE = "README.md"
+
+
+def _tar_url(output_uri: str, out: str, shard: int) -> str:
+    """A complete shard's tar as a user names it: an absolute path, or the output's scheme://..."""
+    base = out if "://" not in output_uri else f"{output_uri.split('://', 1)[0]}://{out}"
+    return storage.join(base, SHARDS_DIR, f"{shard:06d}.tar")
+
+
+def brace_pattern(output_uri: str, out: str, shards: list[int]) -> str | None:
+    """``.../shards/{000000..000041}.tar`` when the shards are contiguous (webdataset expands it)."""
+    if len(shards) < 2 or shards != list(range(shards[0], shards[-1] + 1)):
+        return None
+    return _tar_url(output_uri, out, 0).replace("000000.tar", f"{{{shards[0]:06d}..{shards[-1]:06d}}}.tar")
+
+
+def write_index(fs: pafs.FileSystem, out: str, output_uri: str, stats: list[ShardStats]) -> None:
+    """``shards.txt``: one complete shard's tar URL a line; a first ``#`` line holds the brace pattern
+    when the shards are contiguous (skip lines starting with ``#`` when reading the URLs)."""
+    shards = [s.shard for s in stats]
+    lines = [_tar_url(output_uri, out, s) for s in shards]
+    pattern = brace_pattern(output_uri, out, shards)
+    if pattern:
+        lines.insert(0, f"# {pattern}")
+    storage.write_atomic(fs, storage.join(out, INDEX_FILE), ("\n".join(lines) + "\n" if lines else "").encode())
+
+
+def write_card(fs: pafs.FileSystem, out: str, info: RunInfo, summary: Summary, stats: list[ShardStats]) -> None:
+    """``README.md``, a dataset card: its ``configs`` list the accepted tars of complete shards (the ones
+    with accepted samples), so ``datasets.load_dataset(RUN_DIR)`` and the Hub read exactly those."""
+    files = [f"{SHARDS_DIR}/{s.shard:06d}.tar" for s in stats if s.accepted > 0]
+    card = {
+        "pretty_name": "referee-synth run",
+        "task_categories": ["text-to-image"],
+        "tags": ["webdataset", "synthetic", "referee-synth"],
+        "size_categories": [_size_category(summary.accepted)],
+    }
+    if files:
+        card["configs"] = [{"config_name": "default", "data_files": [{"split": "train", "path": files}]}]
+    front = yaml.safe_dump(card, sort_keys=False).rstrip()
+    libs = ", ".join(f"{k} {v}" for k, v in info.libraries.items())
+    body = f"""# referee-synth run
+
+Synthetic (image, caption, score) pairs: images made by inverting a BLIP-2 referee with SDS
+(Stable Diffusion 1.5), each scored by BLIP-VQA (T2I-CompBench protocol) and kept when its score
+passes the category threshold.
+
+- Accepted samples: {summary.accepted} in {len(files)} complete shards (`shards/*.tar`, WebDataset:
+  `KEY.png|jpg|webp` image, `KEY.txt` caption, `KEY.json` metadata with `vqa_score`).
+- Every sample, accepted or not: `shards/*.parquet`; rejected images (if kept): `rejected/*.tar`.
+- Shard list: `shards.txt`. Totals: `summary.json`. Configuration and versions: `run.json`.
+- Config hash `{info.config_hash}`, code version `{info.code_version}`.
+- Libraries: {libs}.
+
+```python
+import datasets
+ds = datasets.load_dataset("RUN_DIR", split="train")   # columns png/jpg/webp, txt, json
+```
+"""
+    storage.write_atomic(fs, storage.join(out, CARD_FILE), f"---\n{front}\n---\n{body}".encode())
+
+
+def _size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return name
+    return "1M<n<10M"

@@ -2,26 +2,33 @@
 
 Shard ``i`` holds rows ``[i*S, (i+1)*S)`` of the validated input in planned order. The tar and
 the sidecar are built in a local temporary folder and published whole; the stats marker is
-written only after both are in place, so a crash never leaves a shard that looks done.
+written only after both are in place, so a crash never leaves a shard that looks done. Each
+upload is retried with bounded exponential backoff (a transient object-store error must not cost
+the shard's minutes of GPU time); only then does the shard fail.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import sys
 import tarfile
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline import storage
+from pipeline.config import JobConfig
 from pipeline.errors import UserError
 from schemas.prompts import PromptRow
 from schemas.run import ShardStats
@@ -31,6 +38,7 @@ if TYPE_CHECKING:  # torch is heavy; the driver plans shards without it
     import torch
 
 SHARDS_DIR = "shards"
+REJECTED_DIR = "rejected"  # apart from shards/, so no `shards/*.tar` glob ever sees rejected samples
 _PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 
 
@@ -56,9 +64,40 @@ def plan_shards(rows: list[PromptRow], shard_size: int) -> list[ShardSpec]:
 def shard_paths(out: str, shard: int) -> dict[str, str]:
     base = storage.join(out, SHARDS_DIR, f"{shard:06d}")
     return {
-        "tar": f"{base}.tar", "rejected": f"{base}.rejected.tar", "parquet": f"{base}.parquet",
-        "stats": f"{base}.stats.json",
+        "tar": f"{base}.tar", "rejected": storage.join(out, REJECTED_DIR, f"{shard:06d}.tar"),
+        "parquet": f"{base}.parquet", "stats": f"{base}.stats.json",
     }
+
+
+class PublishError(OSError):
+    """An upload that still failed after every try: the shard fails (the driver may retry it)."""
+
+
+@dataclass(frozen=True)
+class PublishRetry:
+    """Bounded exponential backoff for one upload: waits backoff_s, 2*backoff_s, ... (at most backoff_max_s)."""
+
+    attempts: int
+    backoff_s: float
+    backoff_max_s: float
+
+    @classmethod
+    def from_job(cls, job: JobConfig) -> PublishRetry:
+        return cls(job.publish_attempts, job.publish_backoff_s, job.publish_backoff_max_s)
+
+    def run(self, what: str, upload: Callable[[], None]) -> None:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                upload()
+                return
+            except (OSError, pa.ArrowException) as err:
+                first = (str(err).splitlines() or [type(err).__name__])[0]
+                if attempt == self.attempts:
+                    raise PublishError(f"{first} (gave up after {attempt} tries)") from err
+                delay = min(self.backoff_s * 2 ** (attempt - 1), self.backoff_max_s)
+                print(f"publishing {what} failed ({first}); try {attempt + 1}/{self.attempts} in {delay:g} s",
+                      file=sys.stderr, flush=True)
+                time.sleep(delay)
 
 
 def read_stats(fs: pafs.FileSystem, out: str, shard: int) -> ShardStats | None:
@@ -103,25 +142,40 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 class ShardWriter:
     """Collects one shard's samples locally, then publishes tars, sidecar and marker in that order.
 
-    Accepted samples go to ``{shard}.tar`` (the training data). With ``keep_rejected``, rejected
-    samples' images go to a separate ``{shard}.rejected.tar`` for reports and analysis.
+    Accepted samples go to ``shards/{shard}.tar`` (the training data). With ``keep_rejected``,
+    rejected samples' images go to ``rejected/{shard}.tar`` for reports and analysis (no file when
+    none was rejected).
     """
 
-    def __init__(self, fs: pafs.FileSystem, out: str, shard: int, image_format: str, keep_rejected: bool) -> None:
+    def __init__(
+        self, fs: pafs.FileSystem, out: str, shard: int, image_format: str, keep_rejected: bool,
+        retry: PublishRetry | None = None,
+    ) -> None:
         self.fs, self.out, self.shard, self.fmt = fs, out, shard, image_format
+        self.retry = retry or PublishRetry.from_job(JobConfig())
         self._tmp = tempfile.TemporaryDirectory(prefix=f"shard-{shard:06d}-")
         self._tar_path = Path(self._tmp.name) / "shard.tar"
         self._tar = tarfile.open(self._tar_path, "w", format=tarfile.PAX_FORMAT)
         self._rej_path = Path(self._tmp.name) / "rejected.tar"
-        self._rej = tarfile.open(self._rej_path, "w", format=tarfile.PAX_FORMAT) if keep_rejected else None
+        self._keep_rejected = keep_rejected
+        self._rej: tarfile.TarFile | None = None  # opened at the first rejected image
         self.records: list[SampleRecord] = []
+
+    def _tar_for(self, status: str) -> tarfile.TarFile | None:
+        if status == ACCEPTED:
+            return self._tar
+        if status != REJECTED or not self._keep_rejected:
+            return None
+        if self._rej is None:
+            self._rej = tarfile.open(self._rej_path, "w", format=tarfile.PAX_FORMAT)
+        return self._rej
 
     def add(self, record: SampleRecord, image: bytes | None = None) -> None:
         """``image``: the encoded bytes (``encode_image``), the very bytes the sample was scored on."""
         if record.status == ACCEPTED and image is None:
             raise ValueError(f"accepted sample {record.key} has no image")
-        tar = self._tar if record.status == ACCEPTED else self._rej if record.status == REJECTED else None
-        if tar is not None and image is not None:
+        tar = self._tar_for(record.status) if image is not None else None
+        if tar is not None:
             # Member names come from the digits-only key, never from user strings.
             _add_member(tar, f"{record.key}.{self.fmt}", image)
             _add_member(tar, f"{record.key}.txt", (record.prompt or "").encode())
@@ -137,13 +191,15 @@ class ShardWriter:
         parquet_path = Path(self._tmp.name) / "shard.parquet"
         pq.write_table(sidecar_table(self.records), parquet_path)
         paths = shard_paths(self.out, self.shard)
-        storage.upload_file_atomic(self.fs, str(self._tar_path), paths["tar"])
+        self._upload(self._tar_path, paths["tar"])
         rejected_bytes = 0
         if self._rej is not None:
             self._rej.close()
             rejected_bytes = self._rej_path.stat().st_size
-            storage.upload_file_atomic(self.fs, str(self._rej_path), paths["rejected"])
-        storage.upload_file_atomic(self.fs, str(parquet_path), paths["parquet"])
+            self._upload(self._rej_path, paths["rejected"])
+        else:  # an earlier attempt's (or config's) rejected tar would not match this shard
+            self.retry.run(paths["rejected"], lambda: _delete_if_present(self.fs, paths["rejected"]))
+        self._upload(parquet_path, paths["parquet"])
         counts = {s: sum(r.status == s for r in self.records) for s in (ACCEPTED, REJECTED, FAILED, INVALID_INPUT)}
         stats = ShardStats(
             shard=self.shard, rows=rows, samples=len(self.records), accepted=counts[ACCEPTED],
@@ -152,12 +208,21 @@ class ShardWriter:
             parquet_bytes=parquet_path.stat().st_size, rejected_tar_bytes=rejected_bytes,
             finished_at=datetime.now(timezone.utc).isoformat(), **(accounting or {}),
         )
-        storage.write_atomic(self.fs, paths["stats"], json.dumps(stats.to_dict(), indent=1).encode())
+        marker = json.dumps(stats.to_dict(), indent=1).encode()
+        self.retry.run(paths["stats"], lambda: storage.write_atomic(self.fs, paths["stats"], marker))
         self.close()
         return stats
+
+    def _upload(self, local: Path, path: str) -> None:
+        self.retry.run(path, lambda: storage.upload_file_atomic(self.fs, str(local), path))
 
     def close(self) -> None:
         for tar in (self._tar, self._rej):
             if tar is not None and not tar.closed:
                 tar.close()
         self._tmp.cleanup()
+
+
+def _delete_if_present(fs: pafs.FileSystem, path: str) -> None:
+    if storage.exists(fs, path):
+        fs.delete_file(path)

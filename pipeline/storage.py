@@ -82,6 +82,7 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write ``data`` so that ``path`` never shows a partial file."""
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
+    _maybe_refuse(path)
     if not is_local(fs):
         with fs.open_output_stream(path) as out:  # object stores publish on close
             out.write(data)
@@ -96,14 +97,21 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
             fs.delete_file(tmp)
 
 
-# Debug hook for fault tests, off unless set: uploads whose path contains this text are refused.
+# Debug hook for fault tests, off unless set: writes whose path contains TEXT are refused ("TEXT"),
+# or only the first N tries in this process ("TEXT:N", a transient fault).
 REFUSE_WRITES_ENV = "REFEREE_SYNTH_REFUSE_WRITES"
+_refused: dict[str, int] = {}
 
 
 def _maybe_refuse(path: str) -> None:
-    needle = os.environ.get(REFUSE_WRITES_ENV)
-    if needle and needle in path:
-        raise OSError(errno.EACCES, f"injected: write refused for {path}")
+    spec = os.environ.get(REFUSE_WRITES_ENV)
+    if not spec:
+        return
+    needle, _, times = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
+    if needle not in path or (times and _refused.get(path, 0) >= int(times)):
+        return
+    _refused[path] = _refused.get(path, 0) + 1
+    raise OSError(errno.EACCES, f"injected: write refused for {path}")
 
 
 def upload_file_atomic(fs: pafs.FileSystem, local_file: str, path: str) -> None:

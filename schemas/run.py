@@ -66,9 +66,12 @@ class RunInfo(JsonRecord):
     prompts_uri: str
     shard_size: int
     num_shards: int
-    code_version: str
+    code_version: str  # $REFEREE_SYNTH_CODE_VERSION, a CODE_VERSION file, or git; else "unknown"
     created_at: str
     updated_at: str
+    # Installed versions (torch, transformers, diffusers, kornia, spaCy and its model, Pillow, ray, ...);
+    # the output-changing ones are part of config_hash.
+    libraries: dict[str, str] = field(default_factory=dict)
     # The scorer's exactness record (pipeline/scorer_record.py): exact, deviations, spaCy, VQA weights.
     scorer: dict[str, Any] = field(default_factory=dict)
     version: int = RUN_SCHEMA_VERSION

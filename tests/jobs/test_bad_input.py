@@ -61,7 +61,8 @@ def test_row_catalogue_gets_statuses_and_run_goes_on(tmp_path, tiny_cache, share
                 if ext == "json":
                     meta = json.loads(tar.extractfile(name).read())
                     assert meta["key"] == key
-    assert {p.name for p in out.iterdir()} == {"run.json", "shards", "summary.json"}
+    # Nothing was rejected (threshold 0): no rejected/ folder, and no empty rejected tar.
+    assert {p.name for p in out.iterdir()} == {"run.json", "shards", "summary.json", "shards.txt", "README.md"}
 
 
 def _wrong_types(p: Path) -> list[str]:

@@ -50,7 +50,7 @@ def _sidecars(out: Path) -> list[dict]:
 def _tar_samples(out: Path) -> dict[str, dict]:
     import webdataset as wds
 
-    urls = [str(p) for p in sorted((out / "shards").glob("*.tar")) if not p.name.endswith(".rejected.tar")]
+    urls = [str(p) for p in sorted((out / "shards").glob("*.tar"))]  # as users glob: accepted samples only
     samples = {}
     for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         samples[s["__key__"]] = s

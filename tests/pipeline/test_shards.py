@@ -7,8 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline import storage
 from pipeline.errors import UserError
-from pipeline.shards import ShardWriter, encode_image, plan_shards, shard_is_complete, shard_paths
+from pipeline.shards import PublishRetry, ShardWriter, encode_image, plan_shards, shard_is_complete, shard_paths
 from pipeline.storage import filesystem_for
 from schemas.prompts import PromptRow
 from schemas.samples import SampleRecord, sample_key
@@ -70,8 +71,56 @@ def test_writer_publishes_tar_sidecar_then_marker(tmp_path) -> None:
     assert not shard_is_complete(fs, out, 3, "h")
     # No temporary files are left next to the final names.
     assert sorted(p.name for p in (tmp_path / "run" / "shards").iterdir()) == [
-        "000003.parquet", "000003.rejected.tar", "000003.stats.json", "000003.tar",
+        "000003.parquet", "000003.stats.json", "000003.tar",
     ]
+    # Rejected images live apart from shards/, so a `shards/*.tar` glob sees accepted samples only.
+    assert [p.name for p in (tmp_path / "run" / "rejected").iterdir()] == ["000003.tar"]
+
+
+def test_no_rejected_tar_when_nothing_was_rejected(tmp_path) -> None:
+    fs, out = filesystem_for(str(tmp_path / "run"))
+    stale = tmp_path / "run" / "rejected" / "000000.tar"  # left by an earlier config of this shard
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    w = ShardWriter(fs, out, 0, "png", keep_rejected=True)
+    w.add(_rec(0, 0, 0, "accepted"), encode_image(torch.rand(3, 8, 8), "png"))
+    stats = w.finish(rows=1, seconds=0.1, config_hash="h")
+    assert stats.rejected_tar_bytes == 0 and not stale.exists()
+    assert shard_is_complete(fs, out, 0, "h")
+
+
+def _retry(attempts: int) -> PublishRetry:
+    return PublishRetry(attempts=attempts, backoff_s=0.01, backoff_max_s=0.02)
+
+
+def test_transient_publish_faults_are_retried_with_backoff(tmp_path, monkeypatch, capsys) -> None:
+    """The first two uploads of the sidecar and of the marker are refused; the shard still publishes."""
+    storage._refused.clear()
+    monkeypatch.setenv(storage.REFUSE_WRITES_ENV, "000005.parquet:2")
+    fs, out = filesystem_for(str(tmp_path / "run"))
+    w = ShardWriter(fs, out, 5, "png", keep_rejected=False, retry=_retry(3))
+    w.add(_rec(5, 0, 0, "accepted"), encode_image(torch.rand(3, 8, 8), "png"))
+    w.finish(rows=1, seconds=0.1, config_hash="h")
+    assert shard_is_complete(fs, out, 5, "h")
+    err = capsys.readouterr().err
+    assert err.count("publishing") == 2 and "try 3/3 in 0.02 s" in err
+    monkeypatch.setenv(storage.REFUSE_WRITES_ENV, "000006.stats.json:1")
+    w = ShardWriter(fs, out, 6, "png", keep_rejected=False, retry=_retry(2))
+    w.add(_rec(6, 0, 0, "accepted"), encode_image(torch.rand(3, 8, 8), "png"))
+    w.finish(rows=1, seconds=0.1, config_hash="h")
+    assert shard_is_complete(fs, out, 6, "h")
+
+
+def test_a_lasting_publish_fault_fails_the_shard_after_the_bounded_tries(tmp_path, monkeypatch) -> None:
+    storage._refused.clear()
+    monkeypatch.setenv(storage.REFUSE_WRITES_ENV, "000007.tar")
+    fs, out = filesystem_for(str(tmp_path / "run"))
+    w = ShardWriter(fs, out, 7, "png", keep_rejected=False, retry=_retry(3))
+    w.add(_rec(7, 0, 0, "accepted"), encode_image(torch.rand(3, 8, 8), "png"))
+    with pytest.raises(OSError, match=r"write refused .* \(gave up after 3 tries\)"):
+        w.finish(rows=1, seconds=0.1, config_hash="h")
+    assert storage._refused[shard_paths(out, 7)["tar"]] == 3
+    assert not shard_is_complete(fs, out, 7, "h")
 
 
 def test_accepted_record_without_image_is_refused(tmp_path) -> None:
