@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.models import VqaModels
-from pipeline.questions import questions_for, warn_spacy_version
+from pipeline.questions import questions_for, spacy_model_info, warn_spacy_version
 from pipeline.scorer_record import deviations, make_record, model_set
 
 
@@ -132,7 +132,8 @@ class VqaScorer:
         # The scorer's own constants (vqa.image_*), never the referee's augment.clip_*.
         self._mean = torch.tensor(self.vcfg.image_mean, device=dev, dtype=dt).view(1, 3, 1, 1)
         self._std = torch.tensor(self.vcfg.image_std, device=dev, dtype=dt).view(1, 3, 1, 1)
-        spacy = warn_spacy_version(self.vcfg)
+        # The version warning matters for real weights only (the driver says it too, as tiny/small skip it).
+        spacy = spacy_model_info(self.vcfg.spacy_model) if model_set(cfg) else warn_spacy_version(self.vcfg)
         vision = {"image_size": self.model_image_size, "layer_norm_eps": loaded_eps}
         self.record = make_record(cfg, models.source, spacy, deviations(cfg, spacy, vision, model_set(cfg)))
         self.metadata: dict[str, Any] = {
