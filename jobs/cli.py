@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from pipeline.config import ConfigError
 from pipeline.errors import ModelLoadError, UserError
@@ -18,6 +19,14 @@ USER_ERRORS = (ConfigError, ModelLoadError, UserError)
 def fail(message: str, code: int = EXIT_USAGE) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
+
+
+def existing_parent(out: Path, prefix: str = "") -> Path | None:
+    """The nearest existing folder above an output path; a file in the way is one line (exit 2)."""
+    parent = next((p for p in out.resolve().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"{prefix}--output {out}: {parent} is a file, not a folder")
+    return parent
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.cli import run_main  # noqa: E402
+from jobs.cli import existing_parent, run_main  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.compbench_data import COMPBENCH_DIR, TEMPLATE_PROMPTS  # noqa: E402
 from pipeline.config import FilterConfig, from_dict  # noqa: E402
@@ -178,9 +178,7 @@ def check_output(output: Path) -> None:
         raise UserError(f"export: --output {output} is a file; give a new folder")
     if output.is_dir() and any(output.iterdir()):
         raise UserError(f"export: --output {output} is not empty; choose a new --output")
-    parent = next((p for p in output.resolve().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise UserError(f"export: --output {output}: {parent} is a file, not a folder")
+    existing_parent(output, "export: ")
 
 
 def export_whole(run: str, output: Path, include_rejected: bool, map_unsafe: bool) -> dict[str, int]:

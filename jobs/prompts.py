@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from jobs.cli import run_main  # noqa: E402
+from jobs.cli import existing_parent, run_main  # noqa: E402
 from pipeline.compbench_data import COMPBENCH_DIR, TRAIN_SUFFIX, template_flags  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 
@@ -110,9 +110,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--output is empty; give a file path")
     if out.is_dir():
         raise UserError(f"--output {out} is a folder; give a file path such as {out / 'prompts.parquet'}")
-    parent = next((p for p in out.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise UserError(f"--output {out}: {parent} is a file, not a folder")
+    existing_parent(out)
 
 
 def _write_table(table: pa.Table, out: Path) -> None:

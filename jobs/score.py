@@ -34,7 +34,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.cli import run_main  # noqa: E402
+from jobs.cli import existing_parent, run_main  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 
 _NAME = re.compile(r"^(?P<prompt>.*)_(?P<idx>\d+)\.(?P<ext>png|jpe?g|webp)$", re.IGNORECASE)
@@ -251,9 +251,7 @@ def check_output(out: Path) -> None:
         raise UserError("--output is empty; give a folder path")
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file; give a folder")
-    parent = next((p for p in out.resolve().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise UserError(f"--output {out}: {parent} is a file, not a folder")
+    parent = existing_parent(out)
     # Nothing is created yet: a bad input found next must leave no output folder behind.
     target = out if out.exists() else parent
     if target is not None and not os.access(target, os.W_OK | os.X_OK):

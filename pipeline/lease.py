@@ -191,6 +191,6 @@ class RunLease:
                 return
             self.me.heartbeat = time.time()
             try:
-                storage.write_atomic(self.fs, self.path, json.dumps(asdict(self.me)).encode())
+                storage.write_atomic(self.fs, self.path, self._payload())
             except OSError as err:  # a missed beat is not fatal; stale_s spans several beats
                 log.warning("could not refresh the run lease %s: %s", self.path, err)
