@@ -20,7 +20,7 @@ import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.queue import Empty, Queue
 
-from pipeline.shards import ShardSpec
+from pipeline.io.shards import ShardSpec
 
 ProgressFn = Callable[[dict[str, int]], None]
 # (event, details): "ready" when an actor is ready ({"slot", "ready", "size", "seconds", "info"});

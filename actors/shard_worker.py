@@ -40,7 +40,7 @@ def _random_kill_fires(shard: int, attempt: int, batch: int) -> bool:
 def _model_processor(cfg: Any, model_ids: dict[str, str]) -> Any:
     import torch
 
-    from pipeline.models import load_generator_models, load_vqa_models
+    from pipeline.models.loading import load_generator_models, load_vqa_models
     from pipeline.process_shard import ShardProcessor
 
     if not torch.cuda.is_available():
@@ -51,8 +51,8 @@ def _model_processor(cfg: Any, model_ids: dict[str, str]) -> Any:
 class ShardWorker:
     def __init__(self, cfg_dict: dict[str, Any], output: str, model_ids: dict[str, str], progress: Any) -> None:
         from pipeline.config import from_dict
+        from pipeline.io.storage import configure, filesystem_for
         from pipeline.noop_processor import NOOP_ENV, NoopProcessor
-        from pipeline.storage import configure, filesystem_for
 
         cfg = from_dict(cfg_dict)
         configure(cfg.job)  # the run's object-store timeouts, as in the driver

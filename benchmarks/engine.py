@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 import torch  # noqa: E402
 
 from pipeline.config import Config, load_config, preset_path  # noqa: E402
-from pipeline.invert import InversionEngine, SampleRequest, sample_seed  # noqa: E402
+from pipeline.engine.invert import InversionEngine, SampleRequest, sample_seed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPBENCH = ROOT / "data" / "t2i-compbench"
@@ -371,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     models_name = args.models or ("tiny" if args.quick else "small")
     reps = args.reps or (1 if args.quick else 3)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from pipeline.models import load_generator_models
-    from pipeline.tiny_models import default_cache_dir
+    from pipeline.models.loading import load_generator_models
+    from pipeline.models.tiny import default_cache_dir
 
     cache = args.cache or os.environ.get("REFEREE_SYNTH_CACHE") or str(default_cache_dir())
 

@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks.real_models import RealModels, build_real_models, parameter_counts  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.flop_floor import (  # noqa: E402 - Assumptions and calls_per_image: shared with --plan
+from pipeline.engine.flop_floor import (  # noqa: E402 - Assumptions and calls_per_image: shared with --plan
     DEFAULT_QUESTION_TOKENS,
     DEFAULT_QUESTIONS,
     DEFAULT_TEXT_TOKENS,
@@ -83,8 +83,8 @@ def _fwd(forward: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...]
 
 
 def _referee_stub(models: RealModels):
-    """A ``pipeline.referee.Referee`` holding the meta model (no tokenizer needed)."""
-    from pipeline.referee import Referee
+    """A ``pipeline.referees.blip2.Referee`` holding the meta model (no tokenizer needed)."""
+    from pipeline.referees.blip2 import Referee
 
     ref = Referee.__new__(Referee)
     ref.model, ref.head = models.referee, models.caption_head
@@ -99,7 +99,7 @@ def _text(tokens: int) -> SimpleNamespace:
 
 
 def referee_counts(models: RealModels, text_tokens: int) -> dict[str, int]:
-    from pipeline.referee import bidirectional_mask, unilm_mask
+    from pipeline.referees.blip2 import bidirectional_mask, unilm_mask
 
     ref = _referee_stub(models)
     size = ref.image_size

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 from pipeline.config import Config, load_config, preset_path  # noqa: E402
 
-# Every word is in the tiny BERT vocabulary (pipeline/tiny_models.py), so BLIP-2 token counts are
+# Every word is in the tiny BERT vocabulary (pipeline/models/tiny.py), so BLIP-2 token counts are
 # what bert-base-uncased gives these prompts (8-11 tokens with [CLS] and [SEP]).
 PROMPTS = [
     "a red car and a blue bird", "a green apple on a wooden table", "a black cat near a white dog",
@@ -122,8 +122,8 @@ def real_model_sets(device: torch.device, dtype: torch.dtype):
     from diffusers import DDPMScheduler
 
     from benchmarks.real_models import build_real_models
-    from pipeline.models import GeneratorModels, VqaModels
-    from pipeline.tiny_models import build_tokenizers
+    from pipeline.models.loading import GeneratorModels, VqaModels
+    from pipeline.models.tiny import build_tokenizers
 
     real = build_real_models(device, dtype)
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,14 +140,14 @@ def real_model_sets(device: torch.device, dtype: torch.dtype):
 
 
 def tiny_model_sets(cfg: Config):
-    from pipeline.models import load_generator_models, load_vqa_models
+    from pipeline.models.loading import load_generator_models, load_vqa_models
 
     return load_generator_models(cfg), load_vqa_models(cfg)
 
 
 def make_scorer(vqa_models: Any, cfg: Config):
     """A VqaScorer that does not need spaCy (the GPU image lacks it): questions are given."""
-    import pipeline.vqa as vqa_mod
+    import pipeline.scoring.vqa as vqa_mod
 
     try:
         return vqa_mod.VqaScorer(vqa_models, cfg)
@@ -173,7 +173,7 @@ def short_schedule(cfg: Config, warmup: int, timed: int) -> Config:
 
 
 def requests(n: int, seed0: int = 1000):
-    from pipeline.invert import SampleRequest
+    from pipeline.engine.invert import SampleRequest
 
     return [SampleRequest(PROMPTS[i % len(PROMPTS)], f"bench{i}", 0, seed0 + i) for i in range(n)]
 
@@ -194,7 +194,7 @@ def count_step_flops(gen: Any, cfg: Config) -> dict[str, float]:
     """FLOPs of one joint step, one tail step and the final pass at batch 1, counted on the device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.invert import InversionEngine
+    from pipeline.engine.invert import InversionEngine
 
     c = short_schedule(cfg, 0, 1)
     c.engine.batch_size, c.engine.max_restarts = 1, 0
@@ -221,7 +221,7 @@ def engine_config(gen: Any, cfg: Config, batch: int, chunk: int, warmup: int, ti
                   step_flops: dict[str, float], vqa_seconds: float) -> dict[str, Any]:
     """One engine configuration: a warm-up run of ``warmup`` joint + tail iterations (and the final
     pass; with engine.compile that is where compilation happens), then a run of ``timed`` of each."""
-    from pipeline.invert import InversionEngine
+    from pipeline.engine.invert import InversionEngine
 
     device = gen.device
     c = short_schedule(cfg, 0, timed)

@@ -26,13 +26,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pipeline.augment import ViewAugmenter
 from pipeline.config import Config
-from pipeline.invert import LatentEma, SampleRequest, balance_gradients, learning_rate
-from pipeline.models import GeneratorModels
-from pipeline.referee import Referee, TextBatch
-from pipeline.rng import generator
-from pipeline.sds import SdsGuidance
+from pipeline.engine.augment import ViewAugmenter
+from pipeline.engine.invert import LatentEma, SampleRequest, balance_gradients, learning_rate
+from pipeline.engine.rng import generator
+from pipeline.engine.sds import SdsGuidance
+from pipeline.models.loading import GeneratorModels
+from pipeline.referees.blip2 import Referee, TextBatch
 
 STYLES = ("authors", "plain")
 

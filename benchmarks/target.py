@@ -6,7 +6,7 @@
 One shard, in this process (``ShardProcessor``, no Ray), on the small model set (configs/small.yaml)
 by default. Variants, interleaved per rep so machine load hits both alike:
   fixed:  ``--target`` samples per prompt (the old scheme; every batch full but the last);
-  target: in-shard refill until ``--target`` accepted or ``--max-samples`` tried (pipeline/refill.py).
+  target: in-shard refill until ``--target`` accepted or ``--max-samples`` tried (pipeline/budget/refill.py).
 The small models' scores are meaningless (near-constant per prompt), so acceptance is emulated: each
 decision accepts with probability ``--acceptance`` from a stable hash of the decision's position
 (the same sequence in every rep). Reported per variant: samples, optimisation batches, mean batch
@@ -35,10 +35,10 @@ import torch  # noqa: E402
 import pipeline.process_shard as process_shard  # noqa: E402
 from benchmarks.engine import read_prompts  # noqa: E402
 from pipeline.config import Config, load_config, preset_path  # noqa: E402
-from pipeline.filter import Decision  # noqa: E402
-from pipeline.models import load_generator_models, load_vqa_models  # noqa: E402
-from pipeline.shards import ShardSpec  # noqa: E402
-from pipeline.storage import filesystem_for  # noqa: E402
+from pipeline.io.shards import ShardSpec  # noqa: E402
+from pipeline.io.storage import filesystem_for  # noqa: E402
+from pipeline.models.loading import load_generator_models, load_vqa_models  # noqa: E402
+from pipeline.scoring.filter import Decision  # noqa: E402
 from schemas.prompts import validate_rows  # noqa: E402
 
 

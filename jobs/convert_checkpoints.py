@@ -43,13 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.what == "blip2":
-        from pipeline.convert_blip2 import convert_lavis_blip2
+        from pipeline.models.convert_blip2 import convert_lavis_blip2
 
         out = convert_lavis_blip2(
             args.lavis_checkpoint, args.output, args.tokenizer, vision_checkpoint=args.vision_checkpoint
         )
     else:
-        from pipeline.convert_blip_vqa import convert_blip_vqa
+        from pipeline.models.convert_blip_vqa import convert_blip_vqa
 
         out = convert_blip_vqa(args.checkpoint, args.output, args.tokenizer)
     print(f"wrote {out}")

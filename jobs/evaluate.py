@@ -25,8 +25,8 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from jobs.cli import EXIT_OK, run_main  # noqa: E402
 from jobs.prompts import prompt_table  # noqa: E402
-from pipeline.compbench_data import COMPBENCH_DIR  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
+from pipeline.io.compbench_data import COMPBENCH_DIR  # noqa: E402
 
 BENCHMARK_FIRST_SEED = 42  # T2I-CompBench samples image k of a prompt with seed 42 + k
 PAPER_TABLE3 = {"color": 0.8162, "shape": 0.6209, "texture": 0.7202}  # the paper's reported BLIP-VQA
@@ -44,7 +44,7 @@ def category_means(records: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def markdown_table(means: dict[str, dict[str, float]], scorer: dict | None = None) -> str:
-    from pipeline.scorer_record import describe
+    from pipeline.scoring.scorer_record import describe
 
     cats = list(means)
     head = "| Method | " + " | ".join(c.capitalize() for c in cats) + " |"
@@ -58,7 +58,7 @@ def markdown_table(means: dict[str, dict[str, float]], scorer: dict | None = Non
 
 def main(argv: list[str] | None = None) -> int:
     from jobs import synthesize
-    from pipeline.reader import sidecar_records
+    from pipeline.io.reader import sidecar_records
 
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
     p.add_argument("--prompts-dir", type=Path, default=COMPBENCH_DIR,

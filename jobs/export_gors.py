@@ -33,12 +33,12 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.cli import existing_parent, run_main  # noqa: E402
-from pipeline import storage  # noqa: E402
-from pipeline.compbench_data import COMPBENCH_DIR, TEMPLATE_PROMPTS  # noqa: E402
 from pipeline.config import FilterConfig, from_dict  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.filter import threshold_for  # noqa: E402
-from pipeline.reader import shard_images, sidecar_records  # noqa: E402
+from pipeline.io import storage  # noqa: E402
+from pipeline.io.compbench_data import COMPBENCH_DIR, TEMPLATE_PROMPTS  # noqa: E402
+from pipeline.io.reader import shard_images, sidecar_records  # noqa: E402
+from pipeline.scoring.filter import threshold_for  # noqa: E402
 
 # Characters GORS or a common file system cannot carry in a file name.
 _UNSAFE = re.compile(r'[_/\\\x00-\x1f<>:"|?*]')

@@ -24,8 +24,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from jobs.cli import existing_parent, run_main  # noqa: E402
-from pipeline.compbench_data import COMPBENCH_DIR, TRAIN_SUFFIX, template_flags  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
+from pipeline.io.compbench_data import COMPBENCH_DIR, TRAIN_SUFFIX, template_flags  # noqa: E402
 
 _SPLIT_SUFFIX = re.compile(r"_(train|val|test)$")
 

@@ -24,9 +24,9 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from jobs.cli import run_main  # noqa: E402
 from jobs.report_target import target_section  # noqa: E402
-from pipeline import storage  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.reader import completed_shards, shard_images, sidecar_records  # noqa: E402
+from pipeline.io import storage  # noqa: E402
+from pipeline.io.reader import completed_shards, shard_images, sidecar_records  # noqa: E402
 
 _THUMB = 160
 _STYLE = """

@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.accounting import category_of
+from pipeline.budget.accounting import category_of
 
 _MADE = ("accepted", "rejected", "failed")
 

@@ -159,7 +159,7 @@ def _score_one(sample: Sample, scorer: Any) -> tuple[Any, str | None]:
 
 
 def _record(i: int, sample: Sample, questions: list[str], result: Any, error: str | None, cfg: Any) -> dict:
-    from pipeline.filter import decide
+    from pipeline.scoring.filter import decide
 
     rec: dict[str, Any] = {
         "index": i, "image": sample.name, "key": sample.key, "prompt": sample.prompt,
@@ -204,7 +204,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_outputs(out: Path, records: list[dict], summary: dict, digits: int) -> None:
-    from pipeline.vqa import format_score
+    from pipeline.scoring.vqa import format_score
 
     out.mkdir(parents=True, exist_ok=True)
     vqa = [{"question_id": r["index"], "answer": format_score(r["score"] or 0.0, digits)} for r in records]
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_output(args.output)
     from pipeline.config import load_config
-    from pipeline.scorer_record import check_vqa_source, describe
+    from pipeline.scoring.scorer_record import check_vqa_source, describe
 
     cfg = load_config(args.config, args.overrides)
     check_vqa_source(cfg)
@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         samples, source = shard_samples(args.shards), str(args.shards)
 
-    from pipeline.models import load_vqa_models
-    from pipeline.vqa import VqaScorer
+    from pipeline.models.loading import load_vqa_models
+    from pipeline.scoring.vqa import VqaScorer
 
     scorer = VqaScorer(load_vqa_models(cfg), cfg)
     records = list(score_samples(samples, scorer, cfg))

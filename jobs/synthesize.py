@@ -8,7 +8,7 @@
 On a cluster: ``ray job submit --working-dir . -- python jobs/synthesize.py ...`` (or with
 RAY_ADDRESS set). Otherwise a local Ray starts, its dashboard (unless --no-dashboard) bound to 127.0.0.1.
 ``--target-accepted K``: per prompt, samples until K are accepted or M (``--max-samples``) were tried
-(in-shard refill, pipeline/refill.py). ``--plan``: no Ray, no models, no torch: prints and writes
+(in-shard refill, pipeline/budget/refill.py). ``--plan``: no Ray, no models, no torch: prints and writes
 OUT/plan.json (expected samples, accepted images, GPU-hours), from ``--from-run``'s rates or the FLOP floor;
 the run folder gets nothing else (no run.json, no lease).
 Shards go to each actor as soon as it is ready; no actor ready after ``job.actor_ready_timeout_s``
@@ -246,7 +246,7 @@ def _run(args: argparse.Namespace, cfg: Config, plan: dict[str, Any]) -> int:
 
 def _scorer_record(cfg: Config, model_ids: dict[str, str]) -> dict[str, Any]:
     """The scorer's exactness record; says when spaCy is not the pinned version (real models only)."""
-    from pipeline.scorer_record import model_set, planned_record, spacy_warning
+    from pipeline.scoring.scorer_record import model_set, planned_record, spacy_warning
 
     record = planned_record(cfg, model_ids["vqa"])
     warning = spacy_warning({"name": record["spacy_model"], "version": record["spacy_version"]},
@@ -280,8 +280,8 @@ def check_paths(prompts: str, output: str) -> None:
 
 
 def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
-    from pipeline import storage
-    from pipeline.scorer_record import check_vqa_source
+    from pipeline.io import storage
+    from pipeline.scoring.scorer_record import check_vqa_source
     from schemas.prompts import fingerprint, read_prompt_tables, validate_rows
 
     check_paths(args.prompts, args.output)
@@ -293,10 +293,10 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
         raise UserError(f"prompts: {args.prompts}: no prompt rows")
     check_vqa_source(cfg)  # before any run folder, actor or GPU work: a missing converted checkpoint is one line
 
-    from pipeline.lease import RunLease
-    from pipeline.run_folder import make_run_info, prepare_run, remove_leftovers
-    from pipeline.shards import plan_shards, shard_is_complete
-    from pipeline.storage import filesystem_for
+    from pipeline.io.lease import RunLease
+    from pipeline.io.run_folder import make_run_info, prepare_run, remove_leftovers
+    from pipeline.io.shards import plan_shards, shard_is_complete
+    from pipeline.io.storage import filesystem_for
 
     specs = plan_shards(rows, cfg.job.shard_size)
     model_ids = _model_ids(cfg)
@@ -330,9 +330,9 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
     """--plan: estimate the run from the prompts and rates; write OUT/plan.json and nothing else."""
     import json
 
-    from pipeline import storage
-    from pipeline.run_plan import format_plan, make_plan, rates_from_floor, rates_from_run
-    from pipeline.shards import plan_shards
+    from pipeline.budget.run_plan import format_plan, make_plan, rates_from_floor, rates_from_run
+    from pipeline.io import storage
+    from pipeline.io.shards import plan_shards
     from schemas.prompts import read_prompt_tables, validate_rows
 
     _, tables = read_prompt_tables(args.prompts)
@@ -366,7 +366,7 @@ def _model_ids(cfg: Config) -> dict[str, str]:
     import, seconds saved per job); the actors resolve, build (tiny, small) and load them."""
     m = cfg.models
     if m.tiny or m.small:  # local cache paths differ per machine; name the set instead
-        from pipeline.tiny_models import SMALL_LAYOUT_VERSION, TINY_LAYOUT_VERSION
+        from pipeline.models.tiny import SMALL_LAYOUT_VERSION, TINY_LAYOUT_VERSION
 
         layout = TINY_LAYOUT_VERSION if m.tiny else SMALL_LAYOUT_VERSION
         return {k: f"{layout}-seed{m.tiny_seed}/{k}" for k in MODEL_KEYS}
@@ -451,7 +451,7 @@ def _print_accounting(summary: Any) -> None:
 
 
 def _finish(plan: dict[str, Any], cfg: Config, failed: dict[int, str], retries: int, wall: float) -> int:
-    from pipeline.run_folder import complete_stats, summarize, write_card, write_index, write_summary
+    from pipeline.io.run_folder import complete_stats, summarize, write_card, write_index, write_summary
 
     fs, out, info = plan["fs"], plan["out"], plan["info"]
     stats = complete_stats(fs, out, len(plan["specs"]), info.config_hash)

@@ -210,7 +210,7 @@ class JobConfig:
     storage_request_timeout_s: float = _f(60.0, 0.1)
     storage_max_attempts: int = _f(3, 1)  # S3 tries per request
     storage_retry_time_s: float = _f(20.0, 1.0)  # GCS: time spent retrying a request
-    # Accept-until-target (pipeline/refill.py): > 0 makes up to max_samples_per_prompt attempts per
+    # Accept-until-target (pipeline/budget/refill.py): > 0 makes up to max_samples_per_prompt attempts per
     # prompt until target_accepted are accepted (samples_per_prompt is then unused); 0 = off.
     target_accepted: int = _f(0, 0, 99)
     max_samples_per_prompt: int = _f(8, 1, 99)  # the sample index has two digits in the key
@@ -221,7 +221,7 @@ class CostConfig:
     """Reporting and planning only (never part of the config hash)."""
 
     gpu_hour_price: float = _f(0.0, 0.0)  # price of one device-hour; 0 = no cost figures
-    # --plan without --from-run: seconds per sample from the FLOP floor (pipeline/flop_floor.py) at
+    # --plan without --from-run: seconds per sample from the FLOP floor (pipeline/engine/flop_floor.py) at
     # plan_tflops x plan_efficiency (DESIGN.md section 6: the goal is within 2x of the floor).
     plan_tflops: float = _f(989.0, 1e-3)  # H100/H200 dense BF16 peak
     plan_efficiency: float = _f(0.5, 1e-3, 1.0)

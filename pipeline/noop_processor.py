@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pyarrow.fs as pafs
 
 from pipeline.config import Config
-from pipeline.shards import PublishRetry, ShardSpec, ShardWriter
+from pipeline.io.shards import PublishRetry, ShardSpec, ShardWriter
 from schemas.prompts import PromptRow
 from schemas.run import ShardStats
 from schemas.samples import INVALID_INPUT, REJECTED, SampleRecord, sample_key

@@ -3,10 +3,10 @@
 Batches of (prompt, sample) requests go through the engine; each finished image is encoded as it
 will be stored, and the decoded file is what gets scored (as T2I-CompBench scores the saved PNG),
 so a stored score is what ``jobs/score.py`` finds on the exported file. Acceptance is GORS's
-(``pipeline.filter``). Which attempts are made, and in which batches, is ``pipeline.refill``'s:
+(``pipeline.scoring.filter``). Which attempts are made, and in which batches, is ``pipeline.budget.refill``'s:
 fixed ``num_samples`` per prompt, or accept-until-target with in-shard refill. Every sample gets a
 record. A sample whose optimisation or scoring fails is recorded as ``failed`` with the reason and
-the shard goes on. A sample's ``seconds`` is its device time (``pipeline.accounting``).
+the shard goes on. A sample's ``seconds`` is its device time (``pipeline.budget.accounting``).
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
-from pipeline.accounting import shard_accounting
+from pipeline.budget.accounting import shard_accounting
+from pipeline.budget.refill import AttemptQueue
 from pipeline.config import Config
-from pipeline.filter import decide
-from pipeline.invert import InversionEngine, SampleRequest, sample_seed
-from pipeline.models import GeneratorModels, VqaModels
-from pipeline.refill import AttemptQueue
-from pipeline.shards import PublishRetry, ShardSpec, ShardWriter, encode_image
-from pipeline.vqa import VqaResult, VqaScorer
+from pipeline.engine.invert import InversionEngine, SampleRequest, sample_seed
+from pipeline.io.shards import PublishRetry, ShardSpec, ShardWriter, encode_image
+from pipeline.models.loading import GeneratorModels, VqaModels
+from pipeline.scoring.filter import decide
+from pipeline.scoring.vqa import VqaResult, VqaScorer
 from schemas.prompts import PromptRow
 from schemas.run import ShardStats
 from schemas.samples import ACCEPTED, FAILED, INVALID_INPUT, REJECTED, SampleRecord, sample_key

@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
-from pipeline.storage import filesystem_for
+from pipeline.io.storage import filesystem_for
 
 PROMPTS_SCHEMA_VERSION = 2  # 2: benchmark_index, template
 # benchmark_index: the prompt's line (0-based) in its T2I-CompBench list; template: a template

@@ -42,7 +42,7 @@ class ShardStats(SampleCounts):
     parquet_bytes: int
     finished_at: str
     rejected_tar_bytes: int = 0  # 0: no rejected-images tar for this shard
-    # Device time and acceptance (pipeline/accounting.py): the sum of the samples' seconds, per
+    # Device time and acceptance (pipeline/budget/accounting.py): the sum of the samples' seconds, per
     # category {prompts, samples, accepted, rejected, failed, seconds}, prompts short of the target.
     device_seconds: float = 0.0
     categories: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -72,7 +72,7 @@ class RunInfo(JsonRecord):
     # Installed versions (torch, transformers, diffusers, kornia, spaCy and its model, Pillow, ray, ...);
     # the output-changing ones are part of config_hash.
     libraries: dict[str, str] = field(default_factory=dict)
-    # The scorer's exactness record (pipeline/scorer_record.py): exact, deviations, spaCy, VQA weights.
+    # The scorer's exactness record (pipeline/scoring/scorer_record.py): exact, deviations, spaCy, VQA weights.
     scorer: dict[str, Any] = field(default_factory=dict)
     version: int = RUN_SCHEMA_VERSION
 
@@ -89,7 +89,7 @@ class Summary(SampleCounts):
     skipped_shards: int = 0
     scorer: dict[str, Any] = field(default_factory=dict)  # as in run.json
     extra: dict[str, Any] = field(default_factory=dict)
-    # Cost and target accounting (pipeline/accounting.py run_accounting): overall and per category.
+    # Cost and target accounting (pipeline/budget/accounting.py run_accounting): overall and per category.
     device_seconds: float = 0.0
     device_hours: float = 0.0
     seconds_per_accepted: float | None = None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.compbench_data import COMPBENCH_DIR
+from pipeline.io.compbench_data import COMPBENCH_DIR
 
 # Tests never touch the hub; set before transformers / huggingface_hub are imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,14 +37,14 @@ def tiny_cfg(tiny_cache: Path):
 
 @pytest.fixture(scope="session")
 def generator_models(tiny_cfg):
-    from pipeline.models import load_generator_models
+    from pipeline.models.loading import load_generator_models
 
     return load_generator_models(tiny_cfg)
 
 
 @pytest.fixture(scope="session")
 def vqa_models(tiny_cfg):
-    from pipeline.models import load_vqa_models
+    from pipeline.models.loading import load_vqa_models
 
     return load_vqa_models(tiny_cfg)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.compbench_data import COMPBENCH_DIR, available
+from pipeline.io.compbench_data import COMPBENCH_DIR, available
 from tests.conftest import ROOT, copy_project, project_files
 
 # Paths that would reach outside a clone: `../shared`, or a parent folder's `shared`.

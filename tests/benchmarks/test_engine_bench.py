@@ -44,7 +44,7 @@ def test_engine_quick_with_the_job(tiny_cache) -> None:
 
 def test_gpu_dry_run_with_an_injected_oom(tmp_path, tiny_cache, monkeypatch) -> None:
     from benchmarks import gpu
-    from pipeline.invert import INJECT_OOM_ENV
+    from pipeline.engine.invert import INJECT_OOM_ENV
 
     monkeypatch.setenv("REFEREE_SYNTH_CACHE", str(tiny_cache))
     monkeypatch.setenv(INJECT_OOM_ENV, "2")  # more than 2 view rows per referee pass "do not fit"
@@ -68,7 +68,7 @@ def test_gpu_dry_run_with_an_injected_oom(tmp_path, tiny_cache, monkeypatch) -> 
 def test_gpu_real_model_set_builds_on_meta() -> None:
     from benchmarks.gpu import real_model_sets
     from pipeline.config import Config
-    from pipeline.referee import Referee
+    from pipeline.referees.blip2 import Referee
 
     gen, vqa = real_model_sets(torch.device("meta"), torch.float32)
     assert gen.referee.config.vision_config.num_hidden_layers == 39

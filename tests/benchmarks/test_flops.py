@@ -61,9 +61,9 @@ def test_top_k_adds_the_selection_pass() -> None:
 
 
 def test_plan_floor_constants_are_the_counters(paper_flops) -> None:
-    """``--plan`` reads per-pass FLOPs from pipeline/flop_floor.py (no torch): they must be the counter's."""
+    """``--plan`` reads per-pass FLOPs from pipeline/engine/flop_floor.py (no torch): they must be the counter's."""
     from pipeline.config import load_config, preset_path
-    from pipeline.flop_floor import REAL_FLOPS_PER_CALL, floor_per_image
+    from pipeline.engine.flop_floor import REAL_FLOPS_PER_CALL, floor_per_image
 
     assert REAL_FLOPS_PER_CALL == {k: c["flops_per_call"] for k, c in paper_flops["components"].items()}
     floor = floor_per_image(load_config(preset_path("paper")), 989.0, 1.0)

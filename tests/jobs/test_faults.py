@@ -90,8 +90,8 @@ def test_sigterm_stops_actors_and_the_rerun_resumes(tmp_path, tiny_cache) -> Non
     assert proc.returncode == 130, err[-2000:]
     assert "rerun the same command to resume" in err and "Traceback" not in err
     # Every marker vouches for a complete shard.
-    from pipeline.shards import shard_is_complete
-    from pipeline.storage import filesystem_for
+    from pipeline.io.shards import shard_is_complete
+    from pipeline.io.storage import filesystem_for
 
     fs, root = filesystem_for(str(out))
     cfg_hash = json.loads((out / "run.json").read_text())["config_hash"]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipeline.lease import LEASE_NAME
+from pipeline.io.lease import LEASE_NAME
 from tests.conftest import ROOT, compbench_prompts
 from tests.jobs.test_synthesize import SYNTH, _check_complete_run, _env, _prompts, _run
 

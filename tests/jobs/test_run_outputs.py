@@ -105,7 +105,7 @@ def test_gors_export_maps_unsafe_prompts_when_asked(tiny_run, tiny_cache, tmp_pa
 
 
 def test_finetune_stream_reads_accepted_pairs(tiny_run) -> None:
-    from pipeline.reader import finetune_stream
+    from pipeline.io.reader import finetune_stream
 
     items = list(finetune_stream(str(tiny_run)))
     assert len(items) == 11

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.models import load_generator_models, model_sources
-from pipeline.referee import Referee, TextBatch
+from pipeline.models.loading import load_generator_models, model_sources
+from pipeline.referees.blip2 import Referee, TextBatch
 from tests.conftest import ROOT
 from tests.parity.settings import SUBPROCESS_TIMEOUT
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import convert_blip2, convert_blip_vqa
+from pipeline.models import convert_blip2, convert_blip_vqa
 
 pytestmark = pytest.mark.parity
 DATA = Path(__file__).resolve().parent / "data"

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.models import load_vqa_models
-from pipeline.vqa import VqaScorer, combine, format_score, round_answer
+from pipeline.models.loading import load_vqa_models
+from pipeline.scoring.vqa import VqaScorer, combine, format_score, round_answer
 from tests.conftest import ROOT
 from tests.parity.settings import SUBPROCESS_TIMEOUT
 

@@ -9,11 +9,11 @@ import pytest
 
 from jobs.prompts import prompt_table
 from jobs.score import score_samples, shard_samples
-from pipeline.compbench_data import COMPBENCH_DIR
+from pipeline.io.compbench_data import COMPBENCH_DIR
+from pipeline.io.shards import ShardSpec, shard_paths
+from pipeline.io.storage import filesystem_for
 from pipeline.process_shard import ShardProcessor
-from pipeline.shards import ShardSpec, shard_paths
-from pipeline.storage import filesystem_for
-from pipeline.vqa import format_score
+from pipeline.scoring.vqa import format_score
 from schemas.prompts import validate_rows
 
 # Lines 558-561 of color_train.txt: two template prompts, then two natural ones.
@@ -57,7 +57,7 @@ def test_template_flags_come_from_the_benchmark_position(gors_run):
 
 def test_stored_scores_are_what_score_py_finds_in_the_tar(gors_run, vqa_models):
     """The score recorded at synthesis is the benchmark's score of the stored PNG, to the digit."""
-    from pipeline.vqa import VqaScorer
+    from pipeline.scoring.vqa import VqaScorer
 
     cfg, out, side = gors_run
     accepted = {r["key"]: r for r in side if r["status"] == "accepted"}

@@ -1,0 +1,95 @@
+"""Device time and acceptance per category: per shard (its stats marker) and per run (summary.json).
+
+A sample's ``seconds`` is the device time it used: its share of its optimisation batches (restarts
+included, ``SampleResult.seconds``) plus its own encoding and scoring. A shard's marker sums them
+per category and lists the prompts that ended short of the target; the summary adds the shards up
+and derives seconds per accepted image, acceptance rates and, with a device-hour price, the cost
+per accepted image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from pipeline.budget.refill import PromptAttempts
+from schemas.prompts import PromptRow
+from schemas.samples import ACCEPTED, FAILED, REJECTED, SampleRecord
+
+NO_CATEGORY = "(none)"
+_COUNTED = (ACCEPTED, REJECTED, FAILED)
+
+
+def category_of(category: str | None) -> str:
+    return category or NO_CATEGORY
+
+
+def _empty() -> dict[str, Any]:
+    return {"prompts": 0, "samples": 0, "accepted": 0, "rejected": 0, "failed": 0, "seconds": 0.0}
+
+
+def shard_accounting(
+    records: Iterable[SampleRecord], rows: list[PromptRow], prompts: list[PromptAttempts]
+) -> dict[str, Any]:
+    """The stats-marker fields: ``device_seconds``, ``categories`` and ``short`` (prompts short of target)."""
+    cats: dict[str, dict[str, Any]] = {}
+    for p in prompts:
+        cats.setdefault(category_of(rows[p.row_in_shard].category), _empty())["prompts"] += 1
+    total = 0.0
+    for rec in records:
+        if rec.status not in _COUNTED:
+            continue
+        c = cats.setdefault(category_of(rec.category), _empty())
+        c["samples"] += 1
+        c[rec.status] += 1
+        c["seconds"] += rec.seconds
+        total += rec.seconds
+    for c in cats.values():
+        c["seconds"] = round(c["seconds"], 3)
+    short = [
+        {"prompt_id": rows[p.row_in_shard].prompt_id, "category": category_of(rows[p.row_in_shard].category),
+         "row": rows[p.row_in_shard].row, "accepted": p.accepted, "tried": p.issued, "short_by": p.short_by}
+        for p in prompts if p.short_by
+    ]
+    return {"device_seconds": round(total, 3), "categories": cats, "short": short}
+
+
+def _rates(c: dict[str, Any], price: float) -> dict[str, Any]:
+    """Derived figures of one category (or of the run)."""
+    acc, samples, secs = c["accepted"], c["samples"], c["seconds"]
+    per_acc = secs / acc if acc else None
+    return {
+        **c, "seconds": round(secs, 3),
+        "acceptance_rate": round(acc / samples, 4) if samples else None,
+        "seconds_per_sample": round(secs / samples, 4) if samples else None,
+        "seconds_per_accepted": round(per_acc, 4) if per_acc is not None else None,
+        "cost_per_accepted": round(per_acc / 3600 * price, 8) if per_acc is not None and price > 0 else None,
+    }
+
+
+def run_accounting(stats: Iterable[Any], price: float, target: int, max_samples: int) -> dict[str, Any]:
+    """The summary.json fields, from the complete shards' markers (``ShardStats``)."""
+    cats: dict[str, dict[str, Any]] = {}
+    short: dict[str, list[dict[str, Any]]] = {}
+    for s in stats:
+        for name, c in (s.categories or {}).items():
+            into = cats.setdefault(name, _empty())
+            for k in into:
+                into[k] += c.get(k, 0)
+        for item in s.short or []:
+            short.setdefault(item["category"], []).append(item)
+    overall = _empty()
+    for c in cats.values():
+        for k in overall:
+            overall[k] += c[k]
+    total = _rates(overall, price)
+    return {
+        "device_seconds": total["seconds"], "device_hours": round(total["seconds"] / 3600, 6),
+        "seconds_per_accepted": total["seconds_per_accepted"], "acceptance_rate": total["acceptance_rate"],
+        "gpu_hour_price": price or None, "cost_per_accepted": total["cost_per_accepted"],
+        "total_cost": round(total["seconds"] / 3600 * price, 4) if price > 0 else None,
+        "target_accepted": target or None, "max_samples_per_prompt": max_samples if target else None,
+        "categories": {name: _rates(c, price) for name, c in sorted(cats.items())},
+        "short_prompts": {name: sorted(items, key=lambda i: i["row"]) for name, items in sorted(short.items())},
+        "short_prompts_total": sum(len(v) for v in short.values()),
+    }

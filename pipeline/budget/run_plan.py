@@ -1,0 +1,138 @@
+"""What a run will make and cost, before it starts (``jobs/synthesize.py --plan``); no torch, no models.
+
+Per category: the acceptance rate p and the device seconds per sample s come from an earlier run's
+summary.json (``--from-run``), or else p is ``cost.plan_acceptance_rate`` and s is the FLOP floor
+of one image (``pipeline.engine.flop_floor``) at ``cost.plan_tflops`` x ``cost.plan_efficiency``.
+With a target K and at most M attempts, a prompt's attempts stop at the K-th acceptance or at M
+(in-shard refill never makes more, ``pipeline.budget.refill``); with attempts independent with rate p:
+    E[attempts] = sum_{n<M} P(Bin(n, p) < K),  E[accepted] = E[min(K, Bin(M, p))],
+    P(short) = P(Bin(M, p) < K).
+Without a target every valid prompt makes its ``num_samples`` and p of them are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from math import comb
+from typing import Any
+
+from pipeline.budget.accounting import category_of
+from pipeline.config import Config
+from pipeline.engine.flop_floor import floor_per_image
+from pipeline.errors import UserError
+from pipeline.io import storage
+from schemas.prompts import STATUS_OK, PromptRow
+
+
+def _binom_cdf_below(k: int, n: int, p: float) -> float:
+    """P(Bin(n, p) < k)."""
+    return sum(comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(min(k, n + 1)))
+
+
+def expected_attempts(p: float, k: int, m: int) -> float:
+    return sum(_binom_cdf_below(k, n, p) for n in range(m))
+
+
+def expected_accepted(p: float, k: int, m: int) -> float:
+    return sum(min(k, j) * comb(m, j) * p**j * (1 - p) ** (m - j) for j in range(m + 1))
+
+
+def short_probability(p: float, k: int, m: int) -> float:
+    return _binom_cdf_below(k, m, p)
+
+
+def rates_from_run(run: str) -> dict[str, Any]:
+    """Per-category acceptance rate and seconds per sample of an earlier run (its summary.json)."""
+    fs, out = storage.filesystem_for(run)
+    path = storage.join(out, "summary.json")
+    if not storage.exists(fs, path):
+        raise UserError(f"--from-run {run}: no summary.json (not a finished run folder)")
+    try:
+        summary = json.loads(storage.read_bytes(fs, path))
+    except ValueError:
+        raise UserError(f"--from-run {run}: summary.json is not valid JSON") from None
+    cats = {k: v for k, v in (summary.get("categories") or {}).items() if v.get("samples")}
+    if not cats:
+        raise UserError(f"--from-run {run}: summary.json has no per-category samples and device seconds "
+                        "(a run made before cost accounting, or one with no samples)")
+    per = {k: (v["accepted"] / v["samples"], v["seconds"] / v["samples"]) for k, v in cats.items()}
+    samples = sum(v["samples"] for v in cats.values())
+    overall = (sum(v["accepted"] for v in cats.values()) / samples, sum(v["seconds"] for v in cats.values()) / samples)
+    return {"source": {"kind": "run", "run": run}, "per_category": per, "overall": overall}
+
+
+def rates_from_floor(cfg: Config) -> dict[str, Any]:
+    c = cfg.cost
+    floor = floor_per_image(cfg, c.plan_tflops, c.plan_efficiency)
+    source = {
+        "kind": "flop_floor", **floor, "acceptance_rate": c.plan_acceptance_rate,
+        "note": (f"FLOP floor of one image at the real model sizes ({floor['flops_per_image'] / 1e15:.2f} PFLOP) "
+                 f"at {c.plan_tflops:g} TFLOP/s x efficiency {c.plan_efficiency:g}; acceptance rate "
+                 f"{c.plan_acceptance_rate:g} assumed (no --from-run)"),
+    }
+    return {"source": source, "per_category": {}, "overall": (c.plan_acceptance_rate, floor["seconds_per_image"])}
+
+
+def _category_plan(rows: list[PromptRow], p: float, secs: float, cfg: Config) -> dict[str, Any]:
+    k, m = cfg.job.target_accepted, cfg.job.max_samples_per_prompt
+    n = len(rows)
+    if k:
+        samples, accepted = n * expected_attempts(p, k, m), n * expected_accepted(p, k, m)
+        short = n * short_probability(p, k, m)
+    else:
+        samples = float(sum(r.num_samples for r in rows))
+        accepted, short = p * samples, 0.0
+    hours = samples * secs / 3600
+    price = cfg.cost.gpu_hour_price
+    return {
+        "prompts": n, "acceptance_rate": round(p, 4), "seconds_per_sample": round(secs, 4),
+        "expected_samples": round(samples, 1), "expected_accepted": round(accepted, 1),
+        "expected_short_prompts": round(short, 1), "gpu_hours": round(hours, 4),
+        "cost": round(hours * price, 2) if price > 0 else None,
+    }
+
+
+def make_plan(rows: list[PromptRow], num_shards: int, cfg: Config, rates: dict[str, Any]) -> dict[str, Any]:
+    by_cat: dict[str, list[PromptRow]] = defaultdict(list)
+    for r in rows:
+        if r.status == STATUS_OK:
+            by_cat[category_of(r.category)].append(r)
+    cats = {}
+    for name, members in sorted(by_cat.items()):
+        p, secs = rates["per_category"].get(name, rates["overall"])
+        cats[name] = _category_plan(members, p, secs, cfg)
+    total = {key: round(sum(c[key] for c in cats.values()), 4)
+             for key in ("expected_samples", "expected_accepted", "expected_short_prompts", "gpu_hours")}
+    price = cfg.cost.gpu_hour_price
+    target = cfg.job.target_accepted
+    return {
+        "prompts": len(rows), "valid_prompts": sum(len(v) for v in by_cat.values()),
+        "invalid_rows": sum(r.status != STATUS_OK for r in rows), "shards": num_shards,
+        "shard_size": cfg.job.shard_size, "target_accepted": target or None,
+        "max_samples_per_prompt": cfg.job.max_samples_per_prompt if target else None,
+        "samples_per_prompt": None if target else cfg.job.samples_per_prompt,
+        "source": rates["source"], **total, "gpu_hour_price": price or None,
+        "cost": round(total["gpu_hours"] * price, 2) if price > 0 else None, "categories": cats,
+    }
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    target = plan["target_accepted"]
+    head = (f"plan: {plan['valid_prompts']} prompts ({plan['invalid_rows']} invalid rows), {plan['shards']} shards; "
+            + (f"target {target} accepted per prompt, at most {plan['max_samples_per_prompt']} samples"
+               if target else f"{plan['samples_per_prompt']} samples per prompt"))
+    src = plan["source"]
+    lines = [head, "from: " + (f"run {src['run']}" if src["kind"] == "run" else src["note"])]
+    lines.append(f"{'category':<16}{'prompts':>8}{'acc.rate':>9}{'s/sample':>10}{'samples':>10}{'accepted':>10}"
+                 f"{'short':>8}{'GPU-h':>10}")
+    for name, c in plan["categories"].items():
+        lines.append(f"{name[:15]:<16}{c['prompts']:>8}{c['acceptance_rate']:>9.3f}{c['seconds_per_sample']:>10.2f}"
+                     f"{c['expected_samples']:>10.1f}{c['expected_accepted']:>10.1f}"
+                     f"{c['expected_short_prompts']:>8.1f}{c['gpu_hours']:>10.3f}")
+    total = (f"total: {plan['expected_samples']:.1f} samples, {plan['expected_accepted']:.1f} accepted, "
+             f"{plan['expected_short_prompts']:.1f} prompts short, {plan['gpu_hours']:.3f} GPU-hours")
+    if plan["cost"] is not None:
+        total += f", cost {plan['cost']:.2f} at {plan['gpu_hour_price']:g} per GPU-hour"
+    lines.append(total)
+    return "\n".join(lines)

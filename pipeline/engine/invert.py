@@ -1,0 +1,493 @@
+"""The inversion engine: Algorithm 1 of the paper (BLIP-2 inversion + SDS) on batches of samples.
+
+Per iteration i < optim.iterations, for every sample of the batch at once:
+  g_sds  = SDS gradient at z (weighted, normalised; ``pipeline.engine.sds``)
+  g_ref  = d/dz of the referee loss averaged over augmented views, rescaled per sample so that
+           ||g_ref|| = ref_to_sds_ratio * ||g_sds||
+  Adam (or SGD) step on g_ref + noise, lr warm-up then cosine lr_start -> lr_end
+  z -= sds_step * g_sds;  z += noise
+  EMA of z; after iterations listed in ema_restarts (1-based, as Algorithm 1 counts) z := copy(EMA)
+then optim.tail_iterations SDS-only steps z -= sds_step * g_sds + tail_noise_std * noise, and the
+image x = clamp(VAE.decode(z / scale) / 2 + 0.5, 0, 1).
+
+Batching never changes the math: every norm is per sample, every random draw comes from the
+sample's own seed (``pipeline.engine.rng``), the optimiser is elementwise. A sample whose latents or
+losses become non-finite is frozen, then rerun with a new seed derived from the old one (up to
+engine.max_restarts times); the others are unaffected.
+
+Memory: the referee pass over B x N views is the engine's peak. ``engine.view_chunk`` caps how
+many views go through the referee at once (same sum, so the same math). With
+``engine.oom_fallback`` a CUDA out-of-memory error in the referee pass halves the chunk (the
+whole batch of views at first) and redoes that pass of the iteration; nothing of the iteration
+has been applied by then (the SDS draw before it is pure), so the result is the one the smaller
+chunk gives from the start. The smaller chunk is kept for the engine's later iterations.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.config import Config, OptimConfig
+from pipeline.engine.augment import ViewAugmenter
+from pipeline.engine.rng import generator, stable_seed
+from pipeline.engine.sds import SdsGuidance, cosine_schedule
+from pipeline.models.loading import GeneratorModels
+from pipeline.referees.blip2 import Referee, RefereeLosses, TextBatch
+
+# Debug hook for fault tests: "prompt_id:iteration" makes that prompt's latents NaN at that
+# iteration on every attempt; "prompt_id:iteration:attempts" only on its first `attempts` attempts.
+INJECT_NAN_ENV = "REFEREE_SYNTH_INJECT_NAN"
+# Debug hook for the out-of-memory fallback: "R" makes every referee pass over more than R view
+# rows raise torch.cuda.OutOfMemoryError (as a GPU too small for them would), on any device.
+INJECT_OOM_ENV = "REFEREE_SYNTH_INJECT_OOM"
+
+log = logging.getLogger(__name__)
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class SampleRequest:
+    prompt: str
+    prompt_id: str
+    sample_index: int
+    seed: int
+
+
+@dataclass
+class SampleResult:
+    request: SampleRequest
+    image: torch.Tensor | None  # 3xHxW float32 in [0, 1] on CPU; None when the sample failed
+    itm_score: float  # referee's match probability for the final, un-augmented image
+    final_losses: dict[str, float]  # {"itm", "caption", "total"} of that image
+    iterations: int
+    seed: int  # seed actually used (changes after a restart)
+    error: str | None
+    trace: list[dict] | None
+    seconds: float  # the sample's share of its batches' wall time
+    restarts: list[str] = field(default_factory=list)  # why each earlier attempt was abandoned
+
+
+def sample_seed(run_seed: int, prompt_id: str, sample_index: int) -> int:
+    """Default seed of a (prompt, sample): stable across processes and machines (SHA-256)."""
+    return stable_seed("sample", run_seed, prompt_id, sample_index)
+
+
+def restart_seed(seed: int, attempt: int) -> int:
+    """The seed of a restarted sample, derived from the seed that failed."""
+    return stable_seed("restart", seed, attempt)
+
+
+def learning_rate(ocfg: OptimConfig, iteration: int) -> float:
+    """Linear warm-up to lr_start over ``warmup`` iterations, then cosine lr_start -> lr_end."""
+    if iteration < ocfg.warmup:
+        return ocfg.lr_start * (iteration + 1) / ocfg.warmup
+    return cosine_schedule(ocfg.lr_start, ocfg.lr_end, iteration - ocfg.warmup, ocfg.iterations - ocfg.warmup)
+
+
+def per_sample_norm(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).norm(dim=1)
+
+
+def balance_gradients(g_ref: torch.Tensor, g_sds: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Rescale each sample's referee gradient to ``ratio`` times its own SDS gradient norm."""
+    ref_norm, sds_norm = per_sample_norm(g_ref), per_sample_norm(g_sds)
+    scale = torch.where(ref_norm > 0, ratio * sds_norm / ref_norm.clamp_min(torch.finfo(ref_norm.dtype).tiny), 0.0)
+    return g_ref * scale.view(-1, *([1] * (g_ref.dim() - 1)))
+
+
+class LatentEma:
+    """EMA of the latents. A restart copies the EMA into z: z never aliases the EMA's storage."""
+
+    def __init__(self, z: torch.Tensor, decay: float) -> None:
+        self.decay = decay
+        self.value = z.detach().clone()
+
+    @torch.no_grad()
+    def update(self, z: torch.Tensor) -> None:
+        self.value.mul_(self.decay).add_(z.detach(), alpha=1.0 - self.decay)
+
+    @torch.no_grad()
+    def restart(self, z: torch.Tensor) -> None:
+        z.copy_(self.value)
+
+
+def parse_nan_injection(value: str | None) -> tuple[str, int, int | None] | None:
+    """``prompt_id:iteration[:attempts]`` -> (prompt_id, iteration, attempts or None = always)."""
+    if not value:
+        return None
+    head, _, last = value.rpartition(":")
+    mid_head, _, mid = head.rpartition(":")
+    if mid_head and mid.isdigit() and last.isdigit():
+        return mid_head, int(mid), int(last)
+    if head and last.isdigit():
+        return head, int(last), None
+    raise ValueError(f"{INJECT_NAN_ENV} must be prompt_id:iteration[:attempts], got {value!r}")
+
+
+@dataclass
+class _Slot:
+    """One sample of a batch through its attempts."""
+
+    request: SampleRequest
+    seed: int
+    attempt: int = 0
+    restarts: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class _Outcome:
+    """What one optimisation of a batch gives per sample."""
+
+    images: torch.Tensor | None
+    losses: RefereeLosses | None
+    errors: list[str | None]
+    iterations: list[int]
+    traces: list[list[dict]]
+
+
+class _Batch:
+    """Mutable state of one optimisation: latents, optimiser, EMA, frozen (failed) samples."""
+
+    def __init__(self, z: torch.Tensor, ocfg: OptimConfig) -> None:
+        self.z = z.requires_grad_(True)
+        self.opt = _make_optimizer(z, ocfg)
+        self.ema = LatentEma(z, ocfg.ema_decay)
+        self.errors: list[str | None] = [None] * z.shape[0]
+        self.stopped_at = [0] * z.shape[0]
+
+    @torch.no_grad()
+    def freeze(self, rows: list[int], reason: str, iteration: int) -> None:
+        """Stop a failed sample: zero its latents, EMA and optimiser state so they stay finite."""
+        for b in rows:
+            if self.errors[b] is None:
+                self.errors[b] = reason
+                self.stopped_at[b] = iteration
+            self.z[b].zero_()
+            self.ema.value[b].zero_()
+            for state in self.opt.state.values():
+                for t in state.values():
+                    if torch.is_tensor(t) and t.shape == self.z.shape:
+                        t[b].zero_()
+
+    def alive(self) -> torch.Tensor:
+        return torch.tensor([e is None for e in self.errors], device=self.z.device)
+
+
+def _make_optimizer(z: torch.Tensor, ocfg: OptimConfig) -> torch.optim.Optimizer:
+    # Both are elementwise (weight decay is L2 on each element): no state is shared across samples.
+    if ocfg.optimizer == "adam":
+        return torch.optim.Adam([z], lr=ocfg.lr_start, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay)
+    return torch.optim.SGD([z], lr=ocfg.lr_start, momentum=ocfg.momentum, weight_decay=ocfg.weight_decay)
+
+
+def _nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """[B] bool: rows holding a NaN or an infinity (stays on the device)."""
+    return ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    size = size if size > 0 else n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class InversionEngine:
+    def __init__(self, models: GeneratorModels, cfg: Config) -> None:
+        self.models = models
+        self.cfg = cfg
+        self.device = models.device
+        self.referee = Referee(models, cfg.referee)
+        self.sds = SdsGuidance(models, cfg.sds)
+        self.augmenter = ViewAugmenter(cfg.augment, self.referee.image_size)
+        self._decode_fn = models.vae.decode
+        self.view_chunk = cfg.engine.view_chunk  # views per referee pass now; the OOM fallback lowers it
+        self.oom_fallbacks: list[dict] = []  # one record per halving (iteration, old and new chunk)
+        self._oom_rows: int | None = None
+        if self.device.type == "cuda" and cfg.engine.channels_last:
+            models.vae.to(memory_format=torch.channels_last)
+        if cfg.engine.compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        """torch.compile the two big differentiable passes (the ViT and the VAE decoder).
+
+        Not exercised by the CPU tests. The ViT's forward is patched on the shared model once.
+        """
+        self._decode_fn = torch.compile(self.models.vae.decode)
+        vit = self.models.referee.vision_model
+        if not getattr(vit, "_referee_synth_compiled", False):
+            vit.forward = torch.compile(vit.forward)
+            vit._referee_synth_compiled = True
+
+    # ---- public API -------------------------------------------------------------------------
+    def run(
+        self, requests: list[SampleRequest], progress: Callable[[int], None] | None = None
+    ) -> list[SampleResult]:
+        """Invert every request, in batches of ``engine.batch_size``; results in request order.
+
+        ``progress`` is called with the number of samples finished after each batch.
+        """
+        inject = parse_nan_injection(os.environ.get(INJECT_NAN_ENV))
+        oom_rows = os.environ.get(INJECT_OOM_ENV)
+        self._oom_rows = int(oom_rows) if oom_rows else None
+        results: list[SampleResult] = []
+        size = self.cfg.engine.batch_size
+        for start in range(0, len(requests), size):
+            batch = requests[start : start + size]
+            results.extend(self._run_batch(batch, inject))
+            if progress is not None:
+                progress(len(batch))
+        return results
+
+    # ---- batches and restarts ---------------------------------------------------------------
+    def _run_batch(self, requests: Sequence[SampleRequest], inject) -> list[SampleResult]:
+        slots = [_Slot(r, r.seed) for r in requests]
+        results: dict[int, SampleResult] = {}
+        pending = list(range(len(slots)))
+        while pending:
+            t0 = time.perf_counter()
+            outcome = self._optimise([slots[i] for i in pending], inject)
+            share = (time.perf_counter() - t0) / len(pending)
+            retry = []
+            for j, i in enumerate(pending):
+                slot = slots[i]
+                slot.seconds += share
+                if outcome.errors[j] is None:
+                    results[i] = self._success(slot, outcome, j)
+                elif slot.attempt < self.cfg.engine.max_restarts:
+                    slot.restarts.append(f"{outcome.errors[j]} (seed {slot.seed})")
+                    slot.attempt += 1
+                    slot.seed = restart_seed(slot.seed, slot.attempt)
+                    retry.append(i)
+                else:
+                    results[i] = self._failure(slot, outcome, j)
+            pending = retry
+        return [results[i] for i in range(len(slots))]
+
+    def _success(self, slot: _Slot, outcome: _Outcome, j: int) -> SampleResult:
+        assert outcome.images is not None and outcome.losses is not None
+        losses = {k: float(getattr(outcome.losses, k)[j]) for k in ("itm", "caption", "total")}
+        return SampleResult(
+            request=slot.request, image=outcome.images[j], itm_score=math.exp(-losses["itm"]),
+            final_losses=losses, iterations=outcome.iterations[j], seed=slot.seed, error=None,
+            trace=outcome.traces[j] if self.cfg.engine.trace else None, seconds=slot.seconds,
+            restarts=list(slot.restarts),
+        )
+
+    def _failure(self, slot: _Slot, outcome: _Outcome, j: int) -> SampleResult:
+        tries = slot.attempt + 1
+        error = f"{outcome.errors[j]} (seed {slot.seed}); gave up after {tries} attempt{'s' if tries > 1 else ''}"
+        return SampleResult(
+            request=slot.request, image=None, itm_score=float("nan"), final_losses={},
+            iterations=outcome.iterations[j], seed=slot.seed, error=error,
+            trace=outcome.traces[j] if self.cfg.engine.trace else None, seconds=slot.seconds,
+            restarts=list(slot.restarts),
+        )
+
+    # ---- one optimisation ---------------------------------------------------------------------
+    def _autocast(self) -> AbstractContextManager:
+        mode = self.cfg.engine.autocast
+        if mode == "none" or (mode == "auto" and self.device.type != "cuda"):
+            return nullcontext()
+        dtype = _AUTOCAST_DTYPES.get(mode, torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _initial_latents(self, seeds: Sequence[int]) -> torch.Tensor:
+        lc = self.cfg.latent
+        shape = (lc.channels, lc.size, lc.size)
+        # Drawn on the CPU so a seed gives the same start on every device.
+        z = [torch.randn(shape, generator=generator(seed, "latent-init")) for seed in seeds]
+        return torch.stack(z).to(self.device)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        vae = self.models.vae
+        x = self._decode_fn(z.to(vae.dtype) / self.cfg.latent.scale).sample
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+    def _noise(self, z: torch.Tensor, seeds: Sequence[int], stream: str, iteration: int) -> torch.Tensor:
+        draws = [
+            torch.randn(z[b].shape, generator=generator(s, stream, iteration, device=z.device), device=z.device)
+            for b, s in enumerate(seeds)
+        ]
+        return torch.stack(draws)
+
+    def _losses_no_grad(self, views: torch.Tensor, text: TextBatch) -> torch.Tensor:
+        """Total loss of every view, [B, N], in chunks (for picking the hardest views)."""
+        b, n = views.shape[:2]
+        flat, rows = views.flatten(0, 1), text.repeat_rows(n)
+        out = []
+        with torch.no_grad(), self._autocast():
+            for c in _chunks(b * n, self.view_chunk):
+                out.append(self._referee_losses(flat[c], rows.select(c)).total)
+        return torch.cat(out).view(b, n)
+
+    def _hardest(self, views: torch.Tensor, text: TextBatch) -> torch.Tensor:
+        k, n = self.cfg.augment.top_k, views.shape[1]
+        if not 0 < k < n:
+            return views
+        idx = self._losses_no_grad(views.detach(), text).topk(k, dim=1).indices
+        return views[torch.arange(views.shape[0], device=views.device)[:, None], idx]
+
+    def _referee_losses(self, pixels: torch.Tensor, text: TextBatch) -> RefereeLosses:
+        if self._oom_rows is not None and pixels.shape[0] > self._oom_rows:
+            raise torch.cuda.OutOfMemoryError(
+                f"injected out-of-memory: {pixels.shape[0]} view rows > {self._oom_rows} ({INJECT_OOM_ENV})"
+            )
+        return self.referee.losses(pixels, text)
+
+    def _smaller_chunk(self, rows: int) -> int | None:
+        """Half the views of the current referee chunk, or None when it is one view already."""
+        current = self.view_chunk if 0 < self.view_chunk < rows else rows
+        return None if current <= 1 else (current + 1) // 2
+
+    def _referee_grad(
+        self, z: torch.Tensor, text: TextBatch, seeds: Sequence[int], iteration: int
+    ) -> tuple[torch.Tensor, RefereeLosses]:
+        """``_referee_grad_once`` with the out-of-memory fallback (halve the view chunk, redo)."""
+        while True:
+            try:
+                return self._referee_grad_once(z, text, seeds, iteration)
+            except torch.cuda.OutOfMemoryError as err:
+                # rows of the largest referee pass: the selection pass sees every view
+                smaller = self._smaller_chunk(z.shape[0] * self.cfg.augment.num_views)
+                if not self.cfg.engine.oom_fallback or smaller is None:
+                    raise
+                reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else "out of memory"
+            # Out of the handler: the failed attempt's tensors, held by the traceback, are freed.
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            old = self.view_chunk
+            self.view_chunk = smaller
+            self.oom_fallbacks.append({"iteration": iteration, "view_chunk_was": old, "view_chunk": smaller})
+            log.warning(
+                "out of memory in the referee pass at iteration %d (view_chunk %s): retrying with view_chunk %d (%s)",
+                iteration, old or "all", smaller, reason,
+            )
+
+    def _referee_grad_once(
+        self, z: torch.Tensor, text: TextBatch, seeds: Sequence[int], iteration: int
+    ) -> tuple[torch.Tensor, RefereeLosses]:
+        """d(mean over views of the referee loss)/dz per sample, and the per-sample mean losses.
+
+        The view graph is cut at the views so the referee can run in chunks of views, each chunk
+        backpropagated on its own (same sum, less memory); the views' gradient then goes back
+        through the augmentations and the VAE decoder in one pass.
+        """
+        with self._autocast():
+            images = self._decode(z)
+        views = self._hardest(self.augmenter(images, seeds, iteration), text)
+        b, n = views.shape[:2]
+        leaf = views.detach().requires_grad_(True)
+        rows, owner = text.repeat_rows(n), torch.arange(b, device=z.device).repeat_interleave(n)
+        sums = {k: torch.zeros(b, device=z.device) for k in ("itm", "caption", "total")}
+        for c in _chunks(b * n, self.view_chunk):
+            with self._autocast():
+                part = self._referee_losses(leaf.flatten(0, 1)[c], rows.select(c))
+            (part.total.sum() / n).backward()
+            for k in sums:
+                sums[k].index_add_(0, owner[c], getattr(part, k).detach().float())
+        (g,) = torch.autograd.grad(views, z, grad_outputs=leaf.grad)
+        return g.float(), RefereeLosses(**{k: v / n for k, v in sums.items()})
+
+    def _inject(self, batch: _Batch, slots: Sequence[_Slot], inject, iteration: int) -> None:
+        prompt_id, at, attempts = inject
+        for b, slot in enumerate(slots):
+            hit = slot.request.prompt_id == prompt_id and at == iteration
+            if hit and (attempts is None or slot.attempt < attempts):
+                with torch.no_grad():
+                    batch.z[b].fill_(float("nan"))
+
+    def _check(self, batch: _Batch, iteration: int, **tensors: torch.Tensor) -> None:
+        """Freeze the samples with a non-finite value in any of ``tensors`` (one device sync)."""
+        names = list(tensors)
+        flags = torch.stack([_nonfinite(t) for t in tensors.values()], dim=1).tolist()
+        for b, row in enumerate(flags):
+            if any(row) and batch.errors[b] is None:
+                what = names[row.index(True)].replace("_", " ")
+                batch.freeze([b], f"non-finite {what} at iteration {iteration}", iteration)
+
+    def _joint_step(self, batch: _Batch, slots, prompts, text, i: int, total: int) -> dict:
+        """One referee + SDS iteration of Algorithm 1; returns per-batch trace values."""
+        ocfg, seeds, z = self.cfg.optim, [s.seed for s in slots], batch.z
+        w = self.sds.weight(i, total)
+        g_sds = self.sds.grad(z, prompts, seeds, i, w, self._autocast())
+        g_raw, losses = self._referee_grad(z, text, seeds, i)
+        alive = batch.alive().view(-1, 1, 1, 1)
+        g_ref = torch.where(alive, balance_gradients(torch.nan_to_num(g_raw), g_sds, ocfg.ref_to_sds_ratio), 0.0)
+        lr = learning_rate(ocfg, i)
+        for group in batch.opt.param_groups:
+            group["lr"] = lr
+        z.grad = g_ref + ocfg.noise_std * self._noise(z, seeds, "grad-noise", i)
+        batch.opt.step()
+        with torch.no_grad():
+            z.sub_(ocfg.sds_step * g_sds)
+            z.add_(ocfg.noise_std * self._noise(z, seeds, "z-noise", i))
+        # A non-finite loss or gradient only touches its own sample's row (nan_to_num above).
+        self._check(batch, i, referee_loss=losses.total.view(-1, 1), referee_gradient=g_raw, latents=z)
+        batch.ema.update(z)
+        if i + 1 in ocfg.ema_restarts:
+            batch.ema.restart(z)
+        return {"lr": lr, "sds_weight": w, "losses": losses, "g_ref_raw": g_raw, "g_ref": g_ref, "g_sds": g_sds}
+
+    def _tail_step(self, batch: _Batch, slots, prompts, i: int, total: int) -> dict:
+        """One SDS-only iteration: z -= sds_step * g_sds + tail_noise_std * noise."""
+        ocfg, seeds, z = self.cfg.optim, [s.seed for s in slots], batch.z
+        w = self.sds.weight(i, total)
+        g_sds = self.sds.grad(z, prompts, seeds, i, w, self._autocast())
+        with torch.no_grad():
+            z.sub_(ocfg.sds_step * g_sds + ocfg.tail_noise_std * self._noise(z, seeds, "tail-noise", i))
+        self._check(batch, i, latents=z)
+        return {"lr": ocfg.sds_step, "sds_weight": w, "g_sds": g_sds}
+
+    def _optimise(self, slots: Sequence[_Slot], inject) -> _Outcome:
+        ocfg = self.cfg.optim
+        prompts = [s.request.prompt for s in slots]
+        text = self.referee.encode(prompts)
+        batch = _Batch(self._initial_latents([s.seed for s in slots]), ocfg)
+        total = ocfg.iterations + ocfg.tail_iterations
+        traces: list[list[dict]] = [[] for _ in slots]
+        for i in range(total):
+            if inject is not None:
+                self._inject(batch, slots, inject, i)
+                self._check(batch, i, latents=batch.z)
+            if i < ocfg.iterations:
+                info = self._joint_step(batch, slots, prompts, text, i, total)
+            else:
+                info = self._tail_step(batch, slots, prompts, i, total)
+            if self.cfg.engine.trace:
+                _append_trace(traces, info, i, batch.errors)
+        return self._finish(batch, text, traces, total)
+
+    @torch.no_grad()
+    def _finish(self, batch: _Batch, text: TextBatch, traces: list[list[dict]], total: int) -> _Outcome:
+        """Decode the final latents and score the un-augmented images with the referee."""
+        images = self._decode(batch.z.detach())
+        losses = self.referee.losses(self.augmenter.plain(images), text)
+        self._check(batch, total, final_referee_loss=losses.total.view(-1, 1), image=images)
+        iterations = [total if e is None else s for e, s in zip(batch.errors, batch.stopped_at)]
+        losses = RefereeLosses(losses.itm.float().cpu(), losses.caption.float().cpu(), losses.total.float().cpu())
+        return _Outcome(images.float().cpu(), losses, list(batch.errors), iterations, traces)
+
+
+def _append_trace(traces: list[list[dict]], info: dict, iteration: int, errors: list[str | None]) -> None:
+    """Per-sample record of one iteration (only with engine.trace: it syncs with the device)."""
+    norms = {k: per_sample_norm(info[k]).tolist() for k in ("g_ref_raw", "g_ref", "g_sds") if k in info}
+    losses: RefereeLosses | None = info.get("losses")
+    for b, trace in enumerate(traces):
+        if errors[b] is not None:  # frozen after a failure: nothing more to record
+            continue
+        row = {"iteration": iteration, "phase": "joint" if losses is not None else "tail",
+               "lr": info["lr"], "sds_weight": info["sds_weight"]}
+        if losses is not None:
+            row.update(itm=float(losses.itm[b]), caption=float(losses.caption[b]), total=float(losses.total[b]))
+        row.update({f"{k}_norm": v[b] for k, v in norms.items()})
+        trace.append(row)

@@ -1,0 +1,116 @@
+"""Read a run back: sidecar records, and a WebDataset stream of (image, caption, score) for finetuning."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from pipeline.io import storage
+from pipeline.io.shards import SHARDS_DIR, read_stats, shard_paths
+
+IMAGE_EXTENSIONS = ("png", "jpg", "webp")
+
+
+def completed_shards(fs: pafs.FileSystem, out: str) -> list[int]:
+    """Shards with a stats marker, in order (incomplete shards are never read)."""
+    selector = pafs.FileSelector(storage.join(out, SHARDS_DIR), allow_not_found=True)
+    shards = []
+    for info in fs.get_file_info(selector):
+        name = info.path.rsplit("/", 1)[-1]
+        if name.endswith(".stats.json") and name[:6].isdigit():
+            shards.append(int(name[:6]))
+    return sorted(s for s in shards if read_stats(fs, out, s) is not None)
+
+
+def sidecar_records(run: str) -> list[dict[str, Any]]:
+    """Every sample record of the run's completed shards, in key order."""
+    fs, out = storage.filesystem_for(run)
+    rows: list[dict[str, Any]] = []
+    for shard in completed_shards(fs, out):
+        with fs.open_input_file(storage.join(out, SHARDS_DIR, f"{shard:06d}.parquet")) as handle:
+            rows += pq.read_table(handle).to_pylist()
+    return sorted(rows, key=lambda r: r["key"])
+
+
+def shard_images(fs: pafs.FileSystem, out: str, shard: int, keys: set[str]) -> Iterator[tuple[str, bytes]]:
+    """(key, encoded image) for the wanted keys of one shard: accepted tar, then rejected tar if kept."""
+    import tarfile
+
+    paths = shard_paths(out, shard)
+    for path in (paths["tar"], paths["rejected"]):
+        if not storage.exists(fs, path):
+            continue
+        with fs.open_input_file(path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if key in keys and ext in IMAGE_EXTENSIONS:
+                    yield key, tar.extractfile(member).read()
+
+
+def tar_urls(run: str) -> list[str]:
+    fs, out = storage.filesystem_for(run)
+    paths = [storage.join(out, SHARDS_DIR, f"{s:06d}.tar") for s in completed_shards(fs, out)]
+    if storage.is_local(fs):
+        return paths
+    # webdataset streams object stores through a shell pipe; pyarrow's path keeps the bucket.
+    scheme = run.split("://", 1)[0]
+    return [f"pipe:{sys.executable} -m pipeline.io.cat {scheme}://{p}" for p in paths]
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Encoded image -> 3xHxW float tensor in [0, 1]."""
+    arr = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def finetune_stream(
+    run: str, min_score: float = 0.0, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 256,
+) -> Any:
+    """(image, caption, VQA score) of every accepted sample of the run's complete shards: a webdataset
+    pipeline (a torch ``IterableDataset``) for multi-GPU training.
+
+    Shards are shuffled with ``seed + epoch`` (the same order on every rank), split by
+    torch.distributed rank and then by DataLoader worker, and samples are shuffled within a
+    ``shuffle_buffer``: across all ranks and workers each accepted sample comes exactly once per
+    epoch. Build one per epoch with its ``epoch`` (cheap). Ranks may get unequal sample counts when
+    shards do not divide evenly; training loops that need equal steps should cap them. Use the score
+    as the reward weight of a GORS-style reward-weighted finetuning loss.
+    """
+    import random
+
+    import webdataset as wds
+
+    urls = tar_urls(run)
+    random.Random(f"{seed}:{epoch}").shuffle(urls)
+    return wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.split_by_node,
+        wds.split_by_worker,
+        wds.tarfile_to_samples(),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), rng=random.Random(f"{seed}:{epoch}:samples")),
+        wds.select(functools.partial(_at_least, min_score)),  # picklable for spawned DataLoader workers
+        wds.map(_training_pair),
+    )
+
+
+def _score(sample: dict[str, Any]) -> float:
+    return float(json.loads(sample["json"])["vqa_score"])
+
+
+def _at_least(min_score: float, sample: dict[str, Any]) -> bool:
+    return _score(sample) >= min_score
+
+
+def _training_pair(sample: dict[str, Any]) -> tuple[torch.Tensor, str, float]:
+    image_key = next(k for k in IMAGE_EXTENSIONS if k in sample)
+    return decode_image(sample[image_key]), sample["txt"].decode(), _score(sample)
