@@ -48,14 +48,14 @@ def model_sources(mcfg: ModelsConfig) -> dict[str, str]:
     return {k: expand(getattr(mcfg, k)) for k in MODEL_KEYS}  # folders may start with ~
 
 
-def _load(what: str, key: str, loader: Callable[..., Any], source: str, **kwargs: Any) -> Any:
+def _load(what: str, key: str, loader: Callable[..., Any], source: str, how: str = "", **kwargs: Any) -> Any:
     try:
         return loader(source, **kwargs)
     except OSError as err:  # hub and file-system misses are OSError subclasses
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         where = "local folder" if Path(source).exists() else "model"
         raise ModelLoadError(
-            f"cannot load {what} from {where} {source!r} ({reason}); " + _HOW_TO_PROVIDE.format(key=key)
+            f"cannot load {what} from {where} {source!r} ({reason}); " + (how or _HOW_TO_PROVIDE.format(key=key))
         ) from None
 
 
@@ -162,3 +162,55 @@ def frozen_modules(gen: GeneratorModels | None = None, vqa: VqaModels | None = N
     if vqa is not None:
         mods.append(vqa.model)
     return mods
+
+
+# ---- the referee zoo's and the scorers' extra models (CLIP, open-vocabulary detector) ---------------
+
+ZOO_TINY_KEYS = ("clip", "detector")
+
+
+def zoo_source(mcfg: ModelsConfig, model_id: str, tiny_key: str) -> str:
+    """A zoo model's id or folder; with the tiny or small set, that set's stand-in of kind ``tiny_key``."""
+    if tiny_key not in ZOO_TINY_KEYS:
+        raise ValueError(f"tiny_key must be one of {ZOO_TINY_KEYS}, not {tiny_key!r}")
+    if mcfg.tiny or mcfg.small:
+        return model_sources(mcfg)[tiny_key]
+    return expand(model_id)
+
+
+@dataclass
+class ZooModel:
+    """A frozen extra model and its tokenizer (CLIPModel or Owlv2ForObjectDetection)."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    source: str
+
+
+def load_clip(mcfg: ModelsConfig, model_id: str, dtype: torch.dtype = torch.float32) -> ZooModel:
+    """transformers' CLIPModel (e.g. openai/clip-vit-large-patch14), frozen, with its tokenizer."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    return _load_zoo(mcfg, model_id, "clip", "the CLIP model", CLIPModel, AutoTokenizer, dtype)
+
+
+def load_detector(mcfg: ModelsConfig, model_id: str, dtype: torch.dtype = torch.float32) -> ZooModel:
+    """transformers' OWLv2 detector (e.g. google/owlv2-base-patch16-ensemble), frozen, with its tokenizer."""
+    from transformers import AutoTokenizer, Owlv2ForObjectDetection
+
+    return _load_zoo(mcfg, model_id, "detector", "the OWLv2 detector", Owlv2ForObjectDetection, AutoTokenizer, dtype)
+
+
+def _load_zoo(mcfg: ModelsConfig, model_id: str, tiny_key: str, what: str, model_cls: Any, tok_cls: Any,
+              dtype: torch.dtype) -> ZooModel:
+    quiet_library_logs()
+    src = zoo_source(mcfg, model_id, tiny_key)
+    rev = {} if mcfg.tiny or mcfg.small else {"revision": mcfg.revision}
+    how = ("set that model id to a local folder, or put the model in the Hugging Face cache (HF_HOME) "
+           "and run with HF_HUB_OFFLINE=1")
+    model = _load(what, tiny_key, model_cls.from_pretrained, src, how=how, **rev)
+    tokenizer = _load(f"{what}'s tokenizer", tiny_key, tok_cls.from_pretrained, src, how=how, **rev)
+    device = resolve_device(mcfg.device)
+    _freeze(model, device, dtype)
+    return ZooModel(model=model, tokenizer=tokenizer, device=device, source=src)

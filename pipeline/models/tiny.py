@@ -12,6 +12,7 @@ CPU (the ViT the largest part, then the VAE decoder, then the UNet): the CPU ben
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from pathlib import Path
 # this module for the layout names only and stays free of them.
 from pipeline.models.quiet import quiet_library_logs
 
-TINY_LAYOUT_VERSION = "tiny-v2"
+TINY_LAYOUT_VERSION = "tiny-v3"  # v3: + clip/ and detector/ (the referee zoo and scorers)
 
 # Whole words kept in the tiny BERT vocabulary; anything else falls back to letter pieces.
 _BERT_WORDS = (
@@ -205,6 +206,49 @@ def _build_vqa(folder: Path, bert) -> None:
     bert.save_pretrained(folder)
 
 
+def _build_clip(folder: Path, clip_tokenizer) -> None:
+    """A CLIPModel (both towers) at 32 px: the CLIP referee and the CLIPScore scorer load it."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tower = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    cfg = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(clip_tokenizer), max_position_embeddings=77, bos_token_id=clip_tokenizer.bos_token_id,
+            eos_token_id=clip_tokenizer.eos_token_id, pad_token_id=clip_tokenizer.pad_token_id, **tower,
+        ),
+        vision_config=dict(image_size=32, patch_size=8, **tower),
+        projection_dim=16,
+    )
+    CLIPModel(cfg).save_pretrained(folder)
+    clip_tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+
+
+def _build_detector(folder: Path, clip_tokenizer) -> None:
+    """An OWLv2 open-vocabulary detector at 64 px (4x4 patches -> 16 boxes), OWL's 16-token text."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection
+
+    tower = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    cfg = Owlv2Config(
+        text_config=dict(
+            vocab_size=len(clip_tokenizer), max_position_embeddings=16, bos_token_id=clip_tokenizer.bos_token_id,
+            eos_token_id=clip_tokenizer.eos_token_id, pad_token_id=clip_tokenizer.pad_token_id, **tower,
+        ),
+        vision_config=dict(image_size=64, patch_size=16, **tower),
+        projection_dim=32,  # OWL's class head compares text projections with vision-width embeddings
+    )
+    Owlv2ForObjectDetection(cfg).save_pretrained(folder)
+    tokenizer = copy.deepcopy(clip_tokenizer)
+    tokenizer.model_max_length = 16
+    tokenizer.save_pretrained(folder)
+
+
+def _build_zoo_models(work: Path, clip_tokenizer) -> None:
+    # Built last, so every model before keeps the weights the earlier layouts gave it.
+    _build_clip(work / "clip", clip_tokenizer)
+    _build_detector(work / "detector", clip_tokenizer)
+
+
 def _build_once(root: Path, layout: str, seed: int, build: Callable[[Path], None]) -> Path:
     """Run ``build(work)`` in a private folder and rename it to ``root``; a no-op when ``root`` is done."""
     if (root / "DONE").is_file():
@@ -235,6 +279,7 @@ def _build_tiny(work: Path) -> None:
     _build_sd(work / "sd", clip)
     _build_referee(work / "referee", bert)
     _build_vqa(work / "vqa", bert)
+    _build_zoo_models(work, clip)
 
 
 def build_tiny_models(cache_dir: str | Path | None = None, seed: int = 0) -> Path:
@@ -248,12 +293,14 @@ def tiny_sources(cache_dir: str | Path | None = None, seed: int = 0) -> dict[str
 
 
 def _sources(root: Path) -> dict[str, str]:
-    return {"stable_diffusion": str(root / "sd"), "referee": str(root / "referee"), "vqa": str(root / "vqa")}
+    """Folders keyed like ``ModelsConfig``'s id fields, plus ``clip`` and ``detector`` (the zoo's tiny stand-ins)."""
+    names = {"stable_diffusion": "sd", "referee": "referee", "vqa": "vqa", "clip": "clip", "detector": "detector"}
+    return {key: str(root / name) for key, name in names.items()}
 
 
 # ---- the small set ------------------------------------------------------------------------------
 
-SMALL_LAYOUT_VERSION = "small-v1"
+SMALL_LAYOUT_VERSION = "small-v2"  # v2: + the tiny clip/ and detector/
 
 # Widths of the small set. Proportions follow the real set (SD-1.5, BLIP-2 ViT-g + Q-Former,
 # BLIP ViT-B VQA): per image and iteration the referee's ViT (fwd+bwd over the views) costs most,
@@ -361,6 +408,7 @@ def _build_small(work: Path) -> None:
     _build_small_sd(work / "sd", clip)
     _build_small_referee(work / "referee", bert)
     _build_small_vqa(work / "vqa", bert)
+    _build_zoo_models(work, clip)
 
 
 def build_small_models(cache_dir: str | Path | None = None, seed: int = 0) -> Path:

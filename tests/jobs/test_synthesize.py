@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.models.tiny import TINY_LAYOUT_VERSION
 from tests.conftest import ROOT, compbench_prompts
 
 pytestmark = pytest.mark.slow
@@ -279,7 +280,7 @@ def test_driver_plans_without_loading_model_libraries(tmp_path) -> None:
     got = json.loads(proc.stdout)
     assert got["heavy"] == []
     assert got["shards"] == 2
-    assert got["ids"] == {k: f"tiny-v2-seed0/{k}" for k in ("stable_diffusion", "referee", "vqa")}
+    assert got["ids"] == {k: f"{TINY_LAYOUT_VERSION}-seed0/{k}" for k in ("stable_diffusion", "referee", "vqa")}
     assert not cache.exists()
 
 

@@ -75,7 +75,35 @@ def test_concurrent_builds_do_not_corrupt(tmp_path) -> None:
 
 def test_tiny_sources_point_into_cache(tiny_cfg) -> None:
     src = model_sources(tiny_cfg.models)
-    assert set(src) == {"stable_diffusion", "referee", "vqa"}
+    assert set(src) == {"stable_diffusion", "referee", "vqa", "clip", "detector"}
+    root = build_tiny_models(tiny_cfg.models.tiny_cache_dir or None, tiny_cfg.models.tiny_seed)
+    assert all(Path(p).parent == root and Path(p).is_dir() for p in src.values())
+
+
+def test_zoo_models_load_frozen_from_the_tiny_set(tiny_cfg) -> None:
+    from transformers import CLIPModel, Owlv2ForObjectDetection
+
+    from pipeline.models.loading import load_clip, load_detector
+
+    clip = load_clip(tiny_cfg.models, "openai/clip-vit-large-patch14")
+    det = load_detector(tiny_cfg.models, "google/owlv2-base-patch16-ensemble")
+    assert isinstance(clip.model, CLIPModel) and isinstance(det.model, Owlv2ForObjectDetection)
+    assert clip.source == model_sources(tiny_cfg.models)["clip"]
+    for zoo in (clip, det):
+        assert not zoo.model.training and not any(p.requires_grad for p in zoo.model.parameters())
+    pixels = torch.rand(1, 3, 64, 64)
+    ids = det.tokenizer(["a dog", "a cat"], padding="max_length", max_length=16, return_tensors="pt")
+    out = det.model(input_ids=ids.input_ids, attention_mask=ids.attention_mask, pixel_values=pixels)
+    assert out.pred_boxes.shape == (1, 16, 4) and out.logits.shape == (1, 16, 2)
+
+
+def test_zoo_source_is_the_id_without_the_tiny_set() -> None:
+    from pipeline.config import load_config
+    from pipeline.models.loading import zoo_source
+
+    cfg = load_config()
+    assert zoo_source(cfg.models, "openai/clip-vit-base-patch32", "clip") == "openai/clip-vit-base-patch32"
+    assert zoo_source(cfg.models, "~/models/owl", "detector") == str(Path.home() / "models" / "owl")
 
 
 def _load_missing(kind: str, value: str) -> subprocess.CompletedProcess:
