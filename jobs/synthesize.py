@@ -253,6 +253,12 @@ def _scorer_record(cfg: Config, model_ids: dict[str, str]) -> dict[str, Any]:
                             cfg.vqa.spacy_version)
     if warning and not model_set(cfg):
         print(f"warning: {warning}", file=sys.stderr)
+    from pipeline.scoring.routing import planned_records
+
+    # Every scorer the config can route to, with its exactness (the BLIP-VQA record above is blip_vqa's).
+    names = {*cfg.scoring.by_category.values(), cfg.scoring.default}
+    record["by_category"] = {**cfg.scoring.by_category, "default": cfg.scoring.default}
+    record["scorers"] = planned_records(cfg, record, names)
     return record
 
 

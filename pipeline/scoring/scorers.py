@@ -15,7 +15,13 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.models.loading import VqaModels
 from pipeline.scoring.routing import (
-    BLIP_VQA, CLIPSCORE, MODELS_OF, SPATIAL, THREE_IN_ONE, planned_records, scorer_for,
+    BLIP_VQA,
+    CLIPSCORE,
+    MODELS_OF,
+    SPATIAL,
+    THREE_IN_ONE,
+    planned_records,
+    scorer_for,
 )
 
 COMPLEX_CATEGORY = "complex"  # the benchmark runs its spatial and CLIP scorers in --complex mode here
@@ -49,6 +55,10 @@ class ScorerSet:
         for name in names:
             for kind in sorted(MODELS_OF[name]):
                 self._scorer(kind)
+
+    def use(self, kind: str, scorer: Any) -> None:
+        """Give the set a scorer built already (``kind``: vqa, clip or detector)."""
+        self._models[kind] = scorer
 
     def _scorer(self, kind: str) -> Any:
         if kind not in self._models:

@@ -71,7 +71,9 @@ class Detection:
 
 def iou(a: Box, b: Box) -> float:
     """The benchmark's IoU (overlap clipped at 0); 0 for two empty boxes, where it would divide by 0."""
-    inter = max(0.0, min(a.x_max, b.x_max) - max(a.x_min, b.x_min)) * max(0.0, min(a.y_max, b.y_max) - max(a.y_min, b.y_min))
+    x_overlap = max(0.0, min(a.x_max, b.x_max) - max(a.x_min, b.x_min))
+    y_overlap = max(0.0, min(a.y_max, b.y_max) - max(a.y_min, b.y_min))
+    inter = x_overlap * y_overlap
     union = a.area + b.area - inter
     return inter / union if union > 0 else 0.0
 
