@@ -8,8 +8,10 @@ What the benchmark does, and what this reproduces:
   (the long side ``int(size * long / short)``), centre crop (offsets ``int(round((d - size) / 2))``), then RGB,
   ``/255``, normalise with CLIP's mean and std. Reproduced with PIL and torch (no torchvision).
 - Text: the whole prompt, no prefix; for the complex category (its ``--complex`` flag, used by 3-in-1)
-  the prompt's spaCy tokens minus adjectives, joined by spaces. OpenAI's tokenizer refuses prompts over
-  77 tokens; here they are truncated (end token kept, as ``truncate=True``) and the result says so.
+  the prompt's spaCy tokens minus adjectives, joined by spaces. Cleaned as OpenAI's tokenizer does
+  (html.unescape twice, whitespace collapsed, lower-cased; ftfy's repair of malformed unicode is
+  left out: no benchmark prompt has any). OpenAI's tokenizer refuses prompts over 77 tokens; here
+  they are truncated (end token kept, as ``truncate=True``) and the result says so.
 - Score: cosine of the L2-normalised projected image and text features, no scaling (no 100x, no
   2.5x, no clamp); written to ``vqa_result.json`` as the raw float; the benchmark's mean is the plain
   average over images.
@@ -19,6 +21,7 @@ What the benchmark does, and what this reproduces:
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +30,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.models.loading import ZooModel
-from pipeline.scoring.routing import CLIPSCORE, clip_deviations, scorer_record
+from pipeline.scoring.routing import CLIP_NOTES, CLIPSCORE, clip_deviations, scorer_record
 
 
 @dataclass
@@ -75,6 +78,11 @@ def without_adjectives(prompt: str, spacy_model: str) -> str:
     return " ".join(token.text for token in load_spacy(spacy_model)(prompt) if token.pos_ != "ADJ")
 
 
+def clean_text(text: str) -> str:
+    """OpenAI's ``basic_clean`` + ``whitespace_clean`` without ftfy (the tokenizer lower-cases)."""
+    return " ".join(html.unescape(html.unescape(text)).split())
+
+
 def cosine(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine of ``[N, D]`` features after L2 normalisation (the benchmark's division)."""
     image_features = image_features / image_features.norm(dim=-1, keepdim=True)
@@ -96,7 +104,7 @@ class ClipScorer:
         self.scfg = cfg.scoring
         self.image_size = int(clip.model.config.vision_config.image_size)  # 224 for ViT-B/32
         self.record = {**scorer_record(cfg, CLIPSCORE, None), "model_source": clip.source,
-                       "image_size": self.image_size, "dtype": "float32"}
+                       "image_size": self.image_size, "dtype": "float32", "notes": list(CLIP_NOTES)}
         self.deviations = clip_deviations(cfg)
 
     def text_for(self, prompt: str, complex_prompt: bool = False) -> str:
@@ -104,6 +112,7 @@ class ClipScorer:
 
     def _text_ids(self, text: str) -> tuple[torch.Tensor, bool]:
         tok = self.clip.tokenizer
+        text = clean_text(text)
         full = tok(text, truncation=False).input_ids
         ids = tok(text, truncation=True, max_length=self.scfg.clip_context_length).input_ids
         return torch.tensor([ids], dtype=torch.long, device=self.clip.device), len(full) > len(ids)

@@ -7,8 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.io.compbench_data import COMPBENCH_DIR
 from pipeline.scoring.clipscore import (
-    ClipScorer, clip_pixels, cosine, crop_box, format_score, resized_size, without_adjectives,
+    ClipScorer,
+    clean_text,
+    clip_pixels,
+    cosine,
+    crop_box,
+    format_score,
+    resized_size,
+    without_adjectives,
 )
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -91,3 +99,9 @@ def test_long_prompts_are_truncated_and_say_so(scorer: ClipScorer) -> None:
 def test_record_says_tiny_is_not_exact(scorer: ClipScorer) -> None:
     assert scorer.record["exact"] is False and scorer.record["label"] == "CLIPScore (approximate)"
     assert any("tiny" in d for d in scorer.record["deviations"])
+
+
+def test_text_is_cleaned_as_openai_does_and_benchmark_prompts_need_no_ftfy() -> None:
+    assert clean_text("  a cat &amp;amp; a  dog\n") == "a cat & a dog"  # unescaped twice, whitespace collapsed
+    for path in COMPBENCH_DIR.glob("*_val*.txt"):  # ftfy.fix_text only repairs (non-ASCII) mojibake
+        assert path.read_text(encoding="utf-8").isascii(), path.name

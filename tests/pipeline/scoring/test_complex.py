@@ -8,7 +8,13 @@ from PIL import Image
 
 from pipeline.io.compbench_data import COMPBENCH_DIR
 from pipeline.scoring.complex import (
-    ACTION_KIND, BOTH_KIND, SPATIAL_KIND, combine_parts, prompt_key, prompt_kind, three_in_one,
+    ACTION_KIND,
+    BOTH_KIND,
+    SPATIAL_KIND,
+    combine_parts,
+    prompt_key,
+    prompt_kind,
+    three_in_one,
 )
 from pipeline.scoring.routing import BLIP_VQA, CLIPSCORE, SPATIAL, THREE_IN_ONE
 

@@ -10,7 +10,14 @@ from PIL import Image
 
 from pipeline.config import ConfigError, from_dict
 from pipeline.scoring.routing import (
-    BLIP_VQA, CLIPSCORE, SPATIAL, THREE_IN_ONE, models_needed, planned_records, scorer_for, scorers_for,
+    BLIP_VQA,
+    CLIPSCORE,
+    SPATIAL,
+    THREE_IN_ONE,
+    models_needed,
+    planned_records,
+    scorer_for,
+    scorers_for,
 )
 from pipeline.scoring.scorers import ScorerSet
 
@@ -40,8 +47,8 @@ def test_labels_say_what_is_exact() -> None:
     assert recs[SPATIAL]["label"] == "spatial (detector: google/owlv2-base-patch16-ensemble; approximate)"
     assert recs[SPATIAL]["exact"] is False and recs[THREE_IN_ONE]["exact"] is False
     assert recs[THREE_IN_ONE]["label"].startswith("3-in-1 (approximate; spatial part on detector")
-    # CLIPScore is exact with ViT-B/32 unless the environment lacks something (ftfy, spaCy pin for complex)
-    assert recs[CLIPSCORE]["exact"] == (not recs[CLIPSCORE]["deviations"])
+    assert recs[CLIPSCORE] == {"scorer": CLIPSCORE, "label": "CLIPScore (exact)", "exact": True, "deviations": [],
+                               "model": "openai/clip-vit-base-patch32"}
     other = copy.deepcopy(cfg)
     other.scoring.clip_model = "openai/clip-vit-large-patch14"
     assert planned_records(other, vqa, [CLIPSCORE])[CLIPSCORE]["exact"] is False

@@ -9,7 +9,15 @@ from PIL import Image
 
 from pipeline.config import ScoringConfig
 from pipeline.scoring.spatial import (
-    Box, Detection, OwlDetector, SpatialScorer, benchmark_size, first_of, iou, position_score, rule_score,
+    Box,
+    Detection,
+    OwlDetector,
+    SpatialScorer,
+    benchmark_size,
+    first_of,
+    iou,
+    position_score,
+    rule_score,
 )
 from pipeline.scoring.spatial_prompt import RuleInput, rule_input
 
