@@ -193,7 +193,7 @@ class ScoringConfig:
     clip_std: list[float] = _f([0.26862954, 0.26130258, 0.27577711], 0.0, 1.0, length=3)
     # The spatial rule's detector (UniDet stand-in): an open-vocabulary OWLv2.
     detector_model: str = "google/owlv2-base-patch16-ensemble"
-    detection_threshold: float = _f(0.1, 0.0, 1.0)  # OWLv2 box confidence kept (UniDet's was 0.5)
+    detection_threshold: float = _f(0.1, 0.0, 1.0)  # OWLv2 boxes kept above this confidence (UniDet's: 0.5)
     # UniDet_eval/2D_spatial_eval.py's rule, in the pixel scale of its input: Resize(479, max_size=480).
     iou_threshold: float = _f(0.1, 0.0, 1.0)
     distance_threshold: float = _f(150.0, 0.0)
@@ -202,7 +202,7 @@ class ScoringConfig:
     min_score: float = _f(0.5, 0.0)  # the benchmark zeroes a spatial score below this
     benchmark_short_side: int = _f(479, 1)
     benchmark_max_side: int = _f(480, 1)
-    detector_pad_value: float = _f(0.5, 0.0, 1.0)  # OWLv2's processor pads to a square with grey
+    detector_pad_value: float = _f(0.5, 0.0, 1.0)  # OWLv2 pads to a square with grey (the original's)
 
 
 @dataclass

@@ -86,7 +86,7 @@ def spatial_deviations(cfg: Config) -> list[str]:
     model = f"{_model_set(cfg)} random-weight OWLv2" if _model_set(cfg) else s.detector_model
     return [
         f"detector {model} (OWLv2, open-vocabulary), not UniDet RS200: other boxes and confidences",
-        f"OWLv2 boxes kept at confidence >= {s.detection_threshold:g} (UniDet's threshold was 0.5)",
+        f"OWLv2 boxes kept above confidence {s.detection_threshold:g} (UniDet's threshold was 0.5)",
         *_spacy_deviation(cfg),
     ]
 

@@ -15,16 +15,18 @@ The rule, reproduced as the benchmark writes it:
   relation: 1 when IoU < 0.1, else 0.1 / IoU; every other case 0, "on top of" included (in the
   benchmark's phrase list, but its rule has no branch for it).
 
-What is substituted: the detector. UniDet (RS200, confidence >= 0.5, on the image resized so its
-short side is 479 px, long side at most 480) is not installable beside this stack; OWLv2 (open
-vocabulary, queried with the two object names) finds the boxes instead, keeping those at or above
-``scoring.detection_threshold``. Its boxes are mapped to the benchmark's pixel scale (479 px short
-side) because the 150-px distance threshold is measured there. Scores are therefore labelled
-``spatial (detector: ID)``, never benchmark-exact.
+What is substituted: the detector. UniDet (RS200, confidence above 0.5, on the image resized so
+its short side is 479 px, long side at most 480) is not installable beside this stack; OWLv2 (open
+vocabulary, queried with the two object names) finds the boxes instead, keeping those above
+``scoring.detection_threshold`` (strictly, as transformers' post-processing and detectron2 do).
+Its boxes are mapped to the benchmark's pixel scale (479-px short side) because the 150-px
+distance threshold is measured there. Scores are therefore labelled ``spatial (detector: ID)``,
+never benchmark-exact.
 
-OWLv2's image processor needs scipy; the preprocessing here is torch: grey (0.5) padding to a
-square at the bottom/right, bilinear resize with antialiasing to the model's size (the processor
-smooths with a Gaussian then resizes linearly: close, not bit-equal), CLIP mean/std.
+OWLv2's image processor needs scipy; the preprocessing here is torch: padding to a square at the
+bottom/right with grey 0.5 (the original OWLv2's, and transformers 4.x's; 5.x pads with 0; the
+benchmark's 512-px squares need none), bilinear resize with antialiasing to the model's size (the
+processor smooths with a Gaussian then resizes linearly: close, not bit-equal), CLIP mean/std.
 """
 
 from __future__ import annotations
@@ -187,7 +189,7 @@ class OwlDetector:
         cx, cy, bwid, bhgt = (boxes * side).unbind(-1)  # (cx, cy, w, h) of the padded square -> image pixels
         xyxy = torch.stack([(cx - bwid / 2).clamp(0, w), (cy - bhgt / 2).clamp(0, h),
                             (cx + bwid / 2).clamp(0, w), (cy + bhgt / 2).clamp(0, h)], -1)
-        keep = torch.nonzero(scores >= self.scfg.detection_threshold).flatten().tolist()
+        keep = torch.nonzero(scores > self.scfg.detection_threshold).flatten().tolist()
         keep.sort(key=lambda i: -float(scores[i]))  # decreasing confidence, as UniDet's instances
         return [Detection(queries[int(labels[i])], float(scores[i]),
                           Box(float(xyxy[i, 0]) * sx, float(xyxy[i, 1]) * sy, float(xyxy[i, 2]) * sx,

@@ -154,9 +154,9 @@ def detector(tiny_cfg) -> OwlDetector:
 def test_boxes_come_back_in_the_benchmark_scale(detector: OwlDetector) -> None:
     """(cx, cy, w, h) of the padded square -> image pixels -> the 479-px scale, most confident first."""
     boxes = torch.tensor([[0.5, 0.25, 0.5, 0.5], [0.25, 0.25, 0.2, 0.2], [0.9, 0.9, 0.1, 0.1]])
-    scores, labels = torch.tensor([0.3, 0.6, 0.05]), torch.tensor([0, 1, 0])
+    scores, labels = torch.tensor([0.3, 0.6, 0.1]), torch.tensor([0, 1, 0])
     dets = detector._to_detections(boxes, scores, labels, ["dog", "cat"], side=64, size=(64, 32))
-    assert [d.label for d in dets] == ["cat", "dog"]  # 0.05 is under the threshold; sorted by confidence
+    assert [d.label for d in dets] == ["cat", "dog"]  # 0.1 is not above the threshold; most confident first
     # 64 x 32 -> (480, 240): 7.5x; the dog box (16, 0, 48, 32) in image pixels
     assert dets[1].box == Box(16 * 7.5, 0.0, 48 * 7.5, 32 * 7.5)
     assert dets[0].box.center == pytest.approx((16 * 7.5, 16 * 7.5))
