@@ -297,7 +297,10 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars)
     if not rows:
         raise UserError(f"prompts: {args.prompts}: no prompt rows")
-    check_vqa_source(cfg)  # before any run folder, actor or GPU work: a missing converted checkpoint is one line
+    from pipeline.scoring.routing import models_needed, scorers_for
+
+    if "vqa" in models_needed(scorers_for({r.category for r in rows}, cfg.scoring)):
+        check_vqa_source(cfg)  # before any run folder, actor or GPU work: a missing converted checkpoint is one line
 
     from pipeline.io.lease import RunLease
     from pipeline.io.run_folder import make_run_info, prepare_run, remove_leftovers
