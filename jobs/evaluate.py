@@ -63,10 +63,14 @@ def columns(means: dict[str, Any]) -> list[str]:
 
 def column_label(cat: str, scorer: dict) -> str:
     """The exactness label of the scorer that judges ``cat`` (from the run's record)."""
+    from pipeline.scoring.routing import UNSUPPORTED
+
     routing = scorer.get("by_category", {})
     name = routing.get(cat, routing.get("default"))
     label = scorer.get("scorers", {}).get(name, {}).get("label", name or "?")
-    return label + (" (not the benchmark's method)" if cat not in TABLE3_COLUMNS else "")
+    if cat in TABLE3_COLUMNS:
+        return label
+    return f"{label} (not the benchmark's method: {UNSUPPORTED.get(cat, 'not a T2I-CompBench category')})"
 
 
 def _row(cells: list[str]) -> str:

@@ -8,8 +8,9 @@ without one) use ``scoring.default``. The benchmark's own choice per Table-3 col
 - non_spatial: CLIPScore with OpenAI's ViT-B/32 (``clipscore``)
 - complex: 3-in-1, the mean of BLIP-VQA, the spatial rule and CLIPScore (``three_in_one``)
 
-3D-spatial ("in front of", "behind") is not supported: the benchmark's rule needs a depth model
-(UniDet_eval/3D_spatial_eval.py) that is not reproduced here; the category falls back to the default.
+3D-spatial ("in front of", "behind") and numeracy are not supported (``UNSUPPORTED``): the
+benchmark's 3D rule needs a depth model and its numeracy rule counts UniDet detections; those
+categories fall back to ``scoring.default``.
 
 No torch, no spaCy: the driver and ``jobs/evaluate.py`` build the labels from the config alone.
 """
@@ -29,7 +30,11 @@ MODELS_OF = {BLIP_VQA: {"vqa"}, CLIPSCORE: {"clip"}, SPATIAL: {"detector"},
              THREE_IN_ONE: {"vqa", "clip", "detector"}}
 # The parts of a 3-in-1 score, by the scorer that computes each.
 THREE_IN_ONE_PARTS = (BLIP_VQA, SPATIAL, CLIPSCORE)
-UNSUPPORTED = {"3d_spatial": "needs the benchmark's depth model (UniDet_eval/3D_spatial_eval.py); not reproduced"}
+# The benchmark's other categories, judged here by scoring.default instead of its own method.
+UNSUPPORTED = {
+    "3d_spatial": "the benchmark's rule needs its depth model (UniDet_eval/3D_spatial_eval.py)",
+    "numeracy": "the benchmark counts UniDet detections (UniDet_eval/numeracy_eval.py)",
+}
 
 
 def scorer_for(category: str | None, scfg: ScoringConfig) -> str:
