@@ -45,3 +45,15 @@ def test_unknown_category_names_the_shipped_lists(tiny_cache, tmp_path) -> None:
                                 "configs/tiny.yaml"], _env(tiny_cache))
     assert proc.returncode == 2 and "colour_val.txt" in proc.stderr and "non_spatial" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_other_categories_get_a_column_saying_they_are_not_the_benchmarks_method() -> None:
+    from jobs.evaluate import markdown_table
+
+    scorer = {"by_category": {"color": "blip_vqa", "default": "blip_vqa"},
+              "scorers": {"blip_vqa": {"label": "BLIP-VQA (exact)", "deviations": []}}}
+    md = markdown_table({"color": {"mean": 0.5}, "numeracy": {"mean": 0.25}}, scorer).splitlines()
+    assert "| Model | Color | Shape | Texture | Spatial | Non-spatial | Complex | Numeracy |" in md
+    assert "| referee-synth | 0.5000 | - | - | - | - | - | 0.2500 |" in md
+    assert md[-1].endswith("| BLIP-VQA (exact) (not the benchmark's method: the benchmark counts UniDet detections "
+                           "(UniDet_eval/numeracy_eval.py)) |")
