@@ -40,12 +40,13 @@ def _random_kill_fires(shard: int, attempt: int, batch: int) -> bool:
 def _model_processor(cfg: Any, model_ids: dict[str, str]) -> Any:
     import torch
 
-    from pipeline.models.loading import load_generator_models, load_vqa_models
+    from pipeline.models.loading import load_generator_models
     from pipeline.process_shard import ShardProcessor
 
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(cfg.job.cpus_per_actor)))
-    return ShardProcessor(cfg, load_generator_models(cfg), load_vqa_models(cfg), model_ids)
+    # Scorer models (BLIP-VQA, CLIP, OWLv2) load when a shard's category first needs them.
+    return ShardProcessor(cfg, load_generator_models(cfg), None, model_ids)
 
 
 class ShardWorker:

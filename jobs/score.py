@@ -1,4 +1,4 @@
-"""Score images with BLIP-VQA exactly as T2I-CompBench does, and write its result files.
+"""Score images as T2I-CompBench does (each category by its scorer), and write its result files.
 
     python jobs/score.py --images DIR --output DIR [--category NAME] [--prompt-split last|first]
         [--config FILE] [--set k=v ...]
@@ -9,9 +9,12 @@ the prompt is the name up to the last ``_`` (benchmark prompts hold none; rows w
 one are marked), or, with ``--prompt-split first``, up to the first ``_`` exactly as the benchmark
 reads it. ``--shards`` reads the accepted samples of a run's ``RUN_DIR/shards/*.tar``, with their
 benchmark template flags. Every image is scored alone, as the run scored it when it was stored,
-so a run's stored scores are reproduced to the digit. Writes
-``vqa_result.json`` (the benchmark's ``[{"question_id": i, "answer": "0.xxxx"}]``, one entry per
-image in order; an unreadable image gets "0.0000" so later entries stay aligned, as GORS needs),
+so a run's stored scores are reproduced to the digit. The scorer is the category's
+(``scoring.by_category``: BLIP-VQA for attributes, the spatial rule on OWLv2, CLIPScore, 3-in-1; a
+folder's category is ``--category``, a run's is each sample's). Writes
+``vqa_result.json`` (the benchmark's ``[{"question_id": i, "answer": ...}]``, one entry per image in
+order: BLIP-VQA's "0.xxxx" string, the other scorers' raw float as their scripts write it; an
+unreadable image gets a zero so later entries stay aligned, as GORS needs),
 ``scores.jsonl`` (one line per image) and ``score_summary.json`` (with the scorer's exactness
 record); prints the mean score and whether the scorer is exact.
 """
@@ -39,6 +42,8 @@ from pipeline.errors import UserError  # noqa: E402
 
 _NAME = re.compile(r"^(?P<prompt>.*)_(?P<idx>\d+)\.(?P<ext>png|jpe?g|webp)$", re.IGNORECASE)
 _IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+SCORE_NAMES = {"blip_vqa": "BLIP-VQA", "clipscore": "CLIPScore", "spatial_detector": "Spatial",
+               "three_in_one": "3-in-1"}
 
 
 @dataclass
@@ -146,45 +151,57 @@ def shard_samples(run_dir: Path) -> list[Sample]:
 # --- scoring ----------------------------------------------------------------------------------
 
 
-def _score_one(sample: Sample, scorer: Any) -> tuple[Any, str | None]:
-    """(VqaResult, None) or (None, why the image is unreadable)."""
+def as_scorer_set(scorer: Any, cfg: Any) -> Any:
+    """A ScorerSet; a bare VqaScorer (older callers) becomes the set's BLIP-VQA scorer."""
+    from pipeline.scoring.scorers import ScorerSet
+
+    if isinstance(scorer, ScorerSet):
+        return scorer
+    scorers = ScorerSet(cfg)
+    scorers.use("vqa", scorer)
+    return scorers
+
+
+def _score_one(sample: Sample, scorers: Any) -> tuple[Any, str | None]:
+    """(Judgement, None) or (None, why the image is unreadable)."""
     if not sample.prompt:
         return None, "no prompt"
     try:
         with sample.open_image() as img:
             img.load()  # decode now: a broken file is the sample's problem, not the scorer's
-            return scorer.score_stored([img], [sample.prompt])[0], None
+            return scorers.judge(img, sample.prompt, sample.category), None
     except Exception as err:  # PIL raises many types for bad data (OSError, ValueError, SyntaxError...)
         return None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
 
 
-def _record(i: int, sample: Sample, questions: list[str], result: Any, error: str | None, cfg: Any) -> dict:
+def _record(i: int, sample: Sample, name: str, result: Any, error: str | None, cfg: Any) -> dict:
     from pipeline.scoring.filter import decide
 
     rec: dict[str, Any] = {
         "index": i, "image": sample.name, "key": sample.key, "prompt": sample.prompt,
         "prompt_holds_underscore": sample.underscore, "category": sample.category, "template": sample.template,
-        "questions": questions,
+        "scorer": name, "questions": result.questions if result else [],
     }
     if result is None:
-        return {**rec, "answers": [], "score": None, "status": "unreadable", "error": error,
+        return {**rec, "answers": [], "parts": {}, "score": None, "status": "unreadable", "error": error,
                 "threshold": None, "accepted": None}
-    decision = decide(result.score, sample.category, cfg.filter, sample.template, bool(result.questions))
-    return {**rec, "answers": result.answers, "score": result.score, "status": "scored", "error": None,
-            "threshold": decision.threshold, "accepted": decision.accepted}
+    decision = decide(result.score, sample.category, cfg.filter, sample.template, result.scorable)
+    return {**rec, "answers": result.answers, "parts": result.parts, "score": result.score, "status": "scored",
+            "error": None, "note": result.note, "threshold": decision.threshold, "accepted": decision.accepted}
 
 
 def score_samples(samples: list[Sample], scorer: Any, cfg: Any) -> Iterator[dict]:
-    """One record per sample, in order; unreadable ones get a status and a line on stderr."""
+    """One record per sample, in order, each judged by its category's scorer; unreadable ones get a
+    status and a line on stderr."""
     from tqdm import tqdm
 
-    with tqdm(total=len(samples), unit="img", desc="BLIP-VQA", file=sys.stderr, dynamic_ncols=True) as bar:
+    scorers = as_scorer_set(scorer, cfg)
+    with tqdm(total=len(samples), unit="img", desc="scoring", file=sys.stderr, dynamic_ncols=True) as bar:
         for i, sample in enumerate(samples):
-            res, error = _score_one(sample, scorer)
+            res, error = _score_one(sample, scorers)
             if res is None:
                 bar.write(f"unreadable: {sample.name} ({error})", file=sys.stderr)
-            questions = res.questions if res else (scorer.questions([sample.prompt])[0] if sample.prompt else [])
-            yield _record(i, sample, questions, res, error, cfg)
+            yield _record(i, sample, scorers.scorer_name(sample.category), res, error, cfg)
             bar.update(1)
 
 
@@ -203,18 +220,37 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_outputs(out: Path, records: list[dict], summary: dict, digits: int) -> None:
+def answer(rec: dict, digits: int) -> Any:
+    """The benchmark's answer: BLIP-VQA writes '{:.4f}' strings, CLIPScore, UniDet and 3-in-1 raw floats."""
+    from pipeline.scoring.routing import BLIP_VQA
     from pipeline.scoring.vqa import format_score
 
+    score = rec["score"] or 0.0
+    return format_score(score, digits) if rec.get("scorer", BLIP_VQA) == BLIP_VQA else float(score)
+
+
+def write_outputs(out: Path, records: list[dict], summary: dict, digits: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    vqa = [{"question_id": r["index"], "answer": format_score(r["score"] or 0.0, digits)} for r in records]
+    vqa = [{"question_id": r["index"], "answer": answer(r, digits)} for r in records]
     write_atomic(out / "vqa_result.json", json.dumps(vqa))
     write_atomic(out / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     write_atomic(out / "score_summary.json", json.dumps(summary, indent=2) + "\n")
 
 
-def summarize(records: list[dict], scorer: Any, cfg: Any, source: str, prompt_split: str) -> dict:
+def by_scorer(records: list[dict]) -> dict[str, dict]:
+    """Per scorer: images, scored, unreadable, mean (a mixed run's scores are on different scales)."""
+    out: dict[str, dict] = {}
+    for name in sorted({r["scorer"] for r in records}):
+        mine = [r for r in records if r["scorer"] == name]
+        scores = [r["score"] for r in mine if r["status"] == "scored"]
+        out[name] = {"images": len(mine), "scored": len(scores), "unreadable": len(mine) - len(scores),
+                     "mean_score": sum(scores) / len(scores) if scores else None}
+    return out
+
+
+def summarize(records: list[dict], scorers: Any, cfg: Any, source: str, prompt_split: str) -> dict:
     scores = [r["score"] for r in records if r["status"] == "scored"]
+    per = by_scorer(records)
     return {
         "source": source,
         "prompt_split": prompt_split,
@@ -223,7 +259,10 @@ def summarize(records: list[dict], scorer: Any, cfg: Any, source: str, prompt_sp
         "scored": len(scores),
         "unreadable": len(records) - len(scores),
         "mean_score": sum(scores) / len(scores) if scores else None,
-        "scorer": scorer.metadata,
+        "by_scorer": per,
+        # BLIP-VQA's full record (weights, spaCy, deviations) when it judged anything; every scorer's below
+        "scorer": scorers.vqa.metadata if "vqa" in scorers.loaded() else {},
+        "scorers": scorers.records(per),
         "config_hash": cfg.hash(),
     }
 
@@ -237,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", type=Path, help="T2I-CompBench samples folder ({prompt}_{idx:06d}.png)")
     src.add_argument("--shards", type=Path, metavar="RUN_DIR", help="run folder; scores RUN_DIR/shards/*.tar")
     parser.add_argument("--output", required=True, type=Path, help="folder for vqa_result.json and scores.jsonl")
-    parser.add_argument("--category", default=None, help="category for the filter thresholds (--images only)")
+    parser.add_argument("--category", default=None, help="category: its scorer and filter thresholds (--images only)")
     parser.add_argument("--prompt-split", choices=["last", "first"], default="last",
                         help="--images: prompt = name up to the last '_' (default) or the first (the benchmark's)")
     parser.add_argument("--config", type=Path, default=None, help="YAML preset (default: paper settings)")
@@ -271,17 +310,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         samples, source = shard_samples(args.shards), str(args.shards)
 
-    from pipeline.models.loading import load_vqa_models
-    from pipeline.scoring.vqa import VqaScorer
+    from pipeline.scoring.routing import BLIP_VQA, scorers_for
+    from pipeline.scoring.scorers import ScorerSet
 
-    scorer = VqaScorer(load_vqa_models(cfg), cfg)
-    records = list(score_samples(samples, scorer, cfg))
-    summary = summarize(records, scorer, cfg, source, args.prompt_split)
+    scorers = ScorerSet(cfg)
+    scorers.prepare(scorers_for({s.category for s in samples}, cfg.scoring))  # only the models needed
+    records = list(score_samples(samples, scorers, cfg))
+    summary = summarize(records, scorers, cfg, source, args.prompt_split)
     write_outputs(args.output, records, summary, cfg.vqa.round_digits)
-    mean = summary["mean_score"]
-    shown = f"{mean:.{cfg.vqa.round_digits}f}" if mean is not None else "n/a"
-    print(f"BLIP-VQA score: {shown} ({summary['scored']} images scored, {summary['unreadable']} unreadable)")
-    print(describe(scorer.record))
+    for name, part in summary["by_scorer"].items():
+        mean = part["mean_score"]
+        shown = f"{mean:.{cfg.vqa.round_digits}f}" if mean is not None else "n/a"
+        print(f"{SCORE_NAMES[name]} score: {shown} ({part['scored']} images scored, {part['unreadable']} unreadable)")
+        record = summary["scorers"][name]
+        devs = f"; deviations: {'; '.join(record['deviations'])}" if record["deviations"] else ""
+        print(describe(scorers.vqa.record) if name == BLIP_VQA else record["label"] + devs)
     return 0
 
 

@@ -253,6 +253,12 @@ def _scorer_record(cfg: Config, model_ids: dict[str, str]) -> dict[str, Any]:
                             cfg.vqa.spacy_version)
     if warning and not model_set(cfg):
         print(f"warning: {warning}", file=sys.stderr)
+    from pipeline.scoring.routing import planned_records
+
+    # Every scorer the config can route to, with its exactness (the BLIP-VQA record above is blip_vqa's).
+    names = {*cfg.scoring.by_category.values(), cfg.scoring.default}
+    record["by_category"] = {**cfg.scoring.by_category, "default": cfg.scoring.default}
+    record["scorers"] = planned_records(cfg, record, names)
     return record
 
 
@@ -291,7 +297,10 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars)
     if not rows:
         raise UserError(f"prompts: {args.prompts}: no prompt rows")
-    check_vqa_source(cfg)  # before any run folder, actor or GPU work: a missing converted checkpoint is one line
+    from pipeline.scoring.routing import models_needed, scorers_for
+
+    if "vqa" in models_needed(scorers_for({r.category for r in rows}, cfg.scoring)):
+        check_vqa_source(cfg)  # before any run folder, actor or GPU work: a missing converted checkpoint is one line
 
     from pipeline.io.lease import RunLease
     from pipeline.io.run_folder import make_run_info, prepare_run, remove_leftovers

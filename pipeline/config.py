@@ -171,6 +171,40 @@ class VqaConfig:
     max_question_tokens: int = _f(35, 2)  # BLIP VQA's tokenizer truncation
 
 
+# The scorers a category can be judged by (pipeline/scoring/routing.py).
+SCORER_NAMES = ["blip_vqa", "clipscore", "spatial_detector", "three_in_one"]
+
+
+@dataclass
+class ScoringConfig:
+    """Which scorer judges each category, and the non-VQA scorers' settings (DESIGN.md section 3)."""
+
+    # T2I-CompBench's evaluation per category; categories not named here use ``default``.
+    by_category: dict[str, str] = _f({
+        "color": "blip_vqa", "shape": "blip_vqa", "texture": "blip_vqa", "spatial": "spatial_detector",
+        "non_spatial": "clipscore", "complex": "three_in_one",
+    }, choices=SCORER_NAMES)
+    default: str = _f("blip_vqa", choices=SCORER_NAMES)
+    # CLIPScore_eval: OpenAI's ViT-B/32; this is its transformers port.
+    clip_model: str = "openai/clip-vit-base-patch32"
+    clip_context_length: int = _f(77, 2)  # OpenAI's clip.tokenize; longer prompts are truncated (recorded)
+    # OpenAI CLIP's _transform normalisation (CLIPScore_eval/clip/clip.py).
+    clip_mean: list[float] = _f([0.48145466, 0.4578275, 0.40821073], 0.0, 1.0, length=3)
+    clip_std: list[float] = _f([0.26862954, 0.26130258, 0.27577711], 0.0, 1.0, length=3)
+    # The spatial rule's detector (UniDet stand-in): an open-vocabulary OWLv2.
+    detector_model: str = "google/owlv2-base-patch16-ensemble"
+    detection_threshold: float = _f(0.1, 0.0, 1.0)  # OWLv2 boxes kept above this confidence (UniDet's: 0.5)
+    # UniDet_eval/2D_spatial_eval.py's rule, in the pixel scale of its input: Resize(479, max_size=480).
+    iou_threshold: float = _f(0.1, 0.0, 1.0)
+    distance_threshold: float = _f(150.0, 0.0)
+    object_weight: float = _f(0.25, 0.0)  # score = w x each object's confidence + position x position_weight
+    position_weight: float = _f(0.5, 0.0)
+    min_score: float = _f(0.5, 0.0)  # the benchmark zeroes a spatial score below this
+    benchmark_short_side: int = _f(479, 1)
+    benchmark_max_side: int = _f(480, 1)
+    detector_pad_value: float = _f(0.5, 0.0, 1.0)  # OWLv2 pads to a square with grey (the original's)
+
+
 @dataclass
 class FilterConfig:
     default_threshold: float = _f(0.5, 0.0, 1.0)
@@ -239,6 +273,7 @@ class Config:
     sds: SdsConfig = field(default_factory=SdsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     vqa: VqaConfig = field(default_factory=VqaConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     job: JobConfig = field(default_factory=JobConfig)
     cost: CostConfig = field(default_factory=CostConfig)

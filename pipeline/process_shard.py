@@ -2,11 +2,14 @@
 
 Batches of (prompt, sample) requests go through the engine; each finished image is encoded as it
 will be stored, and the decoded file is what gets scored (as T2I-CompBench scores the saved PNG),
-so a stored score is what ``jobs/score.py`` finds on the exported file. Acceptance is GORS's
-(``pipeline.scoring.filter``). Which attempts are made, and in which batches, is ``pipeline.budget.refill``'s:
-fixed ``num_samples`` per prompt, or accept-until-target with in-shard refill. Every sample gets a
-record. A sample whose optimisation or scoring fails is recorded as ``failed`` with the reason and
-the shard goes on. A sample's ``seconds`` is its device time (``pipeline.budget.accounting``).
+so a stored score is what ``jobs/score.py`` finds on the exported file. The scorer is the
+category's (``scoring.by_category``: BLIP-VQA, CLIPScore, the spatial rule or 3-in-1, see
+``pipeline.scoring.scorers``), loaded when a batch first needs it and recorded per sample.
+Acceptance is GORS's (``pipeline.scoring.filter``). Which attempts are made, and in which batches,
+is ``pipeline.budget.refill``'s: fixed ``num_samples`` per prompt, or accept-until-target with
+in-shard refill. Every sample gets a record. A sample whose optimisation or scoring fails is
+recorded as ``failed`` with the reason and the shard goes on. A sample's ``seconds`` is its
+device time (``pipeline.budget.accounting``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pipeline.engine.invert import InversionEngine, SampleRequest, sample_seed
 from pipeline.io.shards import PublishRetry, ShardSpec, ShardWriter, encode_image
 from pipeline.models.loading import GeneratorModels, VqaModels
 from pipeline.scoring.filter import decide
-from pipeline.scoring.vqa import VqaResult, VqaScorer
+from pipeline.scoring.scorers import Judgement, ScorerSet
 from schemas.prompts import PromptRow
 from schemas.run import ShardStats
 from schemas.samples import ACCEPTED, FAILED, INVALID_INPUT, REJECTED, SampleRecord, sample_key
@@ -34,7 +37,7 @@ from schemas.samples import ACCEPTED, FAILED, INVALID_INPUT, REJECTED, SampleRec
 # Debug hook for fault tests: scoring raises for this prompt_id (off unless set).
 INJECT_SCORE_ERROR_ENV = "REFEREE_SYNTH_INJECT_SCORE_ERROR"
 
-_UNSCORABLE = "no noun chunk to ask about: score 1.0 by definition, rejected (filter.accept_unscorable is false)"
+_UNSCORABLE = "rejected (filter.accept_unscorable is false)"
 
 ProgressFn = Callable[[dict[str, int]], None]
 
@@ -54,10 +57,10 @@ def seed_for(row: PromptRow, sample_index: int, run_seed: int) -> int:
 
 
 class ShardProcessor:
-    def __init__(self, cfg: Config, gen: GeneratorModels, vqa: VqaModels, model_ids: dict[str, str]) -> None:
+    def __init__(self, cfg: Config, gen: GeneratorModels, vqa: VqaModels | None, model_ids: dict[str, str]) -> None:
         self.cfg = cfg
         self.engine = InversionEngine(gen, cfg)
-        self.scorer = VqaScorer(vqa, cfg)
+        self.scorers = ScorerSet(cfg, vqa)  # None: BLIP-VQA loads when a category first needs it
         self.model_ids = model_ids
         self.config_hash = cfg.hash()
 
@@ -91,7 +94,7 @@ class ShardProcessor:
             out.append(rec)
         return out
 
-    def _encode_and_score(self, image, p: _Pending) -> tuple[bytes, VqaResult | Exception, float]:
+    def _encode_and_score(self, image, p: _Pending) -> tuple[bytes, Judgement | Exception, float]:
         """Score the stored image as a file reader would see it; a failure fails that sample only.
 
         Returns the encoded bytes, the result (or the error) and the seconds this sample's own
@@ -103,7 +106,7 @@ class ShardProcessor:
         try:
             _maybe_inject_score_error([p.row.prompt_id])
             with Image.open(io.BytesIO(data)) as stored:
-                result: VqaResult | Exception = self.scorer.score_stored([stored], [p.row.prompt or ""])[0]
+                result: Judgement | Exception = self.scorers.judge(stored, p.row.prompt or "", p.row.category)
         except Exception as err:  # noqa: BLE001 - recorded as the sample's error
             result = err
         return data, result, time.perf_counter() - t0
@@ -111,6 +114,7 @@ class ShardProcessor:
     def _batch_records(self, spec: ShardSpec, batch: list[_Pending], writer: ShardWriter) -> list[SampleRecord]:
         """Invert one batch, score each image, write one record per sample (in batch order)."""
         results = self.engine.run([p.request for p in batch])
+        self.scorers.prepare({self.scorers.scorer_name(p.row.category) for p in batch})  # untimed model loads
         out = []
         for r, p in zip(results, batch):
             data, s, score_s = (None, None, 0.0)
@@ -126,12 +130,13 @@ class ShardProcessor:
                 rec = self._record(spec, p, FAILED, error=reason[:500], **common)
                 writer.add(rec)
             else:
-                scorable = bool(s.questions)
+                scorable = s.scorable
                 decision = decide(s.score, p.row.category, self.cfg.filter, p.row.template, scorable)
                 rec = self._record(
                     spec, p, ACCEPTED if decision.accepted else REJECTED, vqa_score=s.score,
-                    error=None if scorable or decision.accepted else _UNSCORABLE,
+                    error=None if scorable or decision.accepted else f"{s.note}; {_UNSCORABLE}",
                     vqa_questions=list(s.questions), vqa_answers=list(s.answers), threshold=decision.threshold,
+                    scorer=s.scorer, score_parts=dict(s.parts),
                     **common,
                 )
                 writer.add(rec, data)

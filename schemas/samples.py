@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SAMPLE_SCHEMA_VERSION = 3  # 2: benchmark_index, template; 3: score_seconds
+SAMPLE_SCHEMA_VERSION = 4  # 2: benchmark_index, template; 3: score_seconds; 4: scorer, score_parts
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
@@ -40,7 +40,7 @@ class SampleRecord:
     benchmark_index: int | None = None  # line in the T2I-CompBench list the prompt came from
     template: bool = False  # a benchmark template prompt: {category}_template threshold
     error: str | None = None
-    vqa_score: float | None = None
+    vqa_score: float | None = None  # the judging score: BLIP-VQA's, or that of the scorer named in `scorer`
     vqa_questions: list[str] = field(default_factory=list)
     vqa_answers: list[float] = field(default_factory=list)
     threshold: float | None = None
@@ -51,6 +51,8 @@ class SampleRecord:
     model_ids: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0  # device seconds: share of its optimisation batches + its own scoring
     score_seconds: float = 0.0  # of which encoding and scoring the stored image
+    scorer: str | None = None  # which scorer judged it (scoring.by_category): blip_vqa, clipscore, ...
+    score_parts: dict[str, float] = field(default_factory=dict)  # per scorer; 3-in-1's three parts
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = SAMPLE_SCHEMA_VERSION
 
@@ -83,6 +85,8 @@ SIDECAR_SCHEMA = pa.schema([
     ("model_ids", _STR_MAP),
     ("seconds", pa.float64()),
     ("score_seconds", pa.float64()),
+    ("scorer", pa.string()),
+    ("score_parts", pa.map_(pa.string(), pa.float64())),
     ("extra", pa.string()),  # JSON of the input's extra columns
     ("version", pa.int32()),
 ], metadata={"referee_synth_sample_schema": str(SAMPLE_SCHEMA_VERSION)})
@@ -95,6 +99,7 @@ def sidecar_table(records: list[SampleRecord]) -> pa.Table:
     for rec in records:
         d = rec.to_json_dict()
         d["final_losses"] = list(d["final_losses"].items())
+        d["score_parts"] = list(d["score_parts"].items())
         d["model_ids"] = list(d["model_ids"].items())
         d["extra"] = json.dumps(d["extra"], ensure_ascii=False)
         for name in cols:

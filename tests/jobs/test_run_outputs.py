@@ -154,8 +154,8 @@ def test_evaluate_prints_table_for_two_categories(tiny_cache, shared_ray, tmp_pa
                                 "--output", str(out), "--no-progress", "--num-actors", "1"],
                 _env(tiny_cache, **shared_ray))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| Method | Color | Shape |" in proc.stdout
-    assert "| paper (Table 3) | 0.8162 | 0.6209 |" in proc.stdout
+    assert "| Model | Color | Shape | Texture | Spatial | Non-spatial | Complex |" in proc.stdout
+    assert "| paper: our method (Table 3) | 0.8162 | 0.6209 | 0.7202 | 0.1506 | 0.3215 | 0.3529 |" in proc.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["categories"]["color"]["images"] == 4 and results["categories"]["shape"]["images"] == 4
     seeds = sorted(r["seed"] for r in _sidecars(out / "run") if r["category"] == "color")

@@ -176,3 +176,24 @@ def test_prompts_holding_underscore_are_marked_and_first_split_reads_as_the_benc
     assert summary["prompt_split"] == split and summary["prompts_holding_underscore"] == 1
     assert summary["scorer"]["exact"] is False and summary["scorer"]["deviations"]
     assert "BLIP-VQA scorer: approximate" in proc.stdout
+
+
+def test_category_picks_the_scorer(tiny_cache, tmp_path):
+    """--category spatial: the spatial rule on OWLv2 judges every image, its answers are raw floats."""
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    prompts = compbench_prompts("spatial_val", 3)
+    for i, prompt in enumerate(prompts):
+        _png(rng).save(folder / f"{prompt}_{i:06d}.png")
+    out = tmp_path / "out"
+    proc = _run(["--images", str(folder), "--output", str(out), "--category", "spatial"], tiny_cache)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"Spatial score: \d\.\d{4} \(3 images scored, 0 unreadable\)", proc.stdout)
+    assert "spatial (detector: google/owlv2-base-patch16-ensemble; approximate)" in proc.stdout
+    records = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert {r["scorer"] for r in records} == {"spatial_detector"} and all(r["questions"] == [] for r in records)
+    answers = json.loads((out / "vqa_result.json").read_text())
+    assert [a["answer"] for a in answers] == [r["score"] for r in records]  # floats, as UniDet_eval writes
+    summary = json.loads((out / "score_summary.json").read_text())
+    assert summary["scorer"] == {} and list(summary["scorers"]) == ["spatial_detector"]  # BLIP-VQA never loaded

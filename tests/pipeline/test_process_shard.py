@@ -83,3 +83,24 @@ def test_template_thresholds_and_a_score_equal_to_the_threshold_is_rejected(
         assert r["threshold"] == (template_score if r["template"] else natural_score)
         assert (r["status"] == "accepted") == (r["vqa_score"] > r["threshold"])
     assert again[0]["status"] == "rejected" and again[4]["status"] == "rejected"  # equal: rejected
+
+
+def test_each_category_is_judged_by_its_scorer_and_recorded(tiny_cfg, generator_models, tmp_path):
+    """A spatial prompt is accepted on the spatial rule, a colour prompt on BLIP-VQA; each record says which."""
+    from pipeline.scoring.routing import BLIP_VQA, SPATIAL
+
+    cfg = _cfg(tiny_cfg, thresholds={"color": 0.0, "spatial": 0.0})
+    cfg.job.samples_per_prompt = 1
+    table = prompt_table([COMPBENCH_DIR / "color_val.txt", COMPBENCH_DIR / "spatial_val.txt"], limit=1)
+    rows = validate_rows([table], 2, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars)
+    fs, root = filesystem_for(str(tmp_path))
+    fs.create_dir(f"{root}/shards", recursive=True)
+    processor = ShardProcessor(cfg, generator_models, None, {"vqa": "tiny"})  # scorers load on first need
+    processor.process(ShardSpec(0, rows), fs, root)
+    side = {r["category"]: r for r in pq.read_table(shard_paths(root, 0)["parquet"]).to_pylist()}
+    assert side["color"]["scorer"] == BLIP_VQA and side["color"]["vqa_questions"]
+    assert side["spatial"]["scorer"] == SPATIAL and side["spatial"]["vqa_questions"] == []
+    assert dict(side["spatial"]["score_parts"]) == {SPATIAL: side["spatial"]["vqa_score"]}
+    for rec in side.values():  # the filter judged the scorer's own score
+        assert (rec["status"] == "accepted") == (rec["vqa_score"] > 0.0)
+    assert processor.scorers.loaded() == ["detector", "vqa"]

@@ -1,0 +1,59 @@
+"""jobs/evaluate.py over the relation and complex categories (tiny models): all six Table-3 columns, labelled."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import COMPBENCH
+from tests.jobs.test_run_outputs import _env, _job, _sidecars
+
+SPATIAL_LABEL = "spatial (detector: google/owlv2-base-patch16-ensemble; approximate)"
+
+
+def test_evaluate_prints_six_labelled_columns(tiny_cache, shared_ray, tmp_path) -> None:
+    out = tmp_path / "eval"
+    args = ["--prompts-dir", str(COMPBENCH), "--limit", "1", "--images-per-prompt", "1",
+            "--config", "configs/tiny.yaml", "--output", str(out), "--no-progress", "--num-actors", "1"]
+    for cat in ("spatial", "non_spatial", "complex"):
+        args += ["--category", cat]
+    proc = _job("evaluate.py", args, _env(tiny_cache, **shared_ray))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "|  | Attribute binding |  |  | Object relationship |  | Complex |" in lines
+    assert "| Model | Color | Shape | Texture | Spatial | Non-spatial | Complex |" in lines
+    assert "| paper: our method (Table 3) | 0.8162 | 0.6209 | 0.7202 | 0.1506 | 0.3215 | 0.3529 |" in lines
+    ours = next(line for line in lines if line.startswith("| referee-synth |")).split(" | ")
+    assert ours[1:4] == ["-", "-", "-"]  # attribute columns not run
+    assert all(0.0 <= float(x.strip(" |")) <= 1.0 for x in ours[4:7])
+    labels = next(line for line in lines if line.startswith("| scorer |"))
+    assert "| BLIP-VQA (approximate) |" in labels and f"| {SPATIAL_LABEL} |" in labels
+    assert "| CLIPScore (approximate) |" in labels and "| 3-in-1 (approximate; spatial part on detector" in labels
+    assert any(line.startswith(SPATIAL_LABEL + ": deviations:") and "UniDet" in line for line in lines)
+
+    results = json.loads((out / "results.json").read_text())
+    cats = results["categories"]
+    assert {c: cats[c]["scorer"] for c in cats} == {
+        "spatial": "spatial_detector", "non_spatial": "clipscore", "complex": "three_in_one"}
+    assert results["labels"]["spatial"] == SPATIAL_LABEL
+    side = {r["category"]: r for r in _sidecars(out / "run")}
+    assert set(dict(side["complex"]["score_parts"])) == {"blip_vqa", "spatial_detector", "clipscore"}
+    assert (out / "results.md").read_text().startswith("BLIP-VQA scorer: approximate;")
+
+
+def test_unknown_category_names_the_shipped_lists(tiny_cache, tmp_path) -> None:
+    proc = _job("evaluate.py", ["--category", "colour", "--output", str(tmp_path / "e"), "--config",
+                                "configs/tiny.yaml"], _env(tiny_cache))
+    assert proc.returncode == 2 and "colour_val.txt" in proc.stderr and "non_spatial" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_other_categories_get_a_column_saying_they_are_not_the_benchmarks_method() -> None:
+    from jobs.evaluate import markdown_table
+
+    scorer = {"by_category": {"color": "blip_vqa", "default": "blip_vqa"},
+              "scorers": {"blip_vqa": {"label": "BLIP-VQA (exact)", "deviations": []}}}
+    md = markdown_table({"color": {"mean": 0.5}, "numeracy": {"mean": 0.25}}, scorer).splitlines()
+    assert "| Model | Color | Shape | Texture | Spatial | Non-spatial | Complex | Numeracy |" in md
+    assert "| referee-synth | 0.5000 | - | - | - | - | - | 0.2500 |" in md
+    assert md[-1].endswith("| BLIP-VQA (exact) (not the benchmark's method: the benchmark counts UniDet detections "
+                           "(UniDet_eval/numeracy_eval.py)) |")
