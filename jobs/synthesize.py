@@ -3,6 +3,7 @@
     python jobs/synthesize.py --prompts PATH --output PATH [--config FILE] [--set k=v ...]
         [--num-actors N] [--shard-size N] [--samples-per-prompt K] [--seed S] [--threshold X] [--force]
         [--no-progress] [--no-dashboard] [--target-accepted K --max-samples M] [--gpu-hour-price P]
+        [--generator inversion|sd_sampling]
     python jobs/synthesize.py --plan --prompts PATH --output PATH [--from-run RUN_DIR] [same options]
 
 On a cluster: ``ray job submit --working-dir . -- python jobs/synthesize.py ...`` (or with
@@ -32,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.cli import EXIT_FAILED, EXIT_OK, fail, run_main  # noqa: E402
-from pipeline.config import MODEL_KEYS, Config, load_config  # noqa: E402
+from pipeline.config import GENERATORS, MODEL_KEYS, Config, load_config  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-prompt", type=int, help="images per prompt (rows may override)")
     p.add_argument("--seed", type=int, help="run seed")
     p.add_argument("--threshold", type=float, help="acceptance threshold for every category")
+    p.add_argument("--generator", choices=GENERATORS,
+                   help="what makes the images: inversion (default) or sd_sampling (plain SD 1.5 sampling); "
+                        "the same as --set engine.generator=...")
     p.add_argument("--target-accepted", type=int, metavar="K",
                    help="accepted images wanted per prompt: keep sampling until K are accepted (or --max-samples)")
     p.add_argument("--max-samples", type=int, metavar="M", help="with --target-accepted: attempts per prompt at most")
@@ -71,7 +75,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "job.num_actors": args.num_actors, "job.shard_size": args.shard_size,
         "job.samples_per_prompt": args.samples_per_prompt, "job.seed": args.seed,
         "job.target_accepted": args.target_accepted, "job.max_samples_per_prompt": args.max_samples,
-        "cost.gpu_hour_price": args.gpu_hour_price,
+        "cost.gpu_hour_price": args.gpu_hour_price, "engine.generator": args.generator,
     }
     sets += [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.threshold is not None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SAMPLE_SCHEMA_VERSION = 3  # 2: benchmark_index, template; 3: score_seconds
+SAMPLE_SCHEMA_VERSION = 4  # 2: benchmark_index, template; 3: score_seconds; 4: generator
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
@@ -52,6 +52,7 @@ class SampleRecord:
     seconds: float = 0.0  # device seconds: share of its optimisation batches + its own scoring
     score_seconds: float = 0.0  # of which encoding and scoring the stored image
     extra: dict[str, Any] = field(default_factory=dict)
+    generator: str = "inversion"  # engine.generator that made the image: inversion | sd_sampling
     version: int = SAMPLE_SCHEMA_VERSION
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -84,6 +85,7 @@ SIDECAR_SCHEMA = pa.schema([
     ("seconds", pa.float64()),
     ("score_seconds", pa.float64()),
     ("extra", pa.string()),  # JSON of the input's extra columns
+    ("generator", pa.string()),
     ("version", pa.int32()),
 ], metadata={"referee_synth_sample_schema": str(SAMPLE_SCHEMA_VERSION)})
 
