@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import platform
 import tarfile
 from pathlib import Path
