@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, metavar="M", help="with --target-accepted: attempts per prompt at most")
     p.add_argument("--gpu-hour-price", type=float, metavar="P", help="price of a device-hour: cost per accepted image")
     p.add_argument("--plan", action="store_true", help="estimate samples, accepted images and GPU-hours; run nothing")
-    p.add_argument("--from-run", metavar="RUN_DIR", help="with --plan: an earlier run's acceptance rates and seconds")
+    p.add_argument("--from-run", metavar="RUN_DIR", action="append",
+                   help="with --plan: an earlier run's acceptance rates and seconds; repeat it with a run of each "
+                        "generator to compare their GPU-hours for the same target")
     p.add_argument("--force", action="store_true", help="redo a run whose config or input changed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-dashboard", action="store_true",
@@ -334,7 +336,13 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
     """--plan: estimate the run from the prompts and rates; write OUT/plan.json and nothing else."""
     import json
 
-    from pipeline.budget.run_plan import format_plan, make_plan, rates_from_floor, rates_from_run
+    from pipeline.budget.run_plan import (
+        compare_generators,
+        format_plan,
+        make_plan,
+        rates_by_generator,
+        rates_from_floor,
+    )
     from pipeline.io import storage
     from pipeline.io.shards import plan_shards
     from schemas.prompts import read_prompt_tables, validate_rows
@@ -343,8 +351,12 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
     rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars)
     if not rows:
         raise UserError(f"prompts: {args.prompts}: no prompt rows")
-    rates = rates_from_run(args.from_run) if args.from_run else rates_from_floor(cfg)
-    result = make_plan(rows, len(plan_shards(rows, cfg.job.shard_size)), cfg, rates)
+    by_generator = rates_by_generator(args.from_run or [])
+    rates = by_generator.get(cfg.engine.generator) or rates_from_floor(cfg)
+    shards = len(plan_shards(rows, cfg.job.shard_size))
+    result = make_plan(rows, shards, cfg, rates)
+    if by_generator:
+        result["generators"] = compare_generators(rows, shards, cfg, by_generator)
     fs, out = storage.filesystem_for(args.output)
     try:
         fs.create_dir(out, recursive=True)
