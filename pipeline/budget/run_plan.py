@@ -104,6 +104,24 @@ def rates_by_generator(runs: list[str]) -> dict[str, dict[str, Any]]:
     return {g: _pooled([r for r, _ in items], [c for _, c in items]) for g, items in sorted(grouped.items())}
 
 
+def project_generators(by_generator: dict[str, dict[str, Any]], prompts: dict[str, int], target: int,
+                       max_samples: int) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per generator and category: the GPU-hours to bring ``prompts[category]`` prompts to ``target``
+    accepted images (at most ``max_samples`` attempts each) at that generator's earlier rates; without a
+    target, the seconds per accepted image (1 / p attempts of s seconds)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for generator, rates in by_generator.items():
+        cats = {}
+        for name, n in sorted(prompts.items()):
+            p, secs = rates["per_category"].get(name, rates["overall"])
+            hours = n * expected_attempts(p, target, max_samples) * secs / 3600 if target else None
+            cats[name] = {"prompts": n, "acceptance_rate": round(p, 4), "seconds_per_sample": round(secs, 4),
+                          "seconds_per_accepted": round(secs / p, 4) if p > 0 else None,
+                          "gpu_hours": round(hours, 4) if hours is not None else None}
+        out[generator] = cats
+    return out
+
+
 def compare_generators(rows: list[PromptRow], num_shards: int, cfg: Config,
                        by_generator: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The same prompts and target planned with each generator's earlier rates: GPU-hours side by side."""

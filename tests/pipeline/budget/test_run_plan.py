@@ -64,7 +64,8 @@ def test_plan_compares_the_generators_gpu_hours_for_the_same_target(runs, tmp_pa
 
     assert main([*args, "--generator", "sd_sampling"]) == 0
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["source"]["runs"] == [runs["sd"]] and plan["gpu_hours"] == plan["generators"]["sd_sampling"]["gpu_hours"]
+    assert plan["source"]["runs"] == [runs["sd"]]
+    assert plan["gpu_hours"] == plan["generators"]["sd_sampling"]["gpu_hours"]
 
 
 def test_plan_for_a_generator_without_an_earlier_run_uses_its_floor(runs, tmp_path) -> None:
