@@ -156,7 +156,7 @@ class SamplingEngine:
             images = self.pipe(
                 prompt=[r.prompt for r in requests], height=self.image_size, width=self.image_size,
                 num_inference_steps=sc.steps, guidance_scale=sc.guidance_scale, generator=step_noise,
-                latents=self.initial_latents(seeds).to(self.device), output_type="pt",
+                latents=self.initial_latents(seeds).to(self.device, self.models.unet.dtype), output_type="pt",
                 callback_on_step_end=on_step if nan_at else None,
             ).images
         images = images.float().cpu()
