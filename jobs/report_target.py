@@ -115,7 +115,8 @@ def generators_section(run: str, compare_runs: list[str], summary: dict[str, Any
         return ""
     from pipeline.budget.run_plan import project_generators, rates_by_generator
 
-    by_generator = rates_by_generator([run, *compare_runs])
+    rates_by_generator([run], "--run")  # this run's own problems named as such
+    by_generator = rates_by_generator([run, *compare_runs], "--compare-run")
     prompts = {name: c.get("prompts", 0) for name, c in (summary.get("categories") or {}).items()}
     target, most = summary.get("target_accepted") or 0, summary.get("max_samples_per_prompt") or 0
     projected = project_generators(by_generator, prompts, target, most)

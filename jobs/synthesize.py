@@ -4,13 +4,14 @@
         [--num-actors N] [--shard-size N] [--samples-per-prompt K] [--seed S] [--threshold X] [--force]
         [--no-progress] [--no-dashboard] [--target-accepted K --max-samples M] [--gpu-hour-price P]
         [--generator inversion|sd_sampling]
-    python jobs/synthesize.py --plan --prompts PATH --output PATH [--from-run RUN_DIR] [same options]
+    python jobs/synthesize.py --plan --prompts PATH --output PATH [--from-run RUN_DIR ...] [same options]
 
 On a cluster: ``ray job submit --working-dir . -- python jobs/synthesize.py ...`` (or with
 RAY_ADDRESS set). Otherwise a local Ray starts, its dashboard (unless --no-dashboard) bound to 127.0.0.1.
 ``--target-accepted K``: per prompt, samples until K are accepted or M (``--max-samples``) were tried
 (in-shard refill, pipeline/budget/refill.py). ``--plan``: no Ray, no models, no torch: prints and writes
-OUT/plan.json (expected samples, accepted images, GPU-hours), from ``--from-run``'s rates or the FLOP floor;
+OUT/plan.json (expected samples, accepted images, GPU-hours), from ``--from-run``'s rates or the FLOP floor
+(several --from-run: grouped by generator, each generator's GPU-hours for the same target side by side);
 the run folder gets nothing else (no run.json, no lease).
 Shards go to each actor as soon as it is ready; no actor ready after ``job.actor_ready_timeout_s``
 is one line naming the missing resources, exit 1.

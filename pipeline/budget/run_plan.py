@@ -47,20 +47,20 @@ def short_probability(p: float, k: int, m: int) -> float:
     return _binom_cdf_below(k, m, p)
 
 
-def _run_categories(run: str) -> tuple[str, dict[str, dict[str, Any]]]:
+def _run_categories(run: str, flag: str = "--from-run") -> tuple[str, dict[str, dict[str, Any]]]:
     """An earlier run's generator (run.json's engine.generator; a run made before the choice existed, or a
     folder with no run.json, is inversion) and its summary's per-category samples, accepted and seconds."""
     fs, out = storage.filesystem_for(run)
     path = storage.join(out, "summary.json")
     if not storage.exists(fs, path):
-        raise UserError(f"--from-run {run}: no summary.json (not a finished run folder)")
+        raise UserError(f"{flag} {run}: no summary.json (not a finished run folder)")
     try:
         summary = json.loads(storage.read_bytes(fs, path))
     except ValueError:
-        raise UserError(f"--from-run {run}: summary.json is not valid JSON") from None
+        raise UserError(f"{flag} {run}: summary.json is not valid JSON") from None
     cats = {k: v for k, v in (summary.get("categories") or {}).items() if v.get("samples")}
     if not cats:
-        raise UserError(f"--from-run {run}: summary.json has no per-category samples and device seconds "
+        raise UserError(f"{flag} {run}: summary.json has no per-category samples and device seconds "
                         "(a run made before cost accounting, or one with no samples)")
     return _generator_of(fs, out), cats
 
@@ -95,11 +95,11 @@ def rates_from_run(run: str) -> dict[str, Any]:
     return _pooled([run], [_run_categories(run)[1]])
 
 
-def rates_by_generator(runs: list[str]) -> dict[str, dict[str, Any]]:
+def rates_by_generator(runs: list[str], flag: str = "--from-run") -> dict[str, dict[str, Any]]:
     """Rates per generator from earlier runs; several runs of one generator are pooled."""
     grouped: dict[str, list[tuple[str, dict[str, dict[str, Any]]]]] = defaultdict(list)
     for run in runs:
-        generator, cats = _run_categories(run)
+        generator, cats = _run_categories(run, flag)
         grouped[generator].append((run, cats))
     return {g: _pooled([r for r, _ in items], [c for _, c in items]) for g, items in sorted(grouped.items())}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from jobs.report_target import generators_section
 from pipeline.budget.run_plan import expected_attempts
 
@@ -37,3 +39,12 @@ def test_without_a_target_it_compares_seconds_per_accepted(tmp_path) -> None:
     page = generators_section(this, [other], json.loads((Path(this) / "summary.json").read_text()))
     assert "device seconds per accepted image" in page
     assert "<td>10.0000</td>" in page and "<td>1.0000</td>" in page  # 5 s / 0.5 and 0.25 s / 0.25
+
+
+def test_a_compare_run_without_a_summary_is_one_line(tmp_path) -> None:
+    from pipeline.errors import UserError
+
+    this = _run(tmp_path / "inv", "inversion", {"color": {"prompts": 1, "samples": 1, "accepted": 1, "seconds": 1.0}})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"^--compare-run .*: no summary\.json"):
+        generators_section(this, [str(tmp_path / "empty")], {})
