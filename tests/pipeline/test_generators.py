@@ -89,3 +89,20 @@ def test_generator_choice_and_the_config_hash() -> None:
         load_config(None, ["engine.generator=gan"])
     with pytest.raises(ConfigError, match="sampling.scheduler must be one of"):
         load_config(None, ["sampling.scheduler=magic"])
+
+
+def test_sd_sampling_refills_until_the_target(tiny_cfg, generator_models, vqa_models, tmp_path) -> None:
+    """Accept-until-target is the generator's business only through the batches it is given."""
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.engine.generator, cfg.sampling.steps = "sd_sampling", 2
+    cfg.job.target_accepted, cfg.job.max_samples_per_prompt = 2, 4
+    cfg.filter.thresholds = {"color": 0.0, "shape": 1.0}
+    table = prompt_table([COMPBENCH_DIR / "color_val.txt", COMPBENCH_DIR / "shape_val.txt"], limit=1)
+    rows = validate_rows([table], 1, 1000, 128)
+    fs, root = filesystem_for(str(tmp_path))
+    fs.create_dir(f"{root}/shards", recursive=True)
+    stats = ShardProcessor(cfg, generator_models, vqa_models, {"vqa": "tiny"}).process(ShardSpec(0, rows), fs, root)
+    side = pq.read_table(shard_paths(root, 0)["parquet"]).to_pylist()
+    made = {c: [r["status"] for r in side if r["category"] == c] for c in ("color", "shape")}
+    assert made == {"color": ["accepted"] * 2, "shape": ["rejected"] * 4}
+    assert stats.categories["shape"]["samples"] == 4 and stats.short[0]["short_by"] == 2
