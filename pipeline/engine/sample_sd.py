@@ -4,7 +4,8 @@ diffusers' ``StableDiffusionPipeline`` built from the SD 1.5 parts already loade
 (``GeneratorModels``: the same VAE, UNet, text encoder and tokenizer objects, no second copy) and a
 sampling scheduler made from the loaded scheduler's config. No safety checker (the scorer judges the
 images). The settings are the ``sampling`` config section; the image size is ``latent.size`` x the
-VAE's factor, as the inversion path decodes.
+VAE's factor, as the inversion path decodes. The prompt goes in as written, with the empty negative
+prompt, as T2I-CompBench samples its baselines (``sds.prefix`` is inversion's SDS condition only).
 
 Same interface as ``InversionEngine``: ``run(requests) -> results`` in batches of ``engine.batch_size``.
 Per sample, the starting latents come from the sample's own seed exactly as inversion draws its z0
