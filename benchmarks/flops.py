@@ -9,11 +9,14 @@ are counted (2 FLOPs per multiply-add); elementwise work (norms, activations, au
 optimiser) is not. Backward passes are counted as the engine runs them: weights are frozen, so
 only input gradients are computed (about 1x the forward for linear layers, not 2x).
 
-Multiplicities per image come from the config (DESIGN.md section 6): ``optim.iterations`` joint
+Multiplicities per image come from the config (``pipeline/engine/flop_floor.py``; DESIGN.md section 6).
+Inversion (``engine.generator: inversion``): ``optim.iterations`` joint
 iterations, each with one VAE-decoder fwd+bwd, one referee fwd+bwd per kept view (``augment.top_k``
 of ``num_views``, or all) plus a no-grad pass over all views when 0 < top_k < num_views, and one
 classifier-free-guidance UNet forward (batch 2); ``optim.tail_iterations`` SDS-only iterations;
-then one decode, one referee pass on the plain image, and BLIP-VQA scoring.
+then one decode, one referee pass on the plain image, and BLIP-VQA scoring. Plain sampling
+(``sd_sampling``, e.g. ``--config configs/sd15.yaml``): ``sampling.steps`` UNet passes on a batch of 2
+(1 without guidance), the text encoder on the prompt and the empty negative prompt, one decode, scoring.
 
 The floor is total FLOPs / ``--tflops``. The default 989 TFLOP/s is NVIDIA's dense (no sparsity)
 BF16 tensor-core peak of the H100 SXM5, which the H200 shares; measured large-matmul rates are
@@ -140,11 +143,11 @@ def sd_counts(models: RealModels, cfg: Config) -> dict[str, int]:
     def decode(z: torch.Tensor) -> torch.Tensor:
         return models.vae.decode(z / lc.scale).sample
 
-    def unet() -> None:
+    def unet(batch: int) -> None:
         with torch.no_grad():
-            z = torch.zeros(2, lc.channels, lc.size, lc.size, device=META)
-            t = torch.zeros(2, dtype=torch.long, device=META)
-            emb = torch.zeros(2, 77, models.unet.config.cross_attention_dim, device=META)
+            z = torch.zeros(batch, lc.channels, lc.size, lc.size, device=META)
+            t = torch.zeros(batch, dtype=torch.long, device=META)
+            emb = torch.zeros(batch, 77, models.unet.config.cross_attention_dim, device=META)
             models.unet(z, t, encoder_hidden_states=emb)
 
     def text_encoder() -> None:
@@ -154,7 +157,8 @@ def sd_counts(models: RealModels, cfg: Config) -> dict[str, int]:
     return {
         "vae_decoder_fwd_bwd": _fwd_bwd(decode, latent),
         "vae_decoder_fwd": _fwd(decode, latent),
-        "unet_cfg_fwd": count_flops(unet),
+        "unet_cfg_fwd": count_flops(lambda: unet(2)),
+        "unet_fwd": count_flops(lambda: unet(1)),
         "clip_text_fwd": count_flops(text_encoder),
     }
 
@@ -202,6 +206,7 @@ DESCRIPTIONS = {
     "vae_decoder_fwd_bwd": "SD VAE decoder fwd+bwd (64x64 latent -> 512 px)",
     "vae_decoder_fwd": "SD VAE decoder fwd (final image)",
     "unet_cfg_fwd": "SD-1.5 UNet fwd, batch 2 (uncond + cond)",
+    "unet_fwd": "SD-1.5 UNet fwd, batch 1 (sampling without guidance)",
     "clip_text_fwd": "CLIP-L text encoder fwd, 77 tokens",
     "vqa_vision_fwd": "BLIP ViT-B/16 fwd at the VQA size",
     "vqa_question_fwd": "BLIP text encoder + first decoder step, one question",
@@ -261,7 +266,8 @@ def count(cfg: Config, tflops: float = H100_BF16_DENSE_TFLOPS, a: Assumptions | 
             "text_tokens": a.text_tokens, "questions": a.questions, "question_tokens": a.question_tokens,
             "iterations": cfg.optim.iterations, "tail_iterations": cfg.optim.tail_iterations,
             "num_views": cfg.augment.num_views, "top_k": cfg.augment.top_k, "latent_size": cfg.latent.size,
-            "vqa_image_size": cfg.vqa.image_size,
+            "vqa_image_size": cfg.vqa.image_size, "generator": cfg.engine.generator,
+            "sampling_steps": cfg.sampling.steps, "guidance_scale": cfg.sampling.guidance_scale,
         },
         "parameters": parameter_counts(models),
     }

@@ -1,11 +1,12 @@
 """A visual report of a run: ``RUN_DIR/report/index.html`` with its PNGs beside it.
 
-    python jobs/report.py --run RUN_DIR [--samples 24]
+    python jobs/report.py --run RUN_DIR [--samples 24] [--compare-run OTHER_RUN_DIR ...]
 
 Totals, acceptance rate and throughput; per category a histogram of VQA scores with the
 threshold marked; a contact sheet of accepted and rejected samples with prompt and score; and
 per-question answer rates (which noun phrases fail most); acceptance and device seconds per accepted
-image per category, attempts per prompt and the prompts short of a target (``jobs/report_target.py``).
+image per category, attempts per prompt and the prompts short of a target (``jobs/report_target.py``);
+with ``--compare-run`` (runs of the other generator), each generator's GPU-hours for this run's target.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.cli import run_main  # noqa: E402
-from jobs.report_target import target_section  # noqa: E402
+from jobs.report_target import generators_section, target_section  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.io import storage  # noqa: E402
 from pipeline.io.reader import completed_shards, shard_images, sidecar_records  # noqa: E402
@@ -96,7 +97,7 @@ def _card(rec: dict[str, Any], thumb: str | None) -> str:
             f"<div>score {score}</div></div>")
 
 
-def build_report(run: str, samples: int) -> Path:
+def build_report(run: str, samples: int, compare_runs: list[str] | None = None) -> Path:
     fs, out = storage.filesystem_for(run)
     if not storage.is_local(fs):
         raise UserError("report: --run must be a local folder (copy the run's shards locally first)")
@@ -126,6 +127,7 @@ def build_report(run: str, samples: int) -> Path:
         parts.append(f"<h2>{status.capitalize()} samples</h2><div class='sheet'>{cards or 'none'}</div>")
     parts.append(_question_table(question_rates(made)))
     parts.append(target_section(records, summary, folder))
+    parts.append(generators_section(run, compare_runs or [], summary))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>referee-synth report</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
     (folder / "index.html").write_text(page, encoding="utf-8")
@@ -160,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="local run folder")
     p.add_argument("--samples", type=int, default=24, help="accepted and rejected samples shown (each)")
+    p.add_argument("--compare-run", action="append", default=[], metavar="RUN_DIR",
+                   help="an earlier run of another generator: GPU-hours of each for this run's target (repeatable)")
     args = p.parse_args(argv)
-    path = build_report(args.run, args.samples)
+    path = build_report(args.run, args.samples, args.compare_run)
     print(f"wrote {path}")
     return 0
 

@@ -95,7 +95,9 @@ def target_section(records: list[dict[str, Any]], summary: dict[str, Any], folde
         f"<td>{r['accepted']}</td><td>{r['acceptance_rate']:.1%}</td><td>{_fmt(r['seconds_per_accepted'], '.2f')}</td>"
         f"<td>{_fmt(r['cost_per_accepted'], '.4f')}</td></tr>" for r in rows
     )
+    generators = sorted({r.get("generator") or "inversion" for r in records if r["status"] in _MADE})
     parts = ["<h2>Acceptance and device time per category</h2>",
+             f"<p>Generator: {html.escape(', '.join(generators) or 'n/a')}.</p>",
              f"<p>Overall: {_fmt(summary.get('seconds_per_accepted'), '.2f')} device seconds per accepted image, "
              f"cost per accepted image {_fmt(summary.get('cost_per_accepted'), '.4f')}.</p>",
              f"<table>{head}{body}</table>", '<img src="categories.png" alt="per-category bars">']
@@ -105,6 +107,36 @@ def target_section(records: list[dict[str, Any]], summary: dict[str, Any], folde
     if target:
         parts.append(_short_table(summary.get("short_prompts") or {}, target))
     return "".join(parts)
+
+
+def generators_section(run: str, compare_runs: list[str], summary: dict[str, Any]) -> str:
+    """This run and earlier runs of other generators: projected GPU-hours for this run's prompts and target."""
+    if not compare_runs:
+        return ""
+    from pipeline.budget.run_plan import project_generators, rates_by_generator
+
+    rates_by_generator([run], "--run")  # this run's own problems named as such
+    by_generator = rates_by_generator([run, *compare_runs], "--compare-run")
+    prompts = {name: c.get("prompts", 0) for name, c in (summary.get("categories") or {}).items()}
+    target, most = summary.get("target_accepted") or 0, summary.get("max_samples_per_prompt") or 0
+    projected = project_generators(by_generator, prompts, target, most)
+    names = list(projected)
+    what = "GPU-hours to the target" if target else "device seconds per accepted image"
+    key = "gpu_hours" if target else "seconds_per_accepted"
+    head = "<tr><th>category</th><th>prompts</th>" + "".join(
+        f"<th>{html.escape(n)}: acceptance</th><th>{html.escape(n)}: {what}</th>" for n in names) + "</tr>"
+    body = "".join(
+        f"<tr><td>{html.escape(cat)}</td><td>{n}</td>" + "".join(
+            f"<td>{projected[g][cat]['acceptance_rate']:.1%}</td><td>{_fmt(projected[g][cat][key], '.4f')}</td>"
+            for g in names) + "</tr>"
+        for cat, n in sorted(prompts.items())
+    )
+    runs = "; ".join(f"{html.escape(g)}: {html.escape(', '.join(r['source']['runs']))}"
+                     for g, r in by_generator.items())
+    scope = (f"this run's prompts per category and its target ({target} accepted, at most {most} samples per prompt)"
+             if target else "this run has no target: seconds per accepted image (1 / acceptance attempts each)")
+    return (f"<h2>Generators compared</h2><p>Rates of the earlier runs ({runs}), projected for {scope}.</p>"
+            f"<table>{head}{body}</table>")
 
 
 def _short_table(short: dict[str, list[dict[str, Any]]], target: int) -> str:

@@ -3,13 +3,15 @@
     python jobs/synthesize.py --prompts PATH --output PATH [--config FILE] [--set k=v ...]
         [--num-actors N] [--shard-size N] [--samples-per-prompt K] [--seed S] [--threshold X] [--force]
         [--no-progress] [--no-dashboard] [--target-accepted K --max-samples M] [--gpu-hour-price P]
-    python jobs/synthesize.py --plan --prompts PATH --output PATH [--from-run RUN_DIR] [same options]
+        [--generator inversion|sd_sampling]
+    python jobs/synthesize.py --plan --prompts PATH --output PATH [--from-run RUN_DIR ...] [same options]
 
 On a cluster: ``ray job submit --working-dir . -- python jobs/synthesize.py ...`` (or with
 RAY_ADDRESS set). Otherwise a local Ray starts, its dashboard (unless --no-dashboard) bound to 127.0.0.1.
 ``--target-accepted K``: per prompt, samples until K are accepted or M (``--max-samples``) were tried
 (in-shard refill, pipeline/budget/refill.py). ``--plan``: no Ray, no models, no torch: prints and writes
-OUT/plan.json (expected samples, accepted images, GPU-hours), from ``--from-run``'s rates or the FLOP floor;
+OUT/plan.json (expected samples, accepted images, GPU-hours), from ``--from-run``'s rates or the FLOP floor
+(several --from-run: grouped by generator, each generator's GPU-hours for the same target side by side);
 the run folder gets nothing else (no run.json, no lease).
 Shards go to each actor as soon as it is ready; no actor ready after ``job.actor_ready_timeout_s``
 is one line naming the missing resources, exit 1.
@@ -32,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.cli import EXIT_FAILED, EXIT_OK, fail, run_main  # noqa: E402
-from pipeline.config import MODEL_KEYS, Config, load_config  # noqa: E402
+from pipeline.config import GENERATORS, MODEL_KEYS, Config, load_config  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -52,12 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-prompt", type=int, help="images per prompt (rows may override)")
     p.add_argument("--seed", type=int, help="run seed")
     p.add_argument("--threshold", type=float, help="acceptance threshold for every category")
+    p.add_argument("--generator", choices=GENERATORS,
+                   help="what makes the images: inversion (default) or sd_sampling (plain SD 1.5 sampling); "
+                        "the same as --set engine.generator=...")
     p.add_argument("--target-accepted", type=int, metavar="K",
                    help="accepted images wanted per prompt: keep sampling until K are accepted (or --max-samples)")
     p.add_argument("--max-samples", type=int, metavar="M", help="with --target-accepted: attempts per prompt at most")
     p.add_argument("--gpu-hour-price", type=float, metavar="P", help="price of a device-hour: cost per accepted image")
     p.add_argument("--plan", action="store_true", help="estimate samples, accepted images and GPU-hours; run nothing")
-    p.add_argument("--from-run", metavar="RUN_DIR", help="with --plan: an earlier run's acceptance rates and seconds")
+    p.add_argument("--from-run", metavar="RUN_DIR", action="append",
+                   help="with --plan: an earlier run's acceptance rates and seconds; repeat it with a run of each "
+                        "generator to compare their GPU-hours for the same target")
     p.add_argument("--force", action="store_true", help="redo a run whose config or input changed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-dashboard", action="store_true",
@@ -71,7 +78,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "job.num_actors": args.num_actors, "job.shard_size": args.shard_size,
         "job.samples_per_prompt": args.samples_per_prompt, "job.seed": args.seed,
         "job.target_accepted": args.target_accepted, "job.max_samples_per_prompt": args.max_samples,
-        "cost.gpu_hour_price": args.gpu_hour_price,
+        "cost.gpu_hour_price": args.gpu_hour_price, "engine.generator": args.generator,
     }
     sets += [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.threshold is not None:
@@ -339,7 +346,13 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
     """--plan: estimate the run from the prompts and rates; write OUT/plan.json and nothing else."""
     import json
 
-    from pipeline.budget.run_plan import format_plan, make_plan, rates_from_floor, rates_from_run
+    from pipeline.budget.run_plan import (
+        compare_generators,
+        format_plan,
+        make_plan,
+        rates_by_generator,
+        rates_from_floor,
+    )
     from pipeline.io import storage
     from pipeline.io.shards import plan_shards
     from schemas.prompts import read_prompt_tables, validate_rows
@@ -348,8 +361,12 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
     rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars)
     if not rows:
         raise UserError(f"prompts: {args.prompts}: no prompt rows")
-    rates = rates_from_run(args.from_run) if args.from_run else rates_from_floor(cfg)
-    result = make_plan(rows, len(plan_shards(rows, cfg.job.shard_size)), cfg, rates)
+    by_generator = rates_by_generator(args.from_run or [])
+    rates = by_generator.get(cfg.engine.generator) or rates_from_floor(cfg)
+    shards = len(plan_shards(rows, cfg.job.shard_size))
+    result = make_plan(rows, shards, cfg, rates)
+    if by_generator:
+        result["generators"] = compare_generators(rows, shards, cfg, by_generator)
     fs, out = storage.filesystem_for(args.output)
     try:
         fs.create_dir(out, recursive=True)

@@ -65,6 +65,14 @@ class ModelsConfig:
     device: str = _f("auto", choices=["auto", "cpu", "cuda"])
 
 
+GENERATORS = ("inversion", "sd_sampling")
+# engine.generator sd_sampling: diffusers scheduler classes by config name.
+SAMPLING_SCHEDULERS = {
+    "ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler", "dpmsolver": "DPMSolverMultistepScheduler",
+}
+
+
 @dataclass
 class EngineConfig:
     batch_size: int = _f(4, 1)  # (prompt, sample) pairs optimised together
@@ -75,6 +83,9 @@ class EngineConfig:
     channels_last: bool = True  # channels-last VAE on CUDA
     max_restarts: int = _f(2, 0)  # restarts of a sample whose latents go non-finite
     oom_fallback: bool = True  # on CUDA out-of-memory in the referee pass: halve view_chunk, redo the iteration
+    # What makes the images: inversion (Algorithm 1, pipeline/engine/invert.py) or plain SD 1.5 sampling
+    # with the same loaded components (pipeline/engine/sample_sd.py, settings in the sampling section).
+    generator: str = _f("inversion", choices=list(GENERATORS))
 
 
 @dataclass
@@ -149,6 +160,20 @@ class OptimConfig:
     tail_noise_std: float = _f(0.01, 0.0)
     ema_decay: float = _f(0.95, 0.0, 1.0)
     ema_restarts: list[int] = _f([40, 100], 0)
+
+
+@dataclass
+class SamplingConfig:
+    """engine.generator sd_sampling: diffusers' StableDiffusionPipeline on the loaded SD 1.5 parts.
+
+    Defaults are T2I-CompBench's own sampling for its metric images (GORS_finetune/inference_eval.py:
+    DDIMScheduler from the model's scheduler config, num_inference_steps=30, guidance_scale not passed,
+    i.e. diffusers' default 7.5; the benchmark repository gives no separate SD 1.5 script).
+    """
+
+    scheduler: str = _f("ddim", choices=list(SAMPLING_SCHEDULERS))
+    steps: int = _f(30, 1, 1000)
+    guidance_scale: float = _f(7.5, 0.0)
 
 
 @dataclass
@@ -272,6 +297,7 @@ class Config:
     referee: RefereeConfig = field(default_factory=RefereeConfig)
     sds: SdsConfig = field(default_factory=SdsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     vqa: VqaConfig = field(default_factory=VqaConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
@@ -297,6 +323,7 @@ class Config:
         del data["cost"]
         data["engine"] = {k: v for k, v in data["engine"].items() if k not in _RUN_ONLY_ENGINE_KEYS}
         data["models"] = {k: v for k, v in data["models"].items() if k not in _RUN_ONLY_MODEL_KEYS}
+        _generator_hash_keys(data, self.engine.generator)
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -310,6 +337,19 @@ _RUN_ONLY_JOB_KEYS = {
 _TARGET_JOB_KEYS = {"target_accepted", "max_samples_per_prompt"}
 _RUN_ONLY_ENGINE_KEYS = {"trace", "compile", "view_chunk", "oom_fallback"}
 _RUN_ONLY_MODEL_KEYS = {"tiny_cache_dir", "device"}
+
+
+def _generator_hash_keys(data: dict[str, Any], generator: str) -> None:
+    """Inversion: the hash of a run made before engine.generator existed. Sampling: the inversion-only
+    sections change no image, so they leave the hash alone."""
+    sections = _INVERSION_ONLY_SECTIONS if generator == "sd_sampling" else ("sampling",)
+    for name in sections:
+        data.pop(name, None)
+    if generator == "inversion":
+        data["engine"].pop("generator", None)
+
+
+_INVERSION_ONLY_SECTIONS = ("augment", "referee", "sds", "optim")
 
 
 def _type_name(tp: Any) -> str:

@@ -26,6 +26,7 @@ from pipeline.budget.accounting import shard_accounting
 from pipeline.budget.refill import AttemptQueue
 from pipeline.config import Config
 from pipeline.engine.invert import InversionEngine, SampleRequest, sample_seed
+from pipeline.engine.sample_sd import SamplingEngine
 from pipeline.io.shards import PublishRetry, ShardSpec, ShardWriter, encode_image
 from pipeline.models.loading import GeneratorModels, VqaModels
 from pipeline.scoring.filter import decide
@@ -56,10 +57,17 @@ def seed_for(row: PromptRow, sample_index: int, run_seed: int) -> int:
     return sample_seed(run_seed, row.prompt_id, sample_index)
 
 
+def make_engine(gen: GeneratorModels, cfg: Config) -> InversionEngine | SamplingEngine:
+    """The image generator the config names (engine.generator); both have ``run(requests) -> results``."""
+    if cfg.engine.generator == "sd_sampling":
+        return SamplingEngine(gen, cfg)
+    return InversionEngine(gen, cfg)
+
+
 class ShardProcessor:
     def __init__(self, cfg: Config, gen: GeneratorModels, vqa: VqaModels | None, model_ids: dict[str, str]) -> None:
         self.cfg = cfg
-        self.engine = InversionEngine(gen, cfg)
+        self.engine = make_engine(gen, cfg)
         self.scorers = ScorerSet(cfg, vqa)  # None: BLIP-VQA loads when a category first needs it
         self.model_ids = model_ids
         self.config_hash = cfg.hash()
@@ -80,7 +88,8 @@ class ShardProcessor:
             prompt_id=p.row.prompt_id, prompt=p.row.prompt, category=p.row.category,
             sample_index=p.request.sample_index, seed=p.request.seed, status=status,
             benchmark_index=p.row.benchmark_index, template=p.row.template,
-            config_hash=self.config_hash, model_ids=self.model_ids, extra=p.row.extra, **fields,
+            config_hash=self.config_hash, model_ids=self.model_ids, extra=p.row.extra,
+            generator=self.cfg.engine.generator, **fields,
         )
 
     def _invalid_records(self, spec: ShardSpec) -> list[SampleRecord]:

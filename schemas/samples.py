@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SAMPLE_SCHEMA_VERSION = 4  # 2: benchmark_index, template; 3: score_seconds; 4: scorer, score_parts
+SAMPLE_SCHEMA_VERSION = 4  # 2: benchmark_index, template; 3: score_seconds; 4: scorer, score_parts, generator
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
@@ -54,6 +54,7 @@ class SampleRecord:
     scorer: str | None = None  # which scorer judged it (scoring.by_category): blip_vqa, clipscore, ...
     score_parts: dict[str, float] = field(default_factory=dict)  # per scorer; 3-in-1's three parts
     extra: dict[str, Any] = field(default_factory=dict)
+    generator: str = "inversion"  # engine.generator that made the image: inversion | sd_sampling
     version: int = SAMPLE_SCHEMA_VERSION
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -88,6 +89,7 @@ SIDECAR_SCHEMA = pa.schema([
     ("scorer", pa.string()),
     ("score_parts", pa.map_(pa.string(), pa.float64())),
     ("extra", pa.string()),  # JSON of the input's extra columns
+    ("generator", pa.string()),
     ("version", pa.int32()),
 ], metadata={"referee_synth_sample_schema": str(SAMPLE_SCHEMA_VERSION)})
 

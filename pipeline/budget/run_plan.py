@@ -8,6 +8,9 @@ With a target K and at most M attempts, a prompt's attempts stop at the K-th acc
     E[attempts] = sum_{n<M} P(Bin(n, p) < K),  E[accepted] = E[min(K, Bin(M, p))],
     P(short) = P(Bin(M, p) < K).
 Without a target every valid prompt makes its ``num_samples`` and p of them are accepted.
+Several ``--from-run`` folders are grouped by the generator each recorded (run.json's
+``engine.generator``): the plan takes its rates from the runs of the config's generator (else the floor)
+and lists every generator's GPU-hours for the same prompts and target side by side.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from pipeline.engine.flop_floor import floor_per_image
 from pipeline.errors import UserError
 from pipeline.io import storage
 from schemas.prompts import STATUS_OK, PromptRow
+
+DEFAULT_GENERATOR = "inversion"  # engine.generator's default: runs made before the choice existed
 
 
 def _binom_cdf_below(k: int, n: int, p: float) -> float:
@@ -42,24 +47,95 @@ def short_probability(p: float, k: int, m: int) -> float:
     return _binom_cdf_below(k, m, p)
 
 
-def rates_from_run(run: str) -> dict[str, Any]:
-    """Per-category acceptance rate and seconds per sample of an earlier run (its summary.json)."""
+def _run_categories(run: str, flag: str = "--from-run") -> tuple[str, dict[str, dict[str, Any]]]:
+    """An earlier run's generator (run.json's engine.generator; a run made before the choice existed, or a
+    folder with no run.json, is inversion) and its summary's per-category samples, accepted and seconds."""
     fs, out = storage.filesystem_for(run)
     path = storage.join(out, "summary.json")
     if not storage.exists(fs, path):
-        raise UserError(f"--from-run {run}: no summary.json (not a finished run folder)")
+        raise UserError(f"{flag} {run}: no summary.json (not a finished run folder)")
     try:
         summary = json.loads(storage.read_bytes(fs, path))
     except ValueError:
-        raise UserError(f"--from-run {run}: summary.json is not valid JSON") from None
+        raise UserError(f"{flag} {run}: summary.json is not valid JSON") from None
     cats = {k: v for k, v in (summary.get("categories") or {}).items() if v.get("samples")}
     if not cats:
-        raise UserError(f"--from-run {run}: summary.json has no per-category samples and device seconds "
+        raise UserError(f"{flag} {run}: summary.json has no per-category samples and device seconds "
                         "(a run made before cost accounting, or one with no samples)")
+    return _generator_of(fs, out), cats
+
+
+def _generator_of(fs: Any, out: str) -> str:
+    path = storage.join(out, "run.json")
+    if not storage.exists(fs, path):
+        return DEFAULT_GENERATOR
+    try:
+        config = json.loads(storage.read_bytes(fs, path)).get("config") or {}
+    except ValueError:
+        return DEFAULT_GENERATOR
+    return (config.get("engine") or {}).get("generator") or DEFAULT_GENERATOR
+
+
+def _pooled(runs: list[str], cats_of_runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Rates from the category counts of one or more runs, added up."""
+    cats: dict[str, dict[str, float]] = defaultdict(lambda: {"samples": 0, "accepted": 0, "seconds": 0.0})
+    for run_cats in cats_of_runs:
+        for name, v in run_cats.items():
+            for key in cats[name]:
+                cats[name][key] += v[key]
     per = {k: (v["accepted"] / v["samples"], v["seconds"] / v["samples"]) for k, v in cats.items()}
     samples = sum(v["samples"] for v in cats.values())
     overall = (sum(v["accepted"] for v in cats.values()) / samples, sum(v["seconds"] for v in cats.values()) / samples)
-    return {"source": {"kind": "run", "run": run}, "per_category": per, "overall": overall}
+    return {"source": {"kind": "run", "run": ", ".join(runs), "runs": list(runs)}, "per_category": per,
+            "overall": overall}
+
+
+def rates_from_run(run: str) -> dict[str, Any]:
+    """Per-category acceptance rate and seconds per sample of an earlier run (its summary.json)."""
+    return _pooled([run], [_run_categories(run)[1]])
+
+
+def rates_by_generator(runs: list[str], flag: str = "--from-run") -> dict[str, dict[str, Any]]:
+    """Rates per generator from earlier runs; several runs of one generator are pooled."""
+    grouped: dict[str, list[tuple[str, dict[str, dict[str, Any]]]]] = defaultdict(list)
+    for run in runs:
+        generator, cats = _run_categories(run, flag)
+        grouped[generator].append((run, cats))
+    return {g: _pooled([r for r, _ in items], [c for _, c in items]) for g, items in sorted(grouped.items())}
+
+
+def project_generators(by_generator: dict[str, dict[str, Any]], prompts: dict[str, int], target: int,
+                       max_samples: int) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per generator and category: the GPU-hours to bring ``prompts[category]`` prompts to ``target``
+    accepted images (at most ``max_samples`` attempts each) at that generator's earlier rates; without a
+    target, the seconds per accepted image (1 / p attempts of s seconds)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for generator, rates in by_generator.items():
+        cats = {}
+        for name, n in sorted(prompts.items()):
+            p, secs = rates["per_category"].get(name, rates["overall"])
+            hours = n * expected_attempts(p, target, max_samples) * secs / 3600 if target else None
+            cats[name] = {"prompts": n, "acceptance_rate": round(p, 4), "seconds_per_sample": round(secs, 4),
+                          "seconds_per_accepted": round(secs / p, 4) if p > 0 else None,
+                          "gpu_hours": round(hours, 4) if hours is not None else None}
+        out[generator] = cats
+    return out
+
+
+def compare_generators(rows: list[PromptRow], num_shards: int, cfg: Config,
+                       by_generator: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The same prompts and target planned with each generator's earlier rates: GPU-hours side by side."""
+    out = {}
+    for generator, rates in by_generator.items():
+        plan = make_plan(rows, num_shards, cfg, rates)
+        out[generator] = {
+            "runs": rates["source"]["runs"],
+            **{k: plan[k] for k in ("expected_samples", "expected_accepted", "expected_short_prompts", "gpu_hours",
+                                    "cost")},
+            "categories": {name: {k: c[k] for k in ("acceptance_rate", "seconds_per_sample", "expected_samples",
+                                                    "gpu_hours")} for name, c in plan["categories"].items()},
+        }
+    return out
 
 
 def rates_from_floor(cfg: Config) -> dict[str, Any]:
@@ -135,4 +211,23 @@ def format_plan(plan: dict[str, Any]) -> str:
     if plan["cost"] is not None:
         total += f", cost {plan['cost']:.2f} at {plan['gpu_hour_price']:g} per GPU-hour"
     lines.append(total)
+    lines += _generator_lines(plan.get("generators") or {})
     return "\n".join(lines)
+
+
+def _generator_lines(generators: dict[str, Any]) -> list[str]:
+    """The same plan with each earlier run's generator: GPU-hours for the same prompts and target."""
+    if not generators:
+        return []
+    names = list(generators)
+    lines = ["generators, same prompts and target, from their earlier runs (GPU-hours):",
+             f"{'category':<16}" + "".join(f"{n[:13]:>14}" for n in names)]
+    cats = sorted({c for g in generators.values() for c in g["categories"]})
+    for cat in cats:
+        cells = [generators[n]["categories"].get(cat, {}).get("gpu_hours") for n in names]
+        lines.append(f"{cat[:15]:<16}" + "".join(f"{'n/a' if v is None else format(v, '.3f'):>14}" for v in cells))
+    lines.append(f"{'total':<16}" + "".join(f"{generators[n]['gpu_hours']:>14.3f}" for n in names))
+    if len(names) > 1:
+        best = min(names, key=lambda n: generators[n]["gpu_hours"])
+        lines.append(f"cheapest for this target: {best}")
+    return lines

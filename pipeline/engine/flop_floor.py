@@ -5,7 +5,8 @@ the real sizes, 512 px (64x64 latents) and a 480 px VQA image, are recorded here
 can plan a run (``jobs/synthesize.py --plan``) without importing torch. ``tests/benchmarks/
 test_flops.py`` checks these numbers against the counter. The multiplicities per image follow the
 config (DESIGN.md section 6), so iterations, views and top-k change the total; the model sizes do not
-(a tiny or small model set is planned as if it were the real one).
+(a tiny or small model set is planned as if it were the real one). ``engine.generator: sd_sampling``
+counts plain sampling instead: ``sampling.steps`` UNet passes, one decode, the text encoder, scoring.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ REAL_FLOPS_PER_CALL: dict[str, int] = {
     "vae_decoder_fwd_bwd": 5063397605376,
     "vae_decoder_fwd": 2514518933504,
     "unet_cfg_fwd": 1606546882560,
+    "unet_fwd": 803273441280,
     "clip_text_fwd": 13298503680,
     "vqa_vision_fwd": 184040165376,
     "vqa_question_fwd": 27314780160,
@@ -44,6 +46,31 @@ class Assumptions:
 
 
 def calls_per_image(cfg: Config, a: Assumptions) -> dict[str, int]:
+    """Calls of every counted pass for one image, for the config's generator (0 for passes it never makes)."""
+    calls = dict.fromkeys(REAL_FLOPS_PER_CALL, 0)
+    if cfg.engine.generator == "sd_sampling":
+        calls.update(_sampling_calls(cfg))
+    else:
+        calls.update(_inversion_calls(cfg))
+    calls.update(vqa_vision_fwd=1, vqa_question_fwd=a.questions)
+    return calls
+
+
+def _sampling_calls(cfg: Config) -> dict[str, int]:
+    """diffusers' StableDiffusionPipeline: per step one UNet pass on uncond + cond (batch 2), or on cond
+    alone when guidance_scale <= 1 (no classifier-free guidance); the text encoder on the prompt and on
+    the empty negative prompt; one VAE decode."""
+    guided = cfg.sampling.guidance_scale > 1.0
+    steps = cfg.sampling.steps
+    return {
+        "unet_cfg_fwd": steps if guided else 0,
+        "unet_fwd": 0 if guided else steps,
+        "clip_text_fwd": 2 if guided else 1,
+        "vae_decoder_fwd": 1,
+    }
+
+
+def _inversion_calls(cfg: Config) -> dict[str, int]:
     it, tail = cfg.optim.iterations, cfg.optim.tail_iterations
     n, k = cfg.augment.num_views, cfg.augment.top_k
     select = 0 < k < n
@@ -60,8 +87,6 @@ def calls_per_image(cfg: Config, a: Assumptions) -> dict[str, int]:
         "vae_decoder_fwd": 1,
         "unet_cfg_fwd": it + tail,
         "clip_text_fwd": 1,  # the condition, once per prompt; the unconditional "" once per engine
-        "vqa_vision_fwd": 1,
-        "vqa_question_fwd": a.questions,
     }
 
 

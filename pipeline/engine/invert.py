@@ -66,7 +66,7 @@ class SampleRequest:
 class SampleResult:
     request: SampleRequest
     image: torch.Tensor | None  # 3xHxW float32 in [0, 1] on CPU; None when the sample failed
-    itm_score: float  # referee's match probability for the final, un-augmented image
+    itm_score: float | None  # referee's match probability for the final, un-augmented image (None: not judged)
     final_losses: dict[str, float]  # {"itm", "caption", "total"} of that image
     iterations: int
     seed: int  # seed actually used (changes after a restart)

@@ -68,3 +68,39 @@ def test_plan_floor_constants_are_the_counters(paper_flops) -> None:
     assert REAL_FLOPS_PER_CALL == {k: c["flops_per_call"] for k, c in paper_flops["components"].items()}
     floor = floor_per_image(load_config(preset_path("paper")), 989.0, 1.0)
     assert floor["flops_per_image"] == paper_flops["total_flops"]
+
+
+@pytest.fixture(scope="module")
+def sd15_flops() -> dict:
+    proc = subprocess.run([sys.executable, "benchmarks/flops.py", "--config", "configs/sd15.yaml", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def test_sampling_path_counts_steps_one_decode_and_the_text_encoder(sd15_flops, paper_flops) -> None:
+    comps = sd15_flops["components"]
+    calls = {name: c["calls_per_image"] for name, c in comps.items() if c["calls_per_image"]}
+    # 30 guided DDIM steps (T2I-CompBench's sampling), prompt + empty negative prompt, one decode, scoring.
+    assert calls == {"unet_cfg_fwd": 30, "clip_text_fwd": 2, "vae_decoder_fwd": 1, "vqa_vision_fwd": 1,
+                     "vqa_question_fwd": 2}
+    assert sd15_flops["total_flops"] == sum(c["flops_per_image"] for c in comps.values())
+    assert sd15_flops["groups"]["unet"]["share"] > 0.9
+    # The UNet's FLOPs are linear in the batch: the guided pass is two unguided ones.
+    assert comps["unet_cfg_fwd"]["flops_per_call"] == 2 * comps["unet_fwd"]["flops_per_call"]
+    # The estimate: ~1.6 TFLOP per guided step plus a decode, against ~6 PFLOP per inverted image.
+    assert 1.5e12 < comps["unet_cfg_fwd"]["flops_per_call"] < 1.7e12
+    assert 0.04e15 < sd15_flops["total_flops"] < 0.06e15 and 5.5e15 < paper_flops["total_flops"] < 6.5e15
+
+
+def test_plan_floor_counts_the_sampling_path_as_the_counter_does(sd15_flops) -> None:
+    from pipeline.config import load_config, preset_path
+    from pipeline.engine.flop_floor import Assumptions, calls_per_image, floor_per_image
+
+    floor = floor_per_image(load_config(preset_path("sd15")), 989.0, 1.0)
+    assert floor["flops_per_image"] == sd15_flops["total_flops"]
+    assert floor["floor_seconds_per_image"] == pytest.approx(sd15_flops["floor_seconds_per_image"])
+    unguided = calls_per_image(load_config(preset_path("sd15"), ["sampling.guidance_scale=1.0"]), Assumptions())
+    assert (unguided["unet_fwd"], unguided["unet_cfg_fwd"], unguided["clip_text_fwd"]) == (30, 0, 1)
+    fifty = calls_per_image(load_config(preset_path("sd15"), ["sampling.steps=50"]), Assumptions())
+    assert fifty["unet_cfg_fwd"] == 50

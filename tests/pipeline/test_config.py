@@ -50,7 +50,7 @@ def test_paper_preset_is_exactly_the_defaults() -> None:
     assert load_config(preset_path("paper")) == Config()
 
 
-@pytest.mark.parametrize("name", ["paper", "vlminv", "tiny", "gors"])
+@pytest.mark.parametrize("name", ["paper", "vlminv", "tiny", "gors", "sd15", "small"])
 def test_presets_load(name: str) -> None:
     cfg = load_config(preset_path(name))
     assert isinstance(cfg, Config)

@@ -1,0 +1,108 @@
+"""engine.generator through one shard (tiny models): records say which generator made them, the inversion
+path's stored images are the ones it made before the choice existed, and the config hash rules."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import platform
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs.prompts import prompt_table
+from pipeline.config import ConfigError, load_config, preset_path
+from pipeline.io.compbench_data import COMPBENCH_DIR
+from pipeline.io.shards import ShardSpec, shard_paths
+from pipeline.io.storage import filesystem_for
+from pipeline.process_shard import ShardProcessor
+from schemas.prompts import validate_rows
+
+# sha256 over (member name + PNG bytes) of every image (accepted and rejected tars) of _run below with the
+# tiny preset, computed at main 43fcec6 (before engine.generator existed) in the environment named here:
+# the tiny weights are built from a fixed seed, and images are bit-identical on the same torch build and
+# thread count (docs/ARCHITECTURE.md, "Determinism"). Elsewhere the test compares nothing and says so.
+INVERSION_DIGEST_AT_43FCEC6 = "5e07a36a75b89958a5ef9649c4d14fec086ef064da4efa3f6e1288980600dfca"
+DIGEST_ENVIRONMENT = {"torch": "2.13.0+cpu", "threads": 2, "machine": "x86_64"}
+
+
+def _environment() -> dict:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
+
+
+def _run(cfg, generator_models, vqa_models, out: Path) -> tuple[list[dict], str]:
+    """Three color_val prompts x 2 samples in one shard; the sidecar rows and the images' digest."""
+    cfg = copy.deepcopy(cfg)
+    cfg.job.samples_per_prompt = 2
+    rows = validate_rows([prompt_table([COMPBENCH_DIR / "color_val.txt"]).slice(0, 3)], 2, 1000, 128)
+    fs, root = filesystem_for(str(out))
+    fs.create_dir(f"{root}/shards", recursive=True)
+    ShardProcessor(cfg, generator_models, vqa_models, {"vqa": "tiny"}).process(ShardSpec(0, rows), fs, root)
+    digest = hashlib.sha256()
+    for tar in sorted(out.rglob("*.tar")):
+        with tarfile.open(tar) as t:
+            for m in sorted(t.getmembers(), key=lambda m: m.name):
+                if m.name.endswith(".png"):
+                    digest.update(m.name.encode() + t.extractfile(m).read())
+    return pq.read_table(shard_paths(root, 0)["parquet"]).to_pylist(), digest.hexdigest()
+
+
+def test_inversion_images_are_byte_identical_to_before(tiny_cfg, generator_models, vqa_models, tmp_path) -> None:
+    side, digest = _run(tiny_cfg, generator_models, vqa_models, tmp_path)
+    assert {r["generator"] for r in side} == {"inversion"} and len(side) == 6
+    assert all(r["itm_score"] is not None for r in side)
+    if _environment() != DIGEST_ENVIRONMENT:
+        pytest.skip(f"digest recorded for {DIGEST_ENVIRONMENT}, this is {_environment()}")
+    assert digest == INVERSION_DIGEST_AT_43FCEC6
+
+
+def test_sd_sampling_records_say_so(tiny_cfg, generator_models, vqa_models, tmp_path) -> None:
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.engine.generator, cfg.sampling.steps = "sd_sampling", 3
+    side, digest = _run(cfg, generator_models, vqa_models, tmp_path)
+    assert len(side) == 6 and {r["generator"] for r in side} == {"sd_sampling"}
+    assert all(r["status"] in ("accepted", "rejected") for r in side)
+    assert all(r["iterations"] == 3 and r["itm_score"] is None and r["seconds"] > r["score_seconds"] for r in side)
+    cfg.job.samples_per_prompt = 2  # as _run sets it
+    inversion = copy.deepcopy(cfg)
+    inversion.engine.generator = "inversion"
+    assert {r["config_hash"] for r in side} == {cfg.hash()} != {inversion.hash()}
+    _, again = _run(cfg, generator_models, vqa_models, tmp_path / "again")
+    assert again == digest  # same seeds, same stored bytes
+
+
+def test_generator_choice_and_the_config_hash() -> None:
+    paper = load_config(preset_path("paper"))
+    assert paper.engine.generator == "inversion" and paper.sampling.steps == 30
+    assert paper.sampling.guidance_scale == 7.5 and paper.sampling.scheduler == "ddim"
+    # Inversion: the sampling section is not part of the hash (runs made before it keep theirs).
+    assert load_config(preset_path("paper"), ["sampling.steps=50"]).hash() == paper.hash()
+    sd15 = load_config(preset_path("sd15"))
+    assert sd15.engine.generator == "sd_sampling" and sd15.hash() != paper.hash()
+    assert load_config(preset_path("sd15"), ["sampling.steps=50"]).hash() != sd15.hash()
+    # Sampling: the inversion-only sections change no image.
+    assert load_config(preset_path("sd15"), ["optim.iterations=3", "augment.num_views=2"]).hash() == sd15.hash()
+    with pytest.raises(ConfigError, match="engine.generator must be one of inversion, sd_sampling"):
+        load_config(None, ["engine.generator=gan"])
+    with pytest.raises(ConfigError, match="sampling.scheduler must be one of"):
+        load_config(None, ["sampling.scheduler=magic"])
+
+
+def test_sd_sampling_refills_until_the_target(tiny_cfg, generator_models, vqa_models, tmp_path) -> None:
+    """Accept-until-target is the generator's business only through the batches it is given."""
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.engine.generator, cfg.sampling.steps = "sd_sampling", 2
+    cfg.job.target_accepted, cfg.job.max_samples_per_prompt = 2, 4
+    cfg.filter.thresholds = {"color": 0.0, "shape": 1.0}
+    table = prompt_table([COMPBENCH_DIR / "color_val.txt", COMPBENCH_DIR / "shape_val.txt"], limit=1)
+    rows = validate_rows([table], 1, 1000, 128)
+    fs, root = filesystem_for(str(tmp_path))
+    fs.create_dir(f"{root}/shards", recursive=True)
+    stats = ShardProcessor(cfg, generator_models, vqa_models, {"vqa": "tiny"}).process(ShardSpec(0, rows), fs, root)
+    side = pq.read_table(shard_paths(root, 0)["parquet"]).to_pylist()
+    made = {c: [r["status"] for r in side if r["category"] == c] for c in ("color", "shape")}
+    assert made == {"color": ["accepted"] * 2, "shape": ["rejected"] * 4}
+    assert stats.categories["shape"]["samples"] == 4 and stats.short[0]["short_by"] == 2
