@@ -497,9 +497,24 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file (if any), then ``section.key=value`` overrides."""
-    data: dict[str, Any] = read_yaml(path) if path else {}
+def layer_presets(paths: typing.Sequence[str | Path]) -> dict[str, Any]:
+    """Several presets, later ones winning key by key within a section (a list is replaced whole)."""
+    data: dict[str, Any] = {}
+    for path in paths:
+        for name, values in read_yaml(path).items():
+            if isinstance(values, dict) and isinstance(data.get(name), dict):
+                data[name] = {**data[name], **values}
+            else:
+                data[name] = values
+    return data
+
+
+def load_config(path: str | Path | typing.Sequence[str | Path] | None = None,
+                overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file(s) (if any; e.g. tiny.yaml then zoo.yaml), then ``section.key=value``
+    overrides."""
+    paths = [] if not path else [path] if isinstance(path, (str, Path)) else list(path)
+    data: dict[str, Any] = layer_presets(paths)
     for text in overrides:
         keys, value = parse_override(text)
         node = data

@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SAMPLE_SCHEMA_VERSION = 3  # 2: benchmark_index, template; 3: score_seconds
+SAMPLE_SCHEMA_VERSION = 4  # 2: benchmark_index, template; 3: score_seconds; 4: referee_scores, referee_skipped
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
@@ -51,6 +51,10 @@ class SampleRecord:
     model_ids: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0  # device seconds: share of its optimisation batches + its own scoring
     score_seconds: float = 0.0  # of which encoding and scoring the stored image
+    # With zoo.referees (empty otherwise): per referee that judged the sample, its kind, final match score,
+    # final loss and weight; per referee that gave it weight 0, why (category, unparsable prompt).
+    referee_scores: dict[str, dict[str, Any]] = field(default_factory=dict)
+    referee_skipped: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = SAMPLE_SCHEMA_VERSION
 
@@ -59,6 +63,8 @@ class SampleRecord:
 
 
 _STR_MAP = pa.map_(pa.string(), pa.string())
+_REFEREE_SCORE = pa.struct([("kind", pa.string()), ("score", pa.float64()), ("loss", pa.float64()),
+                            ("weight", pa.float64())])
 SIDECAR_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("shard", pa.int32()),
@@ -83,6 +89,8 @@ SIDECAR_SCHEMA = pa.schema([
     ("model_ids", _STR_MAP),
     ("seconds", pa.float64()),
     ("score_seconds", pa.float64()),
+    ("referee_scores", pa.map_(pa.string(), _REFEREE_SCORE)),
+    ("referee_skipped", _STR_MAP),
     ("extra", pa.string()),  # JSON of the input's extra columns
     ("version", pa.int32()),
 ], metadata={"referee_synth_sample_schema": str(SAMPLE_SCHEMA_VERSION)})
@@ -96,6 +104,8 @@ def sidecar_table(records: list[SampleRecord]) -> pa.Table:
         d = rec.to_json_dict()
         d["final_losses"] = list(d["final_losses"].items())
         d["model_ids"] = list(d["model_ids"].items())
+        d["referee_scores"] = list(d["referee_scores"].items())
+        d["referee_skipped"] = list(d["referee_skipped"].items())
         d["extra"] = json.dumps(d["extra"], ensure_ascii=False)
         for name in cols:
             cols[name].append(d[name])
