@@ -87,3 +87,16 @@ def test_the_report_shows_referees_per_category(zoo_run) -> None:
     assert rates[("spatial", "detector")]["judged"] == 2 and rates[("spatial", "detector")]["skipped"] == 1
     assert rates[("color", "detector")]["judged"] == 0 and rates[("color", "detector")]["mean_score"] is None
     assert rates[("color", "clip")]["judged"] == 1
+
+
+def test_the_run_still_loads_with_datasets(zoo_run, tmp_path, monkeypatch) -> None:
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    ds = datasets.load_dataset(str(zoo_run), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    rows = {r["key"]: r for r in _sidecar(zoo_run)}
+    assert len(ds) == len(PROMPTS)
+    for row in ds:
+        want = dict(rows[row["__key__"]]["referee_scores"])
+        got = {k: v for k, v in row["json"]["referee_scores"].items() if v is not None}
+        assert set(got) == set(want) and got["blip2"]["score"] == want["blip2"]["score"]
