@@ -80,6 +80,17 @@ def test_one_blip2_entry_is_the_papers_path_bit_for_bit(generator_models, tiny_c
         assert new.referee_skipped == {}
 
 
+@pytest.mark.parametrize("section, key, value", [("augment", "top_k", 2), ("engine", "view_chunk", 3)])
+def test_hardest_views_and_view_chunks_stay_bit_identical(generator_models, tiny_cfg, section, key, value,
+                                                          one_thread) -> None:
+    cfg = copy.deepcopy(tiny_cfg)
+    setattr(getattr(cfg, section), key, value)
+    cfg.optim.iterations, cfg.optim.tail_iterations = 3, 1
+    old = InversionEngine(generator_models, cfg).run(REQUESTS)
+    new = InversionEngine(generator_models, _zoo(cfg, {"kind": "blip2"})).run(REQUESTS)
+    assert _digest(new) == _digest(old)
+
+
 def test_the_trace_is_the_same_too(generator_models, tiny_cfg, one_thread) -> None:
     cfg = copy.deepcopy(tiny_cfg)
     cfg.engine.trace = True
@@ -141,7 +152,9 @@ def test_a_sample_no_referee_judges_gets_no_referee_gradient(generator_models, t
 def test_the_zoo_records_scores_and_skips_per_sample(generator_models, tiny_cfg) -> None:
     specs = ({"kind": "blip2"}, {"kind": "clip", "weight": 0.5}, {"kind": "detector", "categories": ["spatial"],
                                                                    "views": 2})
-    results = InversionEngine(generator_models, _zoo(tiny_cfg, *specs)).run(REQUESTS)
+    cfg = _zoo(tiny_cfg, *specs)
+    cfg.optim.iterations, cfg.optim.tail_iterations, cfg.optim.warmup = 3, 1, 1
+    results = InversionEngine(generator_models, cfg).run(REQUESTS)
     color, spatial = results
     assert color.error is None and spatial.error is None
     assert set(color.referee_scores) == {"blip2", "clip"} and set(color.referee_skipped) == {"detector"}
