@@ -6,7 +6,8 @@ Per view, the detector scores every box for the queries "a photo of a A" and "..
   w_k      = softmax over boxes k of logit_k / T        (a soft argmax: which box is the object)
   presence = sum_k w_k sigmoid(logit_k)                   (confidence of the chosen box, soft)
   centre   = sum_k w_k centre_k                           (soft box centre, image units, y down)
-loss = -log presence_A - log presence_B + relation term, with s = detector_sharpness:
+loss = -log presence_A - log presence_B + relation term (the logs computed in log space, so an absent
+object still pulls towards appearing), with s = detector_sharpness:
   left of / right of / on (the) top of / on the bottom of: d = the centres' difference along the relation's
   axis, signed so that d > 0 when it holds; term = softplus(s (margin - d)) / s
   near / next to / on side of: dist = |centre_A - centre_B|;
@@ -57,11 +58,15 @@ def pad_resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def soft_detections(logits: torch.Tensor, boxes: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per object query: (presence [n, Q], soft centre [n, Q, 2]) from box logits [n, P, Q] and boxes [n, P, 4]."""
-    weights = torch.softmax(logits.float() / temperature, dim=1)  # over boxes
-    presence = (weights * torch.sigmoid(logits.float())).sum(dim=1)
-    centres = torch.einsum("npq,npc->nqc", weights, boxes[..., :2].float())
-    return presence, centres
+    """Per object query: (log presence [n, Q], soft centre [n, Q, 2]) from box logits [n, P, Q], boxes [n, P, 4].
+
+    log presence = log sum_k w_k sigmoid(logit_k), in log space: an absent object (every sigmoid ~ 0) still
+    gets a gradient towards appearing, which a clamp before the log would cut off."""
+    logits = logits.float()
+    log_w = torch.log_softmax(logits / temperature, dim=1)  # over boxes
+    log_presence = torch.logsumexp(log_w + F.logsigmoid(logits), dim=1)
+    centres = torch.einsum("npq,npc->nqc", log_w.exp(), boxes[..., :2].float())
+    return log_presence, centres
 
 
 def relation_terms(centres: torch.Tensor, axis: torch.Tensor, sign: torch.Tensor,
@@ -138,7 +143,7 @@ class DetectorReferee(ZooReferee):
         return EncodedPrompts(rows, [None if sp is not None else UNPARSED for sp in parses])
 
     def detections(self, pixels: torch.Tensor, rows: TensorRows) -> tuple[torch.Tensor, torch.Tensor]:
-        """(presence [n, 2], soft centres [n, 2, 2]) of objects A and B in each view."""
+        """(log presence [n, 2], soft centres [n, 2, 2]) of objects A and B in each view."""
         feature_map, _ = self.model.image_embedder(pixel_values=pixels.to(self.model.dtype))
         n, h, w, d = feature_map.shape
         feats = feature_map.reshape(n, h * w, d)
@@ -147,10 +152,10 @@ class DetectorReferee(ZooReferee):
         return soft_detections(logits, boxes, self.zc.detector_box_temperature)
 
     def losses(self, pixels: torch.Tensor, rows: TensorRows) -> ViewLosses:
-        presence, centres = self.detections(pixels, rows)
+        log_presence, centres = self.detections(pixels, rows)
         rel_loss, rel_prob = relation_terms(centres, rows["axis"], rows["sign"], self.zc)
-        present = -torch.log(presence.clamp_min(_EPS))
-        total = present.sum(dim=1) + rel_loss
+        total = -log_presence.sum(dim=1) + rel_loss
+        presence = log_presence.exp()
         return ViewLosses(total, {"presence_a": presence[:, 0], "presence_b": presence[:, 1],
                                   "relation": rel_prob})
 

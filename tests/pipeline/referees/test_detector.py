@@ -30,10 +30,10 @@ def _detections(a: tuple[float, float], b: tuple[float, float], conf_a: float = 
 
 
 def _relation_loss(relation: str, a, b, **conf) -> tuple[float, float]:
-    presence, centres = soft_detections(*_detections(a, b, **conf), temperature=1.0)
+    log_presence, centres = soft_detections(*_detections(a, b, **conf), temperature=1.0)
     axis, sign = relation_code(relation)
     loss, prob = relation_terms(centres, torch.tensor([axis]), torch.tensor([sign]), ZC)
-    return float(loss + (-presence.log()).sum()), float(prob * presence.prod())
+    return float(loss - log_presence.sum()), float(prob * log_presence.exp().prod())
 
 
 @pytest.mark.parametrize("relation, holds, fails", [
@@ -61,10 +61,21 @@ def test_both_objects_must_be_present() -> None:
 
 def test_soft_centres_follow_the_confident_box() -> None:
     logits, boxes = _detections((0.1, 0.3), (0.9, 0.7), conf_a=8.0, conf_b=8.0)
-    presence, centres = soft_detections(logits, boxes, temperature=1.0)
+    log_presence, centres = soft_detections(logits, boxes, temperature=1.0)
     torch.testing.assert_close(centres[0, 0], torch.tensor([0.1, 0.3]), atol=1e-3, rtol=0)
     torch.testing.assert_close(centres[0, 1], torch.tensor([0.9, 0.7]), atol=1e-3, rtol=0)
-    assert float(presence.min()) > 0.99
+    assert float(log_presence.exp().min()) > 0.99
+
+
+def test_an_absent_object_still_gets_a_gradient_towards_appearing() -> None:
+    logits, boxes = _detections((0.2, 0.5), (0.8, 0.5))
+    logits = logits.clone()
+    logits[..., 1] = -40.0  # B nowhere: every box's sigmoid ~ 4e-18, far below any clamp
+    logits.requires_grad_(True)
+    log_presence, _ = soft_detections(logits, boxes, temperature=1.0)
+    (-log_presence.sum()).backward()
+    # raising B's logits lowers the loss at full strength: d(-log sigmoid(l))/dl = -(1 - sigmoid(l)) ~ -1
+    assert float(-logits.grad[0, :, 1].sum()) == pytest.approx(1.0, abs=1e-5)
     assert relation_code("near") == (NEAR_CODE, 1.0)
 
 
