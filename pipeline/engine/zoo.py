@@ -162,8 +162,7 @@ class RefereeZoo:
             outputs.append(views)
             grads.append(leaf.grad)
             owners.append(r)
-        total = sum(torch.nan_to_num(by_name[ref.name]) * text.weights[r] for r, ref in enumerate(self.referees))
-        losses = ZooLosses(by_name, total)
+        losses = ZooLosses(by_name, _weighted_total(by_name, text.weights))
         if not outputs:  # no referee judges any sample of the batch
             zero = torch.zeros_like(z, dtype=torch.float32)
             return zero, zero.clone(), losses
@@ -206,9 +205,16 @@ class RefereeZoo:
                 scores[b][ref.name] = {"kind": ref.kind, "score": float(match[j]), "loss": float(out.total[j]),
                                        "weight": float(text.weights[r, b])}
             parts[ref.name] = {k: _scatter(v, idx, bsz) for k, v in out.parts.items()}
-        weights = text.weights.cpu()
-        total = sum(torch.nan_to_num(by_name[ref.name]) * weights[r] for r, ref in enumerate(self.referees))
-        return scores, ZooLosses(by_name, total), parts
+        return scores, ZooLosses(by_name, _weighted_total(by_name, text.weights.cpu())), parts
+
+
+def _weighted_total(by_name: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """sum_r w_r L_r per sample over the referees that judge it: a non-finite loss of one of them stays
+    non-finite (the engine restarts that sample), a referee that does not judge it adds nothing."""
+    total = torch.zeros_like(weights[0])
+    for r, loss in enumerate(by_name.values()):
+        total = total + torch.where(weights[r] > 0, loss * weights[r], 0.0)
+    return total
 
 
 def _scatter(values: torch.Tensor, idx: torch.Tensor | None, size: int) -> torch.Tensor:

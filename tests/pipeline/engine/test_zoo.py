@@ -189,3 +189,22 @@ def test_view_chunks_and_the_oom_fallback_work_on_the_zoo(generator_models, tiny
     assert eng.view_chunk <= 3 and eng.oom_fallbacks
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a.image, b.image, rtol=0, atol=1e-5)
+
+
+def test_a_non_finite_sample_restarts_alone_in_a_zoo(generator_models, tiny_cfg, monkeypatch) -> None:
+    cfg = _zoo(tiny_cfg, {"kind": "blip2"}, {"kind": "clip"})
+    cfg.optim.iterations, cfg.optim.tail_iterations, cfg.optim.warmup = 3, 1, 1
+    monkeypatch.setenv("REFEREE_SYNTH_INJECT_NAN", "p1:1:1")  # p1's latents NaN at iteration 1, first attempt
+    color, spatial = InversionEngine(generator_models, cfg).run(REQUESTS)
+    assert color.error is None and color.restarts == []
+    assert spatial.error is None and len(spatial.restarts) == 1 and "iteration 1" in spatial.restarts[0]
+    assert set(spatial.referee_scores) == {"blip2", "clip"}
+
+
+def test_a_nan_loss_of_a_judging_referee_is_not_hidden() -> None:
+    from pipeline.engine.zoo import _weighted_total
+
+    weights = torch.tensor([[1.0, 1.0], [0.0, 2.0]])
+    losses = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([math.nan, math.nan])}
+    total = _weighted_total(losses, weights)
+    assert float(total[0]) == 1.0 and math.isnan(float(total[1]))  # b does not judge sample 0; it does judge 1
