@@ -39,6 +39,9 @@ class ZooText:
     encoded: list[EncodedPrompts]  # per referee
     weights: torch.Tensor  # [R, B] float32: the entry's weight, 0 where it does not judge the sample
     skipped: list[dict[str, str]]  # per sample: referee name -> why it gave weight 0
+    # per referee: the indices of the samples it judges, None = all of them (no gather: the paper's exact
+    # path); fixed for the optimisation, so found once (no device sync per iteration)
+    active: list[list[int] | None]
 
 
 @dataclass
@@ -94,7 +97,8 @@ class RefereeZoo:
                 row.append(0.0 if reason is not None else spec.weight)
             encoded.append(enc)
             weights.append(row)
-        return ZooText(encoded, torch.tensor(weights, dtype=torch.float32, device=device), skipped)
+        active = [None if all(w > 0 for w in row) else [b for b, w in enumerate(row) if w > 0] for row in weights]
+        return ZooText(encoded, torch.tensor(weights, dtype=torch.float32, device=device), skipped, active)
 
     # ---- one referee's views and losses -------------------------------------------------------
     def _losses(self, r: int, pixels: torch.Tensor, rows, guard: GuardFn) -> ViewLosses:
@@ -114,18 +118,11 @@ class RefereeZoo:
         idx = scores.topk(k, dim=1).indices
         return views[torch.arange(b, device=views.device)[:, None], idx]
 
-    def _views(self, r: int, images: torch.Tensor, idx: torch.Tensor | None, seeds: Sequence[int],
+    def _views(self, r: int, images: torch.Tensor, idx: list[int] | None, seeds: Sequence[int],
                iteration: int) -> torch.Tensor:
         sub = images if idx is None else images[idx]
-        sub_seeds = seeds if idx is None else [seeds[i] for i in idx.tolist()]
+        sub_seeds = seeds if idx is None else [seeds[i] for i in idx]
         return self.augmenters[r](sub, sub_seeds, iteration)
-
-    def _active(self, text: ZooText, r: int) -> torch.Tensor | None:
-        """Indices of the samples referee r judges; None = all of them (no gather: the paper's exact path)."""
-        on = text.weights[r] > 0
-        if bool(on.all()):
-            return None
-        return on.nonzero().flatten()
 
     # ---- the combined gradient ----------------------------------------------------------------
     def grad(self, z: torch.Tensor, images: torch.Tensor, text: ZooText, seeds: Sequence[int], iteration: int,
@@ -139,8 +136,8 @@ class RefereeZoo:
         for r, ref in enumerate(self.referees):
             loss = torch.full((bsz,), math.nan, device=z.device)
             by_name[ref.name] = loss
-            idx = self._active(text, r)
-            if idx is not None and idx.numel() == 0:
+            idx = text.active[r]
+            if idx is not None and not idx:
                 continue
             rows = text.encoded[r].rows if idx is None else text.encoded[r].rows.select(idx)
             views = self._hardest(r, self._views(r, images, idx, seeds, iteration), rows, chunk, autocast, guard)
@@ -192,14 +189,14 @@ class RefereeZoo:
         for r, ref in enumerate(self.referees):
             loss = torch.full((bsz,), math.nan)
             by_name[ref.name] = loss
-            idx = self._active(text, r)
-            if idx is not None and idx.numel() == 0:
+            idx = text.active[r]
+            if idx is not None and not idx:
                 continue
             rows = text.encoded[r].rows if idx is None else text.encoded[r].rows.select(idx)
             sub = images if idx is None else images[idx]
             out = ref.losses(self.augmenters[r].plain(sub), rows)
             match = ref.match(out).float().cpu()
-            where = range(bsz) if idx is None else idx.tolist()
+            where = range(bsz) if idx is None else idx
             for j, b in enumerate(where):
                 loss[b] = float(out.total[j])
                 scores[b][ref.name] = {"kind": ref.kind, "score": float(match[j]), "loss": float(out.total[j]),
@@ -217,10 +214,10 @@ def _weighted_total(by_name: dict[str, torch.Tensor], weights: torch.Tensor) -> 
     return total
 
 
-def _scatter(values: torch.Tensor, idx: torch.Tensor | None, size: int) -> torch.Tensor:
+def _scatter(values: torch.Tensor, idx: list[int] | None, size: int) -> torch.Tensor:
     out = torch.full((size,), math.nan)
     v = values.detach().float().cpu()
     if idx is None:
         return v
-    out[idx.cpu()] = v
+    out[idx] = v
     return out

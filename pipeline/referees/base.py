@@ -27,7 +27,7 @@ from pipeline.engine.augment import pool_to
 class Rows(Protocol):
     """Per-prompt text data, one row per image; rows are picked and repeated as views are laid out."""
 
-    def select(self, rows: torch.Tensor | slice) -> Rows: ...
+    def select(self, rows: torch.Tensor | slice | list[int]) -> Rows: ...
 
     def repeat_rows(self, times: int) -> Rows: ...
 
@@ -38,7 +38,7 @@ class TensorRows:
 
     tensors: dict[str, torch.Tensor]
 
-    def select(self, rows: torch.Tensor | slice) -> TensorRows:
+    def select(self, rows: torch.Tensor | slice | list[int]) -> TensorRows:
         return TensorRows({k: v[rows] for k, v in self.tensors.items()})
 
     def repeat_rows(self, times: int) -> TensorRows:

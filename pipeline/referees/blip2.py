@@ -35,7 +35,7 @@ class TextBatch:
     ids: torch.Tensor  # [n, T] long
     mask: torch.Tensor  # [n, T] bool, True on real tokens
 
-    def select(self, rows: torch.Tensor | slice) -> TextBatch:
+    def select(self, rows: torch.Tensor | slice | list[int]) -> TextBatch:
         return TextBatch(self.ids[rows], self.mask[rows])
 
     def repeat_rows(self, times: int) -> TextBatch:
