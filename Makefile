@@ -13,7 +13,7 @@ UV_VERSION := 0.13.9
 LOCK_FLAGS := pyproject.toml --extra test --constraint requirements-torch.txt --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" --quiet
 
-.PHONY: setup test lint demo clean chromium lock parity
+.PHONY: setup test lint demo demo-zoo clean chromium lock parity
 
 $(VENV)/.installed: pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ demo: setup
 	$(PY) jobs/prompts.py --output $(DEMO_OUT)/prompts.parquet data/t2i-compbench/color_val.txt --limit 8
 	$(PY) jobs/synthesize.py --prompts $(DEMO_OUT)/prompts.parquet --output $(DEMO_OUT)/run --config configs/tiny.yaml --num-actors 2
 	@echo "shards are in $(DEMO_OUT)/run/shards (WebDataset tars + Parquet sidecars); totals in $(DEMO_OUT)/run/summary.json"
+
+# The referee zoo (configs/zoo.yaml) on the tiny set: BLIP-2 + CLIP on every prompt, the detector on spatial ones.
+demo-zoo: setup
+	$(PY) jobs/prompts.py --output $(DEMO_OUT)/zoo-prompts.parquet data/t2i-compbench/spatial_train.txt data/t2i-compbench/color_val.txt --limit 4
+	$(PY) jobs/synthesize.py --prompts $(DEMO_OUT)/zoo-prompts.parquet --output $(DEMO_OUT)/zoo-run --config configs/tiny.yaml --config configs/zoo.yaml --num-actors 2
+	@echo "per-referee scores: referee_scores in $(DEMO_OUT)/zoo-run/shards/*.parquet; python jobs/report.py --run $(DEMO_OUT)/zoo-run"
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) $(PARITY_ENV)

@@ -6,7 +6,9 @@ Totals, acceptance rate and throughput; per category a histogram of VQA scores w
 threshold marked; a contact sheet of accepted and rejected samples with prompt and score; and
 per-question answer rates (which noun phrases fail most); acceptance and device seconds per accepted
 image per category, attempts per prompt and the prompts short of a target (``jobs/report_target.py``);
-with ``--compare-run`` (runs of the other generator), each generator's GPU-hours for this run's target.
+with ``--compare-run`` (runs of the other generator), each generator's GPU-hours for this run's target;
+with a referee zoo, each referee's mean final match score and loss per category, and how many samples it
+did not judge.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ def build_report(run: str, samples: int, compare_runs: list[str] | None = None) 
         cards = "".join(_card(r, thumbs.get(r["key"])) for r in shown if r["status"] == status)
         parts.append(f"<h2>{status.capitalize()} samples</h2><div class='sheet'>{cards or 'none'}</div>")
     parts.append(_question_table(question_rates(made)))
+    parts.append(_referee_table(referee_rates(made)))
     parts.append(target_section(records, summary, folder))
     parts.append(generators_section(run, compare_runs or [], summary))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>referee-synth report</title>"
@@ -156,6 +159,52 @@ def _question_table(rates: list[dict[str, Any]]) -> str:
     )
     head = "<tr><th>question</th><th>asked</th><th>mean p(yes)</th><th>answered no (&lt; 0.5)</th></tr>"
     return f"<h2>Questions that fail most</h2><table>{head}{body}</table>"
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    """A sidecar map column reads back as (key, value) pairs; a tar's JSON as a dict."""
+    return dict(value or {})
+
+
+def referee_rates(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (category, referee): samples judged, mean final match score and loss, samples it skipped."""
+    judged: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    skipped: dict[tuple[str, str], int] = defaultdict(int)
+    for r in records:
+        cat = r.get("category") or "(none)"
+        for name, entry in _as_dict(r.get("referee_scores")).items():
+            judged[(cat, name)].append(entry)
+        for name in _as_dict(r.get("referee_skipped")):
+            skipped[(cat, name)] += 1
+    rows = []
+    for cat, name in sorted(set(judged) | set(skipped)):
+        entries = judged.get((cat, name), [])
+        kind = entries[0]["kind"] if entries else ""
+        rows.append({"category": cat, "referee": name, "kind": kind, "judged": len(entries),
+                     "skipped": skipped.get((cat, name), 0), "mean_score": _mean(entries, "score"),
+                     "mean_loss": _mean(entries, "loss")})
+    return rows
+
+
+def _mean(entries: list[dict[str, Any]], key: str) -> float | None:
+    return sum(e[key] for e in entries) / len(entries) if entries else None
+
+
+def _referee_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    body = "".join(
+        f"<tr><td>{html.escape(r['category'])}</td><td>{html.escape(r['referee'])}</td>"
+        f"<td>{html.escape(r['kind'])}</td><td>{r['judged']}</td><td>{r['skipped']}</td>"
+        f"<td>{num(r['mean_score'])}</td><td>{num(r['mean_loss'])}</td></tr>" for r in rows
+    )
+    head = ("<tr><th>category</th><th>referee</th><th>kind</th><th>judged</th><th>skipped (weight 0)</th>"
+            "<th>mean final score</th><th>mean final loss</th></tr>")
+    return f"<h2>Referees per category</h2><table>{head}{body}</table>"
 
 
 def main(argv: list[str] | None = None) -> int:

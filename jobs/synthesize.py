@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="synthesize.py", description=__doc__.split("\n")[0])
     p.add_argument("--prompts", required=True, help="Parquet file or folder (local, s3://, gs://)")
     p.add_argument("--output", required=True, help="run folder (local, s3://, gs://)")
-    p.add_argument("--config", help="YAML preset, e.g. configs/paper.yaml or configs/tiny.yaml")
+    p.add_argument("--config", action="append", help="YAML preset, e.g. configs/paper.yaml or configs/tiny.yaml; "
+                   "repeat to layer presets (later ones win key by key), e.g. tiny.yaml then zoo.yaml")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     p.add_argument("--num-actors", type=int,
                    help="actors in the pool (required on a cluster; a local Ray defaults to one per GPU)")
@@ -395,8 +396,18 @@ def _model_ids(cfg: Config) -> dict[str, str]:
         from pipeline.models.tiny import SMALL_LAYOUT_VERSION, TINY_LAYOUT_VERSION
 
         layout = TINY_LAYOUT_VERSION if m.tiny else SMALL_LAYOUT_VERSION
-        return {k: f"{layout}-seed{m.tiny_seed}/{k}" for k in MODEL_KEYS}
-    return {k: f"{getattr(m, k)}@{m.revision}" for k in MODEL_KEYS}
+        ids = {k: f"{layout}-seed{m.tiny_seed}/{k}" for k in MODEL_KEYS}
+        return ids | {f"referee:{name}": f"{layout}-seed{m.tiny_seed}/{kind}" for name, kind, _ in _zoo_models(cfg)}
+    ids = {k: f"{getattr(m, k)}@{m.revision}" for k in MODEL_KEYS}
+    return ids | {f"referee:{name}": f"{model}@{m.revision}" for name, _, model in _zoo_models(cfg)}
+
+
+def _zoo_models(cfg: Config) -> list[tuple[str, str, str]]:
+    """(name, kind, model id) of each zoo referee with a model of its own (BLIP-2's is models.referee)."""
+    from pipeline.referees.registry import REFEREE_KINDS
+
+    return [(s.name or s.kind, s.kind, s.model or REFEREE_KINDS[s.kind].default_model)
+            for s in cfg.zoo.referees if s.kind != "blip2"]
 
 
 def _make_pool(cfg: Config, output: str, model_ids: dict[str, str], config_hash: str, local: bool):

@@ -132,6 +132,36 @@ class RefereeConfig:
 
 
 @dataclass
+class RefereeSpec:
+    """One referee of the zoo (pipeline/referees/registry.py names the kinds)."""
+
+    kind: str = ""
+    name: str = ""  # "" -> the kind; names must be unique (they key referee_scores)
+    model: str = ""  # hub id or folder; "" -> the kind's default (blip2: models.referee, already loaded)
+    weight: float = _f(1.0, 0.0)
+    categories: list[str] = _f([])  # prompt categories it judges; empty = all
+    views: int = _f(0, 0)  # augmented views per sample; 0 = augment.num_views
+
+
+@dataclass
+class ZooConfig:
+    """Several referees in one inversion. Empty ``referees``: the paper's single BLIP-2 referee, as before."""
+
+    referees: list[RefereeSpec] = _f([])
+    # per_referee: each active referee's gradient is balanced on its own to (its weight / the sample's active
+    # weights) x optim.ref_to_sds_ratio x ||g_sds||, then summed; total: one gradient of the weighted sum of the
+    # losses, balanced as the single referee's is (docs/ARCHITECTURE.md "Referee zoo").
+    balance: str = _f("per_referee", choices=["per_referee", "total"])
+    # The detection referee (pipeline/referees/detector.py); distances in units of the image side.
+    detector_query: str = "a photo of a {}"  # text query per object (OWL's prompt template)
+    detector_box_temperature: float = _f(1.0, 1e-6)  # softmax temperature over boxes' class logits
+    detector_margin: float = _f(0.05, 0.0, 1.0)  # centre difference a left/right/top/bottom relation asks for
+    detector_sharpness: float = _f(20.0, 1e-6)  # softplus hinge sharpness (1 / its width)
+    detector_near: float = _f(0.5, 0.0, 2.0)  # near / next to / on side of: centres at most this far apart
+    detector_min_separation: float = _f(0.1, 0.0, 2.0)  # ... and at least this far (two objects, not one box)
+
+
+@dataclass
 class SdsConfig:
     prefix: str = "A photo exactly contains "
     t_min: int = _f(50, 0, 999)
@@ -303,6 +333,7 @@ class Config:
     filter: FilterConfig = field(default_factory=FilterConfig)
     job: JobConfig = field(default_factory=JobConfig)
     cost: CostConfig = field(default_factory=CostConfig)
+    zoo: ZooConfig = field(default_factory=ZooConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -321,6 +352,8 @@ class Config:
         if not self.job.target_accepted:  # off: the hash of a run made before these keys existed
             data["job"] = {k: v for k, v in data["job"].items() if k not in _TARGET_JOB_KEYS}
         del data["cost"]
+        if not self.zoo.referees:  # the single BLIP-2 referee: the hash of a run made before the zoo existed
+            del data["zoo"]
         data["engine"] = {k: v for k, v in data["engine"].items() if k not in _RUN_ONLY_ENGINE_KEYS}
         data["models"] = {k: v for k, v in data["models"].items() if k not in _RUN_ONLY_MODEL_KEYS}
         _generator_hash_keys(data, self.engine.generator)
@@ -393,6 +426,11 @@ def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) 
     origin = typing.get_origin(tp)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
+        if dataclasses.is_dataclass(item_tp):  # a list of mappings, each a small section (zoo.referees)
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"config: {key} must be a list of mappings, got {value!r}")
+            return [v if isinstance(v, item_tp) else _build_section(f"{key}[{i}]", item_tp, v)
+                    for i, v in enumerate(value)]
         if meta.get("broadcast") and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value] * meta["length"]  # one number for every item (e.g. both translate axes)
         if not isinstance(value, (list, tuple)):
@@ -476,6 +514,26 @@ def _check_cross_fields(cfg: Config) -> None:
     lo, hi = cfg.augment.erasing_scale
     if lo > hi:
         raise ConfigError(f"config: augment.erasing_scale must be [low, high] with low <= high, got {[lo, hi]}")
+    _check_zoo(cfg.zoo)
+
+
+def _check_zoo(zoo: ZooConfig) -> None:
+    from pipeline.referees.registry import REFEREE_KINDS  # names only: no torch
+
+    names = set()
+    for i, spec in enumerate(zoo.referees):
+        if spec.kind not in REFEREE_KINDS:
+            kinds = ", ".join(REFEREE_KINDS)
+            raise ConfigError(f"config: zoo.referees[{i}].kind must be one of {kinds}, got {spec.kind!r}")
+        if spec.kind == "blip2" and spec.model:
+            raise ConfigError(
+                f"config: zoo.referees[{i}] (blip2) takes its model from models.referee; leave its model empty")
+        name = spec.name or spec.kind
+        if name in names:
+            raise ConfigError(f"config: zoo.referees[{i}] repeats the name {name!r} (give each a distinct name)")
+        names.add(name)
+    if zoo.referees and not any(spec.weight > 0 for spec in zoo.referees):
+        raise ConfigError("config: zoo.referees needs at least one referee with weight > 0")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -514,9 +572,24 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file (if any), then ``section.key=value`` overrides."""
-    data: dict[str, Any] = read_yaml(path) if path else {}
+def layer_presets(paths: typing.Sequence[str | Path]) -> dict[str, Any]:
+    """Several presets, later ones winning key by key within a section (a list is replaced whole)."""
+    data: dict[str, Any] = {}
+    for path in paths:
+        for name, values in read_yaml(path).items():
+            if isinstance(values, dict) and isinstance(data.get(name), dict):
+                data[name] = {**data[name], **values}
+            else:
+                data[name] = values
+    return data
+
+
+def load_config(path: str | Path | typing.Sequence[str | Path] | None = None,
+                overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file(s) (if any; e.g. tiny.yaml then zoo.yaml), then ``section.key=value``
+    overrides."""
+    paths = [] if not path else [path] if isinstance(path, (str, Path)) else list(path)
+    data: dict[str, Any] = layer_presets(paths)
     for text in overrides:
         keys, value = parse_override(text)
         node = data

@@ -80,7 +80,7 @@ class ShardProcessor:
     def _pending(self, spec: ShardSpec, row_in_shard: int, k: int) -> _Pending:
         row = spec.rows[row_in_shard]
         seed = seed_for(row, k, self.cfg.job.seed)
-        return _Pending(row_in_shard, row, SampleRequest(row.prompt or "", row.prompt_id, k, seed))
+        return _Pending(row_in_shard, row, SampleRequest(row.prompt or "", row.prompt_id, k, seed, row.category))
 
     def _record(self, spec: ShardSpec, p: _Pending, status: str, **fields) -> SampleRecord:
         return SampleRecord(
@@ -132,6 +132,7 @@ class ShardProcessor:
             common = dict(
                 itm_score=r.itm_score, final_losses=dict(r.final_losses), iterations=r.iterations,
                 seconds=round(r.seconds + score_s, 3), score_seconds=round(score_s, 3),
+                referee_scores=dict(r.referee_scores), referee_skipped=dict(r.referee_skipped),
             )
             p.request.seed = r.seed  # a restarted sample records the seed it finally used
             if s is None or isinstance(s, Exception):

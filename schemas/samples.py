@@ -7,7 +7,8 @@ from typing import Any
 
 import pyarrow as pa
 
-SAMPLE_SCHEMA_VERSION = 4  # 2: benchmark_index, template; 3: score_seconds; 4: scorer, score_parts, generator
+SAMPLE_SCHEMA_VERSION = 4  # 2: benchmark_index, template; 3: score_seconds; 4: scorer, score_parts,
+# generator, referee_scores, referee_skipped
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
@@ -53,6 +54,10 @@ class SampleRecord:
     score_seconds: float = 0.0  # of which encoding and scoring the stored image
     scorer: str | None = None  # which scorer judged it (scoring.by_category): blip_vqa, clipscore, ...
     score_parts: dict[str, float] = field(default_factory=dict)  # per scorer; 3-in-1's three parts
+    # With zoo.referees (empty otherwise): per referee that judged the sample, its kind, final match score,
+    # final loss and weight; per referee that gave it weight 0, why (category, unparsable prompt).
+    referee_scores: dict[str, dict[str, Any]] = field(default_factory=dict)
+    referee_skipped: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     generator: str = "inversion"  # engine.generator that made the image: inversion | sd_sampling
     version: int = SAMPLE_SCHEMA_VERSION
@@ -62,6 +67,8 @@ class SampleRecord:
 
 
 _STR_MAP = pa.map_(pa.string(), pa.string())
+_REFEREE_SCORE = pa.struct([("kind", pa.string()), ("score", pa.float64()), ("loss", pa.float64()),
+                            ("weight", pa.float64())])
 SIDECAR_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("shard", pa.int32()),
@@ -88,6 +95,8 @@ SIDECAR_SCHEMA = pa.schema([
     ("score_seconds", pa.float64()),
     ("scorer", pa.string()),
     ("score_parts", pa.map_(pa.string(), pa.float64())),
+    ("referee_scores", pa.map_(pa.string(), _REFEREE_SCORE)),
+    ("referee_skipped", _STR_MAP),
     ("extra", pa.string()),  # JSON of the input's extra columns
     ("generator", pa.string()),
     ("version", pa.int32()),
@@ -103,6 +112,8 @@ def sidecar_table(records: list[SampleRecord]) -> pa.Table:
         d["final_losses"] = list(d["final_losses"].items())
         d["score_parts"] = list(d["score_parts"].items())
         d["model_ids"] = list(d["model_ids"].items())
+        d["referee_scores"] = list(d["referee_scores"].items())
+        d["referee_skipped"] = list(d["referee_skipped"].items())
         d["extra"] = json.dumps(d["extra"], ensure_ascii=False)
         for name in cols:
             cols[name].append(d[name])

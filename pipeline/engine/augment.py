@@ -15,7 +15,7 @@ generator on the image's device.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import kornia.augmentation as K
 import torch
@@ -32,11 +32,17 @@ def pool_to(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class ViewAugmenter(nn.Module):
-    def __init__(self, cfg: AugmentConfig, image_size: int) -> None:
+    """``stream`` names the random streams apart (one augmenter per zoo referee; "" = the paper's);
+    ``resize`` brings the image to the views' size (default: the authors' avg + max pool)."""
+
+    def __init__(self, cfg: AugmentConfig, image_size: int, num_views: int = 0, stream: str = "",
+                 resize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.size = image_size
-        self.num_views = cfg.num_views
+        self.num_views = num_views or cfg.num_views
+        self.stream = stream
+        self._resize = resize
         tx, ty = cfg.affine_translate
         self.ops = nn.ModuleList(
             [
@@ -64,20 +70,23 @@ class ViewAugmenter(nn.Module):
         out = (flat - self.mean.to(flat.device)) / self.std.to(flat.device)
         return out.reshape(shape)
 
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        return pool_to(images, self.size) if self._resize is None else self._resize(images)
+
     def plain(self, images: torch.Tensor) -> torch.Tensor:
         """The un-augmented referee input: pooled to S and CLIP-normalised ([B, 3, S, S])."""
         with torch.autocast(images.device.type, enabled=False):
-            return self.normalize(pool_to(images.float(), self.size))
+            return self.normalize(self.resize(images.float()))
 
     def _kornia(self, views: torch.Tensor, seed: int, iteration: int) -> torch.Tensor:
-        with seeded_global_cpu_rng(seed, "augment", iteration):
+        with seeded_global_cpu_rng(seed, "augment" + self.stream, iteration):
             params = [op.forward_parameters(views.shape) for op in self.ops]
         for op, p in zip(self.ops, params):
             views = op(views, params=p)
         return views
 
     def _noise(self, views: torch.Tensor, seed: int, iteration: int) -> torch.Tensor:
-        gen = generator(seed, "augment-noise", iteration, device=views.device)
+        gen = generator(seed, "augment-noise" + self.stream, iteration, device=views.device)
         n = views.shape[0]
         stds = torch.rand(n, 1, 1, 1, generator=gen, device=views.device) * self.cfg.noise_std_max
         views = views + stds * torch.randn(views.shape, generator=gen, device=views.device)
@@ -86,7 +95,7 @@ class ViewAugmenter(nn.Module):
     def forward(self, images: torch.Tensor, seeds: Sequence[int], iteration: int) -> torch.Tensor:
         """[B, 3, H, W] images in [0, 1] -> [B, N, 3, S, S] CLIP-normalised views (float32)."""
         with torch.autocast(images.device.type, enabled=False):
-            pooled = pool_to(images.float(), self.size)
+            pooled = self.resize(images.float())
             out = []
             for b, seed in enumerate(seeds):
                 views = pooled[b : b + 1].expand(self.num_views, -1, -1, -1).contiguous()

@@ -15,6 +15,9 @@ sample's own seed (``pipeline.engine.rng``), the optimiser is elementwise. A sam
 losses become non-finite is frozen, then rerun with a new seed derived from the old one (up to
 engine.max_restarts times); the others are unaffected.
 
+Several referees (``zoo.referees``, ``pipeline.engine.zoo``): the same loop, with g_ref the zoo's combined,
+balanced gradient; an empty list is the paper's single BLIP-2 referee on the code path below, unchanged.
+
 Memory: the referee pass over B x N views is the engine's peak. ``engine.view_chunk`` caps how
 many views go through the referee at once (same sum, so the same math). With
 ``engine.oom_fallback`` a CUDA out-of-memory error in the referee pass halves the chunk (the
@@ -39,6 +42,7 @@ from pipeline.config import Config, OptimConfig
 from pipeline.engine.augment import ViewAugmenter
 from pipeline.engine.rng import generator, stable_seed
 from pipeline.engine.sds import SdsGuidance, cosine_schedule
+from pipeline.engine.zoo import RefereeZoo, ZooLosses, ZooText
 from pipeline.models.loading import GeneratorModels
 from pipeline.referees.blip2 import Referee, RefereeLosses, TextBatch
 
@@ -60,6 +64,7 @@ class SampleRequest:
     prompt_id: str
     sample_index: int
     seed: int
+    category: str | None = None  # picks the zoo referees that judge it (zoo.referees[].categories)
 
 
 @dataclass
@@ -74,6 +79,10 @@ class SampleResult:
     trace: list[dict] | None
     seconds: float  # the sample's share of its batches' wall time
     restarts: list[str] = field(default_factory=list)  # why each earlier attempt was abandoned
+    # With zoo.referees: per active referee {kind, score, loss, weight} of the final image, and why the
+    # others gave this sample weight 0. Empty with the paper's single referee.
+    referee_scores: dict[str, dict] = field(default_factory=dict)
+    referee_skipped: dict[str, str] = field(default_factory=dict)
 
 
 def sample_seed(run_seed: int, prompt_id: str, sample_index: int) -> int:
@@ -153,6 +162,8 @@ class _Outcome:
     errors: list[str | None]
     iterations: list[int]
     traces: list[list[dict]]
+    zoo_scores: list[dict[str, dict]] | None = None  # with zoo.referees: per sample, per active referee
+    zoo_skipped: list[dict[str, str]] | None = None
 
 
 class _Batch:
@@ -208,6 +219,7 @@ class InversionEngine:
         self.referee = Referee(models, cfg.referee)
         self.sds = SdsGuidance(models, cfg.sds)
         self.augmenter = ViewAugmenter(cfg.augment, self.referee.image_size)
+        self.zoo = RefereeZoo(cfg, models, self.referee) if cfg.zoo.referees else None
         self._decode_fn = models.vae.decode
         self.view_chunk = cfg.engine.view_chunk  # views per referee pass now; the OOM fallback lowers it
         self.oom_fallbacks: list[dict] = []  # one record per halving (iteration, old and new chunk)
@@ -276,11 +288,16 @@ class InversionEngine:
     def _success(self, slot: _Slot, outcome: _Outcome, j: int) -> SampleResult:
         assert outcome.images is not None and outcome.losses is not None
         losses = {k: float(getattr(outcome.losses, k)[j]) for k in ("itm", "caption", "total")}
+        zoo = {}
+        if outcome.zoo_scores is not None and outcome.zoo_skipped is not None:
+            # No BLIP-2 referee judged it: no ITM numbers (NaN), the zoo's weighted total stays.
+            losses = {k: v for k, v in losses.items() if not math.isnan(v)}
+            zoo = dict(referee_scores=outcome.zoo_scores[j], referee_skipped=outcome.zoo_skipped[j])
         return SampleResult(
-            request=slot.request, image=outcome.images[j], itm_score=math.exp(-losses["itm"]),
+            request=slot.request, image=outcome.images[j], itm_score=math.exp(-losses.get("itm", math.nan)),
             final_losses=losses, iterations=outcome.iterations[j], seed=slot.seed, error=None,
             trace=outcome.traces[j] if self.cfg.engine.trace else None, seconds=slot.seconds,
-            restarts=list(slot.restarts),
+            restarts=list(slot.restarts), **zoo,
         )
 
     def _failure(self, slot: _Slot, outcome: _Outcome, j: int) -> SampleResult:
@@ -337,11 +354,14 @@ class InversionEngine:
         idx = self._losses_no_grad(views.detach(), text).topk(k, dim=1).indices
         return views[torch.arange(views.shape[0], device=views.device)[:, None], idx]
 
-    def _referee_losses(self, pixels: torch.Tensor, text: TextBatch) -> RefereeLosses:
-        if self._oom_rows is not None and pixels.shape[0] > self._oom_rows:
+    def _guard_rows(self, rows: int) -> None:
+        if self._oom_rows is not None and rows > self._oom_rows:
             raise torch.cuda.OutOfMemoryError(
-                f"injected out-of-memory: {pixels.shape[0]} view rows > {self._oom_rows} ({INJECT_OOM_ENV})"
+                f"injected out-of-memory: {rows} view rows > {self._oom_rows} ({INJECT_OOM_ENV})"
             )
+
+    def _referee_losses(self, pixels: torch.Tensor, text: TextBatch) -> RefereeLosses:
+        self._guard_rows(pixels.shape[0])
         return self.referee.losses(pixels, text)
 
     def _smaller_chunk(self, rows: int) -> int | None:
@@ -349,16 +369,17 @@ class InversionEngine:
         current = self.view_chunk if 0 < self.view_chunk < rows else rows
         return None if current <= 1 else (current + 1) // 2
 
-    def _referee_grad(
-        self, z: torch.Tensor, text: TextBatch, seeds: Sequence[int], iteration: int
-    ) -> tuple[torch.Tensor, RefereeLosses]:
-        """``_referee_grad_once`` with the out-of-memory fallback (halve the view chunk, redo)."""
+    def _referee_grad(self, z: torch.Tensor, text, seeds: Sequence[int], iteration: int, once=None):
+        """``_referee_grad_once`` (or ``once``, the zoo's pass) with the out-of-memory fallback (halve the
+        view chunk, redo)."""
+        once = once or self._referee_grad_once
+        views = self.zoo.max_views if self.zoo is not None else self.cfg.augment.num_views
         while True:
             try:
-                return self._referee_grad_once(z, text, seeds, iteration)
+                return once(z, text, seeds, iteration)
             except torch.cuda.OutOfMemoryError as err:
                 # rows of the largest referee pass: the selection pass sees every view
-                smaller = self._smaller_chunk(z.shape[0] * self.cfg.augment.num_views)
+                smaller = self._smaller_chunk(z.shape[0] * views)
                 if not self.cfg.engine.oom_fallback or smaller is None:
                     raise
                 reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else "out of memory"
@@ -398,6 +419,15 @@ class InversionEngine:
         (g,) = torch.autograd.grad(views, z, grad_outputs=leaf.grad)
         return g.float(), RefereeLosses(**{k: v / n for k, v in sums.items()})
 
+    def _zoo_grad_once(self, z: torch.Tensor, text: ZooText, seeds: Sequence[int], iteration: int,
+                       g_sds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ZooLosses]:
+        """The zoo's (balanced gradient, raw gradient, losses): each referee on its own views of one decode."""
+        assert self.zoo is not None
+        with self._autocast():
+            images = self._decode(z)
+        return self.zoo.grad(z, images, text, seeds, iteration, g_sds, self.cfg.optim.ref_to_sds_ratio,
+                             self.view_chunk, self._autocast, self._guard_rows)
+
     def _inject(self, batch: _Batch, slots: Sequence[_Slot], inject, iteration: int) -> None:
         prompt_id, at, attempts = inject
         for b, slot in enumerate(slots):
@@ -420,9 +450,14 @@ class InversionEngine:
         ocfg, seeds, z = self.cfg.optim, [s.seed for s in slots], batch.z
         w = self.sds.weight(i, total)
         g_sds = self.sds.grad(z, prompts, seeds, i, w, self._autocast())
-        g_raw, losses = self._referee_grad(z, text, seeds, i)
         alive = batch.alive().view(-1, 1, 1, 1)
-        g_ref = torch.where(alive, balance_gradients(torch.nan_to_num(g_raw), g_sds, ocfg.ref_to_sds_ratio), 0.0)
+        if self.zoo is None:
+            g_raw, losses = self._referee_grad(z, text, seeds, i)
+            g_bal = balance_gradients(torch.nan_to_num(g_raw), g_sds, ocfg.ref_to_sds_ratio)
+        else:
+            g_bal, g_raw, losses = self._referee_grad(
+                z, text, seeds, i, once=lambda *a: self._zoo_grad_once(*a, g_sds=g_sds))
+        g_ref = torch.where(alive, g_bal, 0.0)
         lr = learning_rate(ocfg, i)
         for group in batch.opt.param_groups:
             group["lr"] = lr
@@ -451,7 +486,10 @@ class InversionEngine:
     def _optimise(self, slots: Sequence[_Slot], inject) -> _Outcome:
         ocfg = self.cfg.optim
         prompts = [s.request.prompt for s in slots]
-        text = self.referee.encode(prompts)
+        if self.zoo is None:
+            text = self.referee.encode(prompts)
+        else:
+            text = self.zoo.encode(prompts, [s.request.category for s in slots], self.device)
         batch = _Batch(self._initial_latents([s.seed for s in slots]), ocfg)
         total = ocfg.iterations + ocfg.tail_iterations
         traces: list[list[dict]] = [[] for _ in slots]
@@ -468,9 +506,11 @@ class InversionEngine:
         return self._finish(batch, text, traces, total)
 
     @torch.no_grad()
-    def _finish(self, batch: _Batch, text: TextBatch, traces: list[list[dict]], total: int) -> _Outcome:
+    def _finish(self, batch: _Batch, text, traces: list[list[dict]], total: int) -> _Outcome:
         """Decode the final latents and score the un-augmented images with the referee."""
         images = self._decode(batch.z.detach())
+        if self.zoo is not None:
+            return self._finish_zoo(batch, images, text, traces, total)
         losses = self.referee.losses(self.augmenter.plain(images), text)
         self._check(batch, total, final_referee_loss=losses.total.view(-1, 1), image=images)
         iterations = [total if e is None else s for e, s in zip(batch.errors, batch.stopped_at)]
@@ -478,16 +518,31 @@ class InversionEngine:
         return _Outcome(images.float().cpu(), losses, list(batch.errors), iterations, traces)
 
 
+    def _finish_zoo(self, batch: _Batch, images: torch.Tensor, text: ZooText, traces: list[list[dict]],
+                    total: int) -> _Outcome:
+        """Every referee's score and loss of the un-augmented images; BLIP-2's ITM/caption as the record's."""
+        assert self.zoo is not None
+        scores, losses, parts = self.zoo.final(images, text)
+        self._check(batch, total, final_referee_loss=losses.total.to(images.device).view(-1, 1), image=images)
+        iterations = [total if e is None else s for e, s in zip(batch.errors, batch.stopped_at)]
+        blip2 = next((parts[r.name] for r in self.zoo.referees if r.kind == "blip2" and r.name in parts), {})
+        nan = torch.full_like(losses.total, math.nan)
+        out = RefereeLosses(blip2.get("itm", nan), blip2.get("caption", nan), losses.total.float().cpu())
+        return _Outcome(images.float().cpu(), out, list(batch.errors), iterations, traces, scores, text.skipped)
+
+
 def _append_trace(traces: list[list[dict]], info: dict, iteration: int, errors: list[str | None]) -> None:
     """Per-sample record of one iteration (only with engine.trace: it syncs with the device)."""
     norms = {k: per_sample_norm(info[k]).tolist() for k in ("g_ref_raw", "g_ref", "g_sds") if k in info}
-    losses: RefereeLosses | None = info.get("losses")
+    losses: RefereeLosses | ZooLosses | None = info.get("losses")
     for b, trace in enumerate(traces):
         if errors[b] is not None:  # frozen after a failure: nothing more to record
             continue
         row = {"iteration": iteration, "phase": "joint" if losses is not None else "tail",
                "lr": info["lr"], "sds_weight": info["sds_weight"]}
-        if losses is not None:
+        if isinstance(losses, ZooLosses):
+            row.update({f"loss_{k}": float(v[b]) for k, v in losses.by_name.items()}, total=float(losses.total[b]))
+        elif losses is not None:
             row.update(itm=float(losses.itm[b]), caption=float(losses.caption[b]), total=float(losses.total[b]))
         row.update({f"{k}_norm": v[b] for k, v in norms.items()})
         trace.append(row)

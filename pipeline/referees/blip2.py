@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from pipeline.config import RefereeConfig
 from pipeline.engine.lru import LruCache
 from pipeline.models.loading import GeneratorModels
+from pipeline.referees.base import EncodedPrompts, RefereeContext, ViewLosses, ZooReferee
 
 ITM_MATCH = 1  # index of "match" in the ITM head's two logits
 _PROMPT_CACHE_SIZE = 4096  # token-id lists kept (LRU); bounds memory in a long-lived actor
@@ -34,7 +35,7 @@ class TextBatch:
     ids: torch.Tensor  # [n, T] long
     mask: torch.Tensor  # [n, T] bool, True on real tokens
 
-    def select(self, rows: torch.Tensor | slice) -> TextBatch:
+    def select(self, rows: torch.Tensor | slice | list[int]) -> TextBatch:
         return TextBatch(self.ids[rows], self.mask[rows])
 
     def repeat_rows(self, times: int) -> TextBatch:
@@ -220,3 +221,25 @@ class Referee:
         _, caption_hidden = self._joint_hidden(self.image_embeds(pixels), text)
         text_hidden = caption_hidden[:, self.num_queries :].to(self.head.dense.weight.dtype)
         return self.head(text_hidden).float()
+
+
+class Blip2Referee(ZooReferee):
+    """BLIP-2 ITM + caption as a zoo referee: the engine's ``Referee``, numbers unchanged."""
+
+    kind = "blip2"
+
+    def __init__(self, ctx: RefereeContext) -> None:
+        super().__init__(ctx)
+        self.referee: Referee = ctx.blip2
+        self.image_size = self.referee.image_size
+        self.source = ctx.models.sources.get("referee", "")
+
+    def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
+        return EncodedPrompts(self.referee.encode(prompts), [None] * len(prompts))
+
+    def losses(self, pixels: torch.Tensor, rows: TextBatch) -> ViewLosses:
+        out = self.referee.losses(pixels, rows)
+        return ViewLosses(out.total, {"itm": out.itm, "caption": out.caption})
+
+    def match(self, losses: ViewLosses) -> torch.Tensor:
+        return torch.exp(-losses.parts["itm"])  # the ITM head's match probability

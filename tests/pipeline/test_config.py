@@ -174,3 +174,18 @@ def test_a_utf16_or_unreadable_config_is_one_line(tmp_path) -> None:
         load_config(path)
     path.write_text("\ufeffoptim:\n  iterations: 3\n", encoding="utf-8")  # a BOM is fine
     assert load_config(path).optim.iterations == 3
+
+
+def test_presets_layer_key_by_key_and_zoo_is_an_overlay() -> None:
+    cfg = load_config([preset_path("tiny"), preset_path("zoo")], ["optim.iterations=3"])
+    assert cfg.models.tiny and cfg.augment.num_views == 4 and cfg.optim.iterations == 3  # tiny's, then --set
+    kinds = [(s.kind, s.categories) for s in cfg.zoo.referees]
+    assert kinds == [("blip2", []), ("clip", []), ("detector", ["spatial"])]
+    alone = load_config(preset_path("zoo"))
+    assert alone.models.tiny is False and alone.optim.iterations == 150 and alone.zoo == cfg.zoo
+
+
+def test_an_empty_zoo_leaves_the_hash_of_a_run_made_before_it() -> None:
+    base = Config()
+    assert load_config(overrides=["zoo.balance=total", "zoo.detector_margin=0.2"]).hash() == base.hash()
+    assert load_config(overrides=["zoo.referees=[{kind: blip2}]"]).hash() != base.hash()
