@@ -382,7 +382,7 @@ def _generator_hash_keys(data: dict[str, Any], generator: str) -> None:
         data["engine"].pop("generator", None)
 
 
-_INVERSION_ONLY_SECTIONS = ("augment", "referee", "sds", "optim")
+_INVERSION_ONLY_SECTIONS = ("augment", "referee", "sds", "optim", "zoo")
 
 
 def _type_name(tp: Any) -> str:

@@ -129,6 +129,22 @@ class LatentEma:
         z.copy_(self.value)
 
 
+def run_in_batches(
+    requests: Sequence[SampleRequest],
+    size: int,
+    run_batch: Callable[[Sequence[SampleRequest]], list[SampleResult]],
+    progress: Callable[[int], None] | None,
+) -> list[SampleResult]:
+    """``run_batch`` on consecutive batches of ``size``; results in request order, progress after each."""
+    results: list[SampleResult] = []
+    for start in range(0, len(requests), size):
+        batch = requests[start : start + size]
+        results.extend(run_batch(batch))
+        if progress is not None:
+            progress(len(batch))
+    return results
+
+
 def parse_nan_injection(value: str | None) -> tuple[str, int, int | None] | None:
     """``prompt_id:iteration[:attempts]`` -> (prompt_id, iteration, attempts or None = always)."""
     if not value:
@@ -251,14 +267,7 @@ class InversionEngine:
         inject = parse_nan_injection(os.environ.get(INJECT_NAN_ENV))
         oom_rows = os.environ.get(INJECT_OOM_ENV)
         self._oom_rows = int(oom_rows) if oom_rows else None
-        results: list[SampleResult] = []
-        size = self.cfg.engine.batch_size
-        for start in range(0, len(requests), size):
-            batch = requests[start : start + size]
-            results.extend(self._run_batch(batch, inject))
-            if progress is not None:
-                progress(len(batch))
-        return results
+        return run_in_batches(requests, self.cfg.engine.batch_size, lambda b: self._run_batch(b, inject), progress)
 
     # ---- batches and restarts ---------------------------------------------------------------
     def _run_batch(self, requests: Sequence[SampleRequest], inject) -> list[SampleResult]:

@@ -27,7 +27,14 @@ from typing import Any
 import torch
 
 from pipeline.config import SAMPLING_SCHEDULERS, Config
-from pipeline.engine.invert import INJECT_NAN_ENV, SampleRequest, SampleResult, parse_nan_injection, restart_seed
+from pipeline.engine.invert import (
+    INJECT_NAN_ENV,
+    SampleRequest,
+    SampleResult,
+    parse_nan_injection,
+    restart_seed,
+    run_in_batches,
+)
 from pipeline.engine.rng import generator
 from pipeline.models.loading import GeneratorModels
 
@@ -75,14 +82,7 @@ class SamplingEngine:
     ) -> list[SampleResult]:
         """Sample every request, in batches of ``engine.batch_size``; results in request order."""
         inject = parse_nan_injection(os.environ.get(INJECT_NAN_ENV))
-        results: list[SampleResult] = []
-        size = self.cfg.engine.batch_size
-        for start in range(0, len(requests), size):
-            batch = requests[start : start + size]
-            results.extend(self._run_batch(batch, inject))
-            if progress is not None:
-                progress(len(batch))
-        return results
+        return run_in_batches(requests, self.cfg.engine.batch_size, lambda b: self._run_batch(b, inject), progress)
 
     def _run_batch(self, requests: Sequence[SampleRequest], inject) -> list[SampleResult]:
         seeds = [r.seed for r in requests]

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from tests.conftest import ROOT, compbench_prompts
-from tests.jobs.test_synthesize import SYNTH, _check_complete_run, _env, _prompts, _run, _stable, _tar_samples
+from tests.conftest import compbench_prompts
+from tests.jobs.test_synthesize import (
+    _check_complete_run,
+    _env,
+    _killed_after_first_shard_then_resumed,
+    _prompts,
+    _run,
+    _stable,
+    _tar_samples,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -34,19 +37,7 @@ def test_sd_sampling_end_to_end_then_killed_and_resumed_gives_the_same(tmp_path,
     assert run["config"]["engine"]["generator"] == "sd_sampling" and run["config"]["sampling"]["steps"] == 4
 
     one = tmp_path / "one"
-    cmd = [sys.executable, SYNTH, "--config", "configs/tiny.yaml", "--no-progress", *args, "--output", str(one),
-           "--num-actors", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tiny_cache, **shared_ray), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list((one / "shards").glob("*.stats.json")):
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert len(list((one / "shards").glob("*.stats.json"))) < 3, "kill landed too late to test a resume"
-    time.sleep(2)
-    again = _run([*args, "--output", str(one), "--num-actors", "1"], _env(tiny_cache, **shared_ray))
-    assert again.returncode == 0, again.stderr[-3000:]
+    again = _killed_after_first_shard_then_resumed(args, one, _env(tiny_cache, **shared_ray))
     assert "resuming:" in again.stderr
     assert _stable(_check_complete_run(one, expected)) == _stable(side_two)
     images = [{k: s["png"] for k, s in _tar_samples(out).items()} for out in (tmp_path / "two", one)]

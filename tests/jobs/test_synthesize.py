@@ -36,6 +36,26 @@ def _run(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _killed_after_first_shard_then_resumed(
+    args: list[str], one: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess:
+    """Run on one actor, SIGKILL the driver once a shard is published, rerun; the rerun's process."""
+    cmd = [sys.executable, SYNTH, "--config", "configs/tiny.yaml", "--no-progress", *args, "--output", str(one),
+           "--num-actors", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((one / "shards").glob("*.stats.json")):
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(list((one / "shards").glob("*.stats.json"))) < 3, "kill landed too late to test a resume"
+    time.sleep(2)
+    again = _run([*args, "--output", str(one), "--num-actors", "1"], env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    return again
+
+
 def _prompts(path: Path, prompts: list, **cols) -> Path:
     pq.write_table(pa.table({"prompt": prompts, **cols}), path)
     return path
@@ -385,19 +405,7 @@ def test_target_refill_is_the_same_on_two_actors_one_actor_and_after_a_sigkill(t
     side_two = _check_complete_run(tmp_path / "two", expected)
 
     one = tmp_path / "one"
-    cmd = [sys.executable, SYNTH, "--config", "configs/tiny.yaml", "--no-progress", *args, "--output", str(one),
-           "--num-actors", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tiny_cache, **shared_ray), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list((one / "shards").glob("*.stats.json")):
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert len(list((one / "shards").glob("*.stats.json"))) < 3, "kill landed too late to test a resume"
-    time.sleep(2)
-    again = _run([*args, "--output", str(one), "--num-actors", "1"], _env(tiny_cache, **shared_ray))
-    assert again.returncode == 0, again.stderr[-3000:]
+    _killed_after_first_shard_then_resumed(args, one, _env(tiny_cache, **shared_ray))
     side_one = _check_complete_run(one, expected)
     assert _stable(side_one) == _stable(side_two)
     images = [{k: s["png"] for k, s in _tar_samples(out).items()} for out in (tmp_path / "two", one)]
