@@ -59,8 +59,9 @@ def test_rayjob_has_only_kuberay_fields_and_runs_the_job_with_resume_retries() -
     argv = shlex.split(spec["entrypoint"])
     assert argv[1].endswith("jobs/synthesize.py")
     args = build_parser().parse_args(argv[2:])
-    assert args.config.startswith("/app/") and (ROOT / args.config.removeprefix("/app/")).is_file()
-    args.config = str(ROOT / args.config.removeprefix("/app/"))
+    assert args.config and all(c.startswith("/app/") for c in args.config)
+    assert all((ROOT / c.removeprefix("/app/")).is_file() for c in args.config)
+    args.config = [str(ROOT / c.removeprefix("/app/")) for c in args.config]
     cfg = config_from_args(args)
     assert cfg.job.num_actors * cfg.job.gpus_per_actor <= gpu["maxReplicas"]
     assert args.output.startswith("s3://")  # a shared output, so a retried submission resumes it
