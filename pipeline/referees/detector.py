@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from pipeline.config import ZooConfig
 from pipeline.engine.lru import LruCache
 from pipeline.models.loading import DTYPES, load_detector
+from pipeline.models.owlv2_pixels import pad_resize
 from pipeline.referees.base import EncodedPrompts, RefereeContext, TensorRows, ViewLosses, ZooReferee
 from pipeline.scoring.spatial_prompt import SpatialPrompt, parse_spatial
 
@@ -44,17 +45,6 @@ _CACHE_SIZE = 4096
 _EPS = 1e-6
 
 UNPARSED = "no 2D-spatial relation with two nouns in the prompt (pipeline.scoring.spatial_prompt)"
-
-
-def pad_resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """OWLv2's preprocessing in torch: pad to a square with 0.5 at the bottom/right, bilinear resize."""
-    h, w = images.shape[-2:]
-    side = max(h, w)
-    if (h, w) != (side, side):
-        images = F.pad(images, (0, side - w, 0, side - h), value=0.5)
-    if side == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=side > size)
 
 
 def soft_detections(logits: torch.Tensor, boxes: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,10 +36,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.config import Config, ScoringConfig
 from pipeline.models.loading import ZooModel
+from pipeline.models.owlv2_pixels import pad_resize
 from pipeline.scoring.spatial_prompt import RuleInput, rule_input
 
 NEAR = ("next to", "on side of", "near")
@@ -158,12 +158,8 @@ class OwlDetector:
         """A PIL image -> (normalised ``[1, 3, S, S]``, the padded square's side in image pixels)."""
         rgb = np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
         x = torch.from_numpy(rgb).permute(2, 0, 1).float().unsqueeze(0) / 255.0
-        h, w = x.shape[-2:]
-        side = max(h, w)
-        x = F.pad(x, (0, side - w, 0, side - h), value=self.scfg.detector_pad_value)  # bottom/right, as OWLv2
-        if side != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
-                              antialias=side > self.size)
+        side = max(x.shape[-2:])
+        x = pad_resize(x, self.size, self.scfg.detector_pad_value)
         return (x - self._mean) / self._std, side
 
     def detect(self, image: Any, queries: list[str]) -> list[Detection]:

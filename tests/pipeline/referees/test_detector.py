@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from pipeline.config import RefereeSpec, ZooConfig
+from pipeline.models.owlv2_pixels import pad_resize
 from pipeline.referees.base import RefereeContext
 from pipeline.referees.detector import (
     NEAR_CODE,
     UNPARSED,
     DetectorReferee,
-    pad_resize,
     relation_code,
     relation_terms,
     soft_detections,
