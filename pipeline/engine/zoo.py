@@ -87,9 +87,11 @@ class RefereeZoo:
             enc = ref.encode(prompts)
             row = []
             for b, category in enumerate(categories):
-                reason = enc.skipped[b]
-                if reason is None and spec.categories and category not in spec.categories:
+                reason = None  # the category first: it says more than "cannot parse" for a prompt never meant for it
+                if spec.categories and category not in spec.categories:
                     reason = f"category {category!r} not in its categories {spec.categories}"
+                if reason is None:
+                    reason = enc.skipped[b]
                 if reason is None and spec.weight == 0:
                     reason = "weight 0"
                 if reason is not None:
