@@ -33,14 +33,15 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
 
 from pipeline.config import Config, OptimConfig
 from pipeline.engine.augment import ViewAugmenter
-from pipeline.engine.rng import generator, stable_seed
+from pipeline.engine.passes import autocast_for, balance_gradients, per_sample_norm, view_chunks
+from pipeline.engine.rng import generator, initial_latents, stable_seed
 from pipeline.engine.sds import SdsGuidance, cosine_schedule
 from pipeline.engine.zoo import RefereeZoo, ZooLosses, ZooText
 from pipeline.models.loading import GeneratorModels
@@ -54,8 +55,6 @@ INJECT_NAN_ENV = "REFEREE_SYNTH_INJECT_NAN"
 INJECT_OOM_ENV = "REFEREE_SYNTH_INJECT_OOM"
 
 log = logging.getLogger(__name__)
-
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -100,17 +99,6 @@ def learning_rate(ocfg: OptimConfig, iteration: int) -> float:
     if iteration < ocfg.warmup:
         return ocfg.lr_start * (iteration + 1) / ocfg.warmup
     return cosine_schedule(ocfg.lr_start, ocfg.lr_end, iteration - ocfg.warmup, ocfg.iterations - ocfg.warmup)
-
-
-def per_sample_norm(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(1).norm(dim=1)
-
-
-def balance_gradients(g_ref: torch.Tensor, g_sds: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Rescale each sample's referee gradient to ``ratio`` times its own SDS gradient norm."""
-    ref_norm, sds_norm = per_sample_norm(g_ref), per_sample_norm(g_sds)
-    scale = torch.where(ref_norm > 0, ratio * sds_norm / ref_norm.clamp_min(torch.finfo(ref_norm.dtype).tiny), 0.0)
-    return g_ref * scale.view(-1, *([1] * (g_ref.dim() - 1)))
 
 
 class LatentEma:
@@ -222,11 +210,6 @@ def _nonfinite(x: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
 
 
-def _chunks(n: int, size: int) -> list[slice]:
-    size = size if size > 0 else n
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 class InversionEngine:
     def __init__(self, models: GeneratorModels, cfg: Config) -> None:
         self.models = models
@@ -321,18 +304,11 @@ class InversionEngine:
 
     # ---- one optimisation ---------------------------------------------------------------------
     def _autocast(self) -> AbstractContextManager:
-        mode = self.cfg.engine.autocast
-        if mode == "none" or (mode == "auto" and self.device.type != "cuda"):
-            return nullcontext()
-        dtype = _AUTOCAST_DTYPES.get(mode, torch.bfloat16)
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast_for(self.cfg.engine.autocast, self.device)
 
     def _initial_latents(self, seeds: Sequence[int]) -> torch.Tensor:
         lc = self.cfg.latent
-        shape = (lc.channels, lc.size, lc.size)
-        # Drawn on the CPU so a seed gives the same start on every device.
-        z = [torch.randn(shape, generator=generator(seed, "latent-init")) for seed in seeds]
-        return torch.stack(z).to(self.device)
+        return initial_latents(seeds, (lc.channels, lc.size, lc.size)).to(self.device)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         vae = self.models.vae
@@ -352,7 +328,7 @@ class InversionEngine:
         flat, rows = views.flatten(0, 1), text.repeat_rows(n)
         out = []
         with torch.no_grad(), self._autocast():
-            for c in _chunks(b * n, self.view_chunk):
+            for c in view_chunks(b * n, self.view_chunk):
                 out.append(self._referee_losses(flat[c], rows.select(c)).total)
         return torch.cat(out).view(b, n)
 
@@ -419,7 +395,7 @@ class InversionEngine:
         leaf = views.detach().requires_grad_(True)
         rows, owner = text.repeat_rows(n), torch.arange(b, device=z.device).repeat_interleave(n)
         sums = {k: torch.zeros(b, device=z.device) for k in ("itm", "caption", "total")}
-        for c in _chunks(b * n, self.view_chunk):
+        for c in view_chunks(b * n, self.view_chunk):
             with self._autocast():
                 part = self._referee_losses(leaf.flatten(0, 1)[c], rows.select(c))
             (part.total.sum() / n).backward()

@@ -9,7 +9,7 @@ across processes and Python versions, unlike ``hash()``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -38,3 +38,8 @@ def seeded_global_cpu_rng(seed: int, *stream: object) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(stable_seed(seed, *stream))
         yield
+
+
+def initial_latents(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """z0 per sample from its own "latent-init" stream, drawn on the CPU (the same start on every device)."""
+    return torch.stack([torch.randn(shape, generator=generator(seed, "latent-init")) for seed in seeds])

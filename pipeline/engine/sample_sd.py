@@ -21,7 +21,6 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -35,10 +34,9 @@ from pipeline.engine.invert import (
     restart_seed,
     run_in_batches,
 )
-from pipeline.engine.rng import generator
+from pipeline.engine.passes import autocast_for
+from pipeline.engine.rng import generator, initial_latents
 from pipeline.models.loading import GeneratorModels
-
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def sampling_scheduler(models: GeneratorModels, name: str) -> Any:
@@ -118,17 +116,10 @@ class SamplingEngine:
             for i, r in enumerate(requests)
         ]
 
-    def _autocast(self) -> AbstractContextManager:
-        mode = self.cfg.engine.autocast
-        if mode == "none" or (mode == "auto" and self.device.type != "cuda"):
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES.get(mode, torch.bfloat16))
-
     def initial_latents(self, seeds: Sequence[int]) -> torch.Tensor:
         """z0 per sample, drawn as the inversion engine draws it (CPU, the sample's own stream)."""
         lc = self.cfg.latent
-        shape = (self.models.unet.config.in_channels, lc.size, lc.size)
-        return torch.stack([torch.randn(shape, generator=generator(s, "latent-init")) for s in seeds])
+        return initial_latents(seeds, (self.models.unet.config.in_channels, lc.size, lc.size))
 
     @torch.no_grad()
     def _sample(self, requests: Sequence[SampleRequest], seeds: Sequence[int], attempts: Sequence[int],
@@ -153,7 +144,7 @@ class SamplingEngine:
             bad_latents.update(b for b, f in enumerate(flags.tolist()) if f)
             return {"latents": latents}
 
-        with self._autocast():
+        with autocast_for(self.cfg.engine.autocast, self.device):
             images = self.pipe(
                 prompt=[r.prompt for r in requests], height=self.image_size, width=self.image_size,
                 num_inference_steps=sc.steps, guidance_scale=sc.guidance_scale, generator=step_noise,

@@ -26,6 +26,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.engine.augment import ViewAugmenter
+from pipeline.engine.passes import balance_gradients, view_chunks
 from pipeline.referees.base import EncodedPrompts, RefereeContext, ViewLosses, ZooReferee
 from pipeline.referees.registry import REFEREE_KINDS, referee_class
 
@@ -50,17 +51,6 @@ class ZooLosses:
 
     by_name: dict[str, torch.Tensor]  # [B] each
     total: torch.Tensor  # [B] sum of weight x loss over the sample's referees (finite-check, trace)
-
-
-def _chunks(n: int, size: int) -> list[slice]:
-    size = size if size > 0 else n
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def _balance(g: torch.Tensor, g_sds: torch.Tensor, ratio: float) -> torch.Tensor:
-    from pipeline.engine.invert import balance_gradients  # one definition of the paper's rule
-
-    return balance_gradients(g, g_sds, ratio)
 
 
 class RefereeZoo:
@@ -116,7 +106,7 @@ class RefereeZoo:
         flat, rep = views.detach().flatten(0, 1), rows.repeat_rows(n)
         with torch.no_grad(), autocast():
             scores = torch.cat([self._losses(r, flat[c], rep.select(c), guard).total
-                                for c in _chunks(b * n, chunk)]).view(b, n)
+                                for c in view_chunks(b * n, chunk)]).view(b, n)
         idx = scores.topk(k, dim=1).indices
         return views[torch.arange(b, device=views.device)[:, None], idx]
 
@@ -148,7 +138,7 @@ class RefereeZoo:
             rep, owner = rows.repeat_rows(n), torch.arange(b, device=z.device).repeat_interleave(n)
             weight = text.weights[r] if idx is None else text.weights[r][idx]
             sums = torch.zeros(b, device=z.device)
-            for c in _chunks(b * n, chunk):
+            for c in view_chunks(b * n, chunk):
                 with autocast():
                     part = self._losses(r, leaf.flatten(0, 1)[c], rep.select(c), guard)
                 scaled = part.total if per_referee else part.total * weight[owner[c]]
@@ -167,13 +157,13 @@ class RefereeZoo:
             return zero, zero.clone(), losses
         if not per_referee:
             g = torch.autograd.grad(outputs, z, grad_outputs=grads)[0].float()
-            return _balance(torch.nan_to_num(g), g_sds, ratio), g, losses
+            return balance_gradients(torch.nan_to_num(g), g_sds, ratio), g, losses
         shares = text.weights / text.weights.sum(dim=0).clamp_min(torch.finfo(torch.float32).tiny)
         g_ref = g_raw = None
         for j, (views, grad, r) in enumerate(zip(outputs, grads, owners)):
             (g,) = torch.autograd.grad(views, z, grad_outputs=grad, retain_graph=j + 1 < len(outputs))
             g = g.float()
-            part = _balance(torch.nan_to_num(g), g_sds, ratio)
+            part = balance_gradients(torch.nan_to_num(g), g_sds, ratio)
             if len(outputs) > 1:  # one referee: its share is 1 (the paper's update, untouched)
                 part = part * shares[r].view(-1, *([1] * (g.dim() - 1)))
             g_ref = part if g_ref is None else g_ref + part
