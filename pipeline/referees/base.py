@@ -82,6 +82,12 @@ class ZooReferee(ABC):
         self.device: torch.device = ctx.models.device
         self.source = ctx.model_id
 
+    def _adopt(self, zoo: Any) -> None:
+        """Take a loaded CLIP-family model (a ``ZooModel``): model, tokenizer, source, input side, text length."""
+        self.model, self.tokenizer, self.source = zoo.model, zoo.tokenizer, zoo.source
+        self.image_size = self.model.config.vision_config.image_size
+        self._max_tokens = self.model.config.text_config.max_position_embeddings
+
     def resize(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [0, 1] -> [B, 3, S, S] before augmentation: the authors' avg + max pool."""
         return pool_to(images, self.image_size)

@@ -25,10 +25,7 @@ class ClipReferee(ZooReferee):
 
     def __init__(self, ctx: RefereeContext) -> None:
         super().__init__(ctx)
-        zoo = load_clip(ctx.cfg.models, ctx.model_id, DTYPES[ctx.cfg.models.dtype])
-        self.model, self.tokenizer, self.source = zoo.model, zoo.tokenizer, zoo.source
-        self.image_size = self.model.config.vision_config.image_size
-        self._max_tokens = self.model.config.text_config.max_position_embeddings
+        self._adopt(load_clip(ctx.cfg.models, ctx.model_id, DTYPES[ctx.cfg.models.dtype]))
         self._cache: LruCache[torch.Tensor] = LruCache(_CACHE_SIZE)
 
     @torch.no_grad()

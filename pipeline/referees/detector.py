@@ -85,12 +85,9 @@ class DetectorReferee(ZooReferee):
 
     def __init__(self, ctx: RefereeContext) -> None:
         super().__init__(ctx)
-        zoo = load_detector(ctx.cfg.models, ctx.model_id, DTYPES[ctx.cfg.models.dtype])
-        self.model, self.tokenizer, self.source = zoo.model, zoo.tokenizer, zoo.source
+        self._adopt(load_detector(ctx.cfg.models, ctx.model_id, DTYPES[ctx.cfg.models.dtype]))
         self.zc = ctx.cfg.zoo
         self.spacy_model = ctx.cfg.vqa.spacy_model
-        self.image_size = self.model.config.vision_config.image_size
-        self._max_tokens = self.model.config.text_config.max_position_embeddings
         self._queries: LruCache[torch.Tensor] = LruCache(_CACHE_SIZE)
         self._parses: LruCache[SpatialPrompt | None] = LruCache(_CACHE_SIZE)
 
