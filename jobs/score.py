@@ -223,10 +223,9 @@ def write_atomic(path: Path, text: str) -> None:
 def answer(rec: dict, digits: int) -> Any:
     """The benchmark's answer: BLIP-VQA writes '{:.4f}' strings, CLIPScore, UniDet and 3-in-1 raw floats."""
     from pipeline.scoring.routing import BLIP_VQA
-    from pipeline.scoring.vqa import format_score
+    from pipeline.scoring.scorers import benchmark_answer
 
-    score = rec["score"] or 0.0
-    return format_score(score, digits) if rec.get("scorer", BLIP_VQA) == BLIP_VQA else float(score)
+    return benchmark_answer(rec.get("scorer", BLIP_VQA), rec["score"] or 0.0, digits)
 
 
 def write_outputs(out: Path, records: list[dict], summary: dict, digits: int) -> None:

@@ -30,7 +30,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.models.loading import ZooModel
-from pipeline.scoring.routing import CLIP_NOTES, CLIPSCORE, clip_deviations, scorer_record
+from pipeline.scoring.routing import CLIP_NOTES, CLIPSCORE, scorer_record
 
 
 @dataclass
@@ -105,7 +105,6 @@ class ClipScorer:
         self.image_size = int(clip.model.config.vision_config.image_size)  # 224 for ViT-B/32
         self.record = {**scorer_record(cfg, CLIPSCORE, None), "model_source": clip.source,
                        "image_size": self.image_size, "dtype": "float32", "notes": list(CLIP_NOTES)}
-        self.deviations = clip_deviations(cfg)
 
     def text_for(self, prompt: str, complex_prompt: bool = False) -> str:
         return without_adjectives(prompt, self.cfg.vqa.spacy_model) if complex_prompt else prompt
@@ -132,9 +131,3 @@ class ClipScorer:
             img_f, txt_f = self.features(pixels.unsqueeze(0).to(self.clip.device), ids)
             value = float(cosine(img_f.float(), txt_f.float())[0].item())
         return ClipResult(score=value, text=text, truncated=truncated)
-
-    def score_stored(self, images: list[Any], prompts: list[str], complex_prompt: bool = False) -> list[ClipResult]:
-        """One result per (PIL image, prompt), each image alone (as the benchmark's loop)."""
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        return [self.score_pil(image, prompt, complex_prompt) for image, prompt in zip(images, prompts)]

@@ -28,8 +28,6 @@ BENCHMARK_CLIP = "openai/clip-vit-base-patch32"
 # What each scorer loads: the models a run needs follow from its categories.
 MODELS_OF = {BLIP_VQA: {"vqa"}, CLIPSCORE: {"clip"}, SPATIAL: {"detector"},
              THREE_IN_ONE: {"vqa", "clip", "detector"}}
-# The parts of a 3-in-1 score, by the scorer that computes each.
-THREE_IN_ONE_PARTS = (BLIP_VQA, SPATIAL, CLIPSCORE)
 # The benchmark's other categories, judged here by scoring.default instead of its own method.
 UNSUPPORTED = {
     "3d_spatial": "the benchmark's rule needs its depth model (UniDet_eval/3D_spatial_eval.py)",

@@ -134,10 +134,14 @@ class ScorerSet:
         return Judgement(THREE_IN_ONE, score, vqa.questions, vqa.answers, parts, True, f"3-in-1 kind: {kind}")
 
     def format_score(self, name: str, score: float) -> Any:
-        """The answer as the benchmark's vqa_result.json holds it: BLIP-VQA's 4-decimal string, the
-        others' raw float."""
-        if name == BLIP_VQA:
-            from pipeline.scoring.vqa import format_score
+        return benchmark_answer(name, score, self.cfg.vqa.round_digits)
 
-            return format_score(score, self.cfg.vqa.round_digits)
-        return float(score)
+
+def benchmark_answer(name: str, score: float, digits: int) -> Any:
+    """The answer as the benchmark's vqa_result.json holds it: BLIP-VQA's 4-decimal string, the
+    others' (CLIPScore, the spatial rule, 3-in-1) raw float."""
+    if name == BLIP_VQA:
+        from pipeline.scoring.vqa import format_score
+
+        return format_score(score, digits)
+    return float(score)

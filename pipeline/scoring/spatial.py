@@ -217,8 +217,3 @@ class SpatialScorer:
         return SpatialResult(score=rule_score(parse, detections, self.cfg.scoring), subject=parse.subject,
                              relation=parse.relation, object=parse.object, scorable=parse.parsed,
                              detections=[{**asdict(d.box), "label": d.label, "score": d.score} for d in chosen])
-
-    def score_stored(self, images: list[Any], prompts: list[str], complex_prompt: bool = False) -> list[SpatialResult]:
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        return [self.score_pil(image, prompt, complex_prompt) for image, prompt in zip(images, prompts)]
