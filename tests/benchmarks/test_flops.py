@@ -11,12 +11,16 @@ import pytest
 from tests.conftest import ROOT
 
 
-@pytest.fixture(scope="module")
-def paper_flops() -> dict:
-    proc = subprocess.run([sys.executable, "benchmarks/flops.py", "--config", "configs/paper.yaml", "--json"],
+def _flops_json(preset: str) -> dict:
+    proc = subprocess.run([sys.executable, "benchmarks/flops.py", "--config", f"configs/{preset}.yaml", "--json"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def paper_flops() -> dict:
+    return _flops_json("paper")
 
 
 def test_json_has_the_total_and_every_component(paper_flops) -> None:
@@ -72,10 +76,7 @@ def test_plan_floor_constants_are_the_counters(paper_flops) -> None:
 
 @pytest.fixture(scope="module")
 def sd15_flops() -> dict:
-    proc = subprocess.run([sys.executable, "benchmarks/flops.py", "--config", "configs/sd15.yaml", "--json"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout)
+    return _flops_json("sd15")
 
 
 def test_sampling_path_counts_steps_one_decode_and_the_text_encoder(sd15_flops, paper_flops) -> None:
