@@ -254,6 +254,7 @@ def _run(args: argparse.Namespace, cfg: Config, plan: dict[str, Any]) -> int:
 
 def _scorer_record(cfg: Config, model_ids: dict[str, str]) -> dict[str, Any]:
     """The scorer's exactness record; says when spaCy is not the pinned version (real models only)."""
+    from pipeline.scoring.routing import planned_records
     from pipeline.scoring.scorer_record import model_set, planned_record, spacy_warning
 
     record = planned_record(cfg, model_ids["vqa"])
@@ -261,8 +262,6 @@ def _scorer_record(cfg: Config, model_ids: dict[str, str]) -> dict[str, Any]:
                             cfg.vqa.spacy_version)
     if warning and not model_set(cfg):
         print(f"warning: {warning}", file=sys.stderr)
-    from pipeline.scoring.routing import planned_records
-
     # Every scorer the config can route to, with its exactness (the BLIP-VQA record above is blip_vqa's).
     names = {*cfg.scoring.by_category.values(), cfg.scoring.default}
     record["by_category"] = {**cfg.scoring.by_category, "default": cfg.scoring.default}
