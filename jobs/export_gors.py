@@ -4,7 +4,9 @@
 
 Writes ``DIR/samples/{prompt}_{idx:06d}.png`` (idx runs over the whole export, in the run's
 order, which is the benchmark's for tables made by jobs/prompts.py), ``DIR/reward/vqa_result.json``
-(``[{"question_id": idx, "answer": "0.xxxx"}]`` in the same order) and ``DIR/dataset.txt``.
+(``[{"question_id": idx, "answer": A}]`` in the same order, A as the benchmark's scorer writes it:
+BLIP-VQA's ``"0.xxxx"`` string, the raw float of CLIPScore, the spatial rule and 3-in-1, so that GORS's
+``float32(A) > threshold`` selects exactly what the run accepted) and ``DIR/dataset.txt``.
 GORS picks a prompt's threshold by its index in dataset.txt (``index < 560``: template), so when
 the exported prompts come from one T2I-CompBench list, dataset.txt is that list verbatim (other
 prompts after it): GORS's rule then gives every prompt the threshold the run selected it with.
@@ -39,6 +41,7 @@ from pipeline.io import storage  # noqa: E402
 from pipeline.io.compbench_data import COMPBENCH_DIR, TEMPLATE_PROMPTS  # noqa: E402
 from pipeline.io.reader import shard_images, sidecar_records  # noqa: E402
 from pipeline.scoring.filter import threshold_for  # noqa: E402
+from schemas.gors import reward_answer  # noqa: E402
 
 # Characters GORS or a common file system cannot carry in a file name.
 _UNSAFE = re.compile(r'[_/\\\x00-\x1f<>:"|?*]')
@@ -100,7 +103,7 @@ def export(run: str, output: Path, include_rejected: bool, map_unsafe: bool) -> 
                 mapped_rows.append({"key": rec["key"], "prompt": rec["prompt"], "written_as": name})
             idx = len(rewards)
             _write(samples_dir / f"{name}_{idx:06d}.png", _to_png(images[rec["key"]]))
-            rewards.append({"question_id": idx, "answer": f"{rec['vqa_score']:.4f}"})
+            rewards.append({"question_id": idx, "answer": reward_answer(rec.get("scorer"), rec["vqa_score"])})
             exported.append((name, rec))
     if counts["no_image"]:
         print(f"note: {counts['no_image']} samples have no stored image and are left out", file=sys.stderr)

@@ -185,7 +185,7 @@ def _record(i: int, sample: Sample, name: str, result: Any, error: str | None, c
     if result is None:
         return {**rec, "answers": [], "parts": {}, "score": None, "status": "unreadable", "error": error,
                 "threshold": None, "accepted": None}
-    decision = decide(result.score, sample.category, cfg.filter, sample.template, result.scorable)
+    decision = decide(result.score, sample.category, cfg.filter, sample.template, result.scorable, name)
     return {**rec, "answers": result.answers, "parts": result.parts, "score": result.score, "status": "scored",
             "error": None, "note": result.note, "threshold": decision.threshold, "accepted": decision.accepted}
 
@@ -248,6 +248,8 @@ def by_scorer(records: list[dict]) -> dict[str, dict]:
 
 
 def summarize(records: list[dict], scorers: Any, cfg: Any, source: str, prompt_split: str) -> dict:
+    from pipeline.scoring.filter import selection_record
+
     scores = [r["score"] for r in records if r["status"] == "scored"]
     per = by_scorer(records)
     return {
@@ -262,6 +264,7 @@ def summarize(records: list[dict], scorers: Any, cfg: Any, source: str, prompt_s
         # BLIP-VQA's full record (weights, spaCy, deviations) when it judged anything; every scorer's below
         "scorer": scorers.vqa.metadata if "vqa" in scorers.loaded() else {},
         "scorers": scorers.records(per),
+        "selection": selection_record(cfg.filter),
         "config_hash": cfg.hash(),
     }
 

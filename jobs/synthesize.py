@@ -254,6 +254,7 @@ def _run(args: argparse.Namespace, cfg: Config, plan: dict[str, Any]) -> int:
 
 def _scorer_record(cfg: Config, model_ids: dict[str, str]) -> dict[str, Any]:
     """The scorer's exactness record; says when spaCy is not the pinned version (real models only)."""
+    from pipeline.scoring.filter import selection_record
     from pipeline.scoring.routing import planned_records
     from pipeline.scoring.scorer_record import model_set, planned_record, spacy_warning
 
@@ -266,6 +267,7 @@ def _scorer_record(cfg: Config, model_ids: dict[str, str]) -> dict[str, Any]:
     names = {*cfg.scoring.by_category.values(), cfg.scoring.default}
     record["by_category"] = {**cfg.scoring.by_category, "default": cfg.scoring.default}
     record["scorers"] = planned_records(cfg, record, names)
+    record["selection"] = selection_record(cfg.filter)
     return record
 
 

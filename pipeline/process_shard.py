@@ -141,7 +141,7 @@ class ShardProcessor:
                 writer.add(rec)
             else:
                 scorable = s.scorable
-                decision = decide(s.score, p.row.category, self.cfg.filter, p.row.template, scorable)
+                decision = decide(s.score, p.row.category, self.cfg.filter, p.row.template, scorable, s.scorer)
                 rec = self._record(
                     spec, p, ACCEPTED if decision.accepted else REJECTED, vqa_score=s.score,
                     error=None if scorable or decision.accepted else f"{s.note}; {_UNSCORABLE}",

@@ -31,3 +31,12 @@ def template_flags(lines: list[str], train: bool) -> list[bool]:
     for i, line in enumerate(lines):
         first.setdefault(line.split("\t")[0], i)
     return [train and first[line.split("\t")[0]] < TEMPLATE_PROMPTS for line in lines]
+
+
+# UniDet's unified label names (data/t2i-compbench/unidet/labels.txt): the only object names the
+# benchmark's 2D-spatial rule can find.
+UNIDET_LABELS = COMPBENCH_DIR / "unidet" / "labels.txt"
+
+
+def unidet_labels() -> frozenset[str]:
+    return frozenset(line for line in UNIDET_LABELS.read_text(encoding="utf-8").splitlines() if line)

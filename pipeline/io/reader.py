@@ -17,6 +17,7 @@ from PIL import Image
 
 from pipeline.io import storage
 from pipeline.io.shards import SHARDS_DIR, read_stats, shard_paths
+from schemas.gors import reward_answer, selects
 
 IMAGE_EXTENSIONS = ("png", "jpg", "webp")
 
@@ -74,7 +75,7 @@ def decode_image(data: bytes) -> torch.Tensor:
 
 
 def finetune_stream(
-    run: str, min_score: float = 0.0, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 256,
+    run: str, min_score: float | None = None, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 256,
 ) -> Any:
     """(image, caption, VQA score) of every accepted sample of the run's complete shards: a webdataset
     pipeline (a torch ``IterableDataset``) for multi-GPU training.
@@ -98,7 +99,7 @@ def finetune_stream(
         wds.split_by_worker,
         wds.tarfile_to_samples(),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), rng=random.Random(f"{seed}:{epoch}:samples")),
-        wds.select(functools.partial(_at_least, min_score)),  # picklable for spawned DataLoader workers
+        wds.select(functools.partial(_selected, min_score)),  # picklable for spawned DataLoader workers
         wds.map(_training_pair),
     )
 
@@ -107,8 +108,13 @@ def _score(sample: dict[str, Any]) -> float:
     return float(json.loads(sample["json"])["vqa_score"])
 
 
-def _at_least(min_score: float, sample: dict[str, Any]) -> bool:
-    return _score(sample) >= min_score
+def _selected(min_score: float | None, sample: dict[str, Any]) -> bool:
+    """Every accepted sample, or with ``min_score`` GORS's rule on top: strictly above, in float32, on
+    the value as the benchmark writes it (``schemas.gors``)."""
+    if min_score is None:
+        return True
+    meta = json.loads(sample["json"])
+    return selects(reward_answer(meta.get("scorer"), float(meta["vqa_score"])), min_score)
 
 
 def _training_pair(sample: dict[str, Any]) -> tuple[torch.Tensor, str, float]:

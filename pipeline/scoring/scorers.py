@@ -23,6 +23,7 @@ from pipeline.scoring.routing import (
     planned_records,
     scorer_for,
 )
+from schemas.gors import reward_answer
 
 COMPLEX_CATEGORY = "complex"  # the benchmark runs its spatial and CLIP scorers in --complex mode here
 
@@ -122,6 +123,8 @@ class ScorerSet:
     def _spatial(self, image: Any, prompt: str, complex_prompt: bool) -> Judgement:
         r = self._scorer("detector").score_pil(image, prompt, complex_prompt)
         note = None if r.scorable else "no noun to detect: the benchmark's rule cannot read this prompt; score 0"
+        if r.scorable and r.unfindable:
+            note = f"not a UniDet label, never found (as the benchmark): {', '.join(r.unfindable)}"
         return Judgement(SPATIAL, r.score, parts={SPATIAL: r.score}, scorable=r.scorable, note=note)
 
     def _three_in_one(self, image: Any, prompt: str) -> Judgement:
@@ -139,9 +142,5 @@ class ScorerSet:
 
 def benchmark_answer(name: str, score: float, digits: int) -> Any:
     """The answer as the benchmark's vqa_result.json holds it: BLIP-VQA's 4-decimal string, the
-    others' (CLIPScore, the spatial rule, 3-in-1) raw float."""
-    if name == BLIP_VQA:
-        from pipeline.scoring.vqa import format_score
-
-        return format_score(score, digits)
-    return float(score)
+    others' (CLIPScore, the spatial rule, 3-in-1) raw float (``schemas.gors``)."""
+    return reward_answer(name, score, digits)

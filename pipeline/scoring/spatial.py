@@ -15,10 +15,13 @@ The rule, reproduced as the benchmark writes it:
   relation: 1 when IoU < 0.1, else 0.1 / IoU; every other case 0, "on top of" included (in the
   benchmark's phrase list, but its rule has no branch for it).
 
-What is substituted: the detector. UniDet (RS200, confidence above 0.5, on the image resized so
-its short side is 479 px, long side at most 480) is not installable beside this stack; OWLv2 (open
-vocabulary, queried with the two object names) finds the boxes instead, keeping those above
+What is substituted: the detector. UniDet (RS200, confidence above 0.1 -- its CLI's 0.5 is ignored:
+the unified cascade head passes a literal 0.1 to its inference -- on the image resized so its short
+side is 479 px, long side at most 480) is not installable beside this stack; OWLv2 (open vocabulary,
+queried with the two object names) finds the boxes instead, keeping those above
 ``scoring.detection_threshold`` (strictly, as transformers' post-processing and detectron2 do).
+``scoring.spatial_vocabulary: unidet`` queries only nouns that are UniDet label names, so a noun the
+benchmark can never find scores as it does there (not found); ``open`` queries every noun.
 Its boxes are mapped to the benchmark's pixel scale (479-px short side) because the 150-px
 distance threshold is measured there. Scores are therefore labelled ``spatial (detector: ID)``,
 never benchmark-exact.
@@ -41,6 +44,7 @@ from pipeline.config import Config, ScoringConfig
 from pipeline.models.loading import ZooModel
 from pipeline.models.owlv2_pixels import pad_resize
 from pipeline.scoring.spatial_prompt import RuleInput, rule_input
+from pipeline.scoring.spatial_vocabulary import findable, unfindable
 
 NEAR = ("next to", "on side of", "near")
 
@@ -200,6 +204,7 @@ class SpatialResult:
     object: str | None
     scorable: bool = True
     detections: list[dict] = field(default_factory=list)  # the two objects' first detections
+    unfindable: list[str] = field(default_factory=list)  # nouns outside the vocabulary (never found)
 
 
 class SpatialScorer:
@@ -211,9 +216,12 @@ class SpatialScorer:
 
     def score_pil(self, image: Any, prompt: str, complex_prompt: bool = False) -> SpatialResult:
         parse = rule_input(prompt, self.cfg.vqa.spacy_model, complex_prompt)
-        queries = list(dict.fromkeys(q for q in (parse.subject, parse.object) if q))
+        vocabulary = self.cfg.scoring.spatial_vocabulary
+        # A noun the vocabulary cannot name is never queried, so no detection carries it: not found.
+        queries = list(dict.fromkeys(q for q in (parse.subject, parse.object) if findable(q, vocabulary)))
         detections = self.detector.detect(image, queries)
         chosen = [d for d in (first_of(parse.subject, detections), first_of(parse.object, detections)) if d]
         return SpatialResult(score=rule_score(parse, detections, self.cfg.scoring), subject=parse.subject,
                              relation=parse.relation, object=parse.object, scorable=parse.parsed,
-                             detections=[{**asdict(d.box), "label": d.label, "score": d.score} for d in chosen])
+                             detections=[{**asdict(d.box), "label": d.label, "score": d.score} for d in chosen],
+                             unfindable=unfindable((parse.subject, parse.object), vocabulary))

@@ -7,7 +7,7 @@ import json
 from tests.conftest import COMPBENCH
 from tests.jobs.test_run_outputs import _env, _job, _sidecars
 
-SPATIAL_LABEL = "spatial (detector: google/owlv2-base-patch16-ensemble; approximate)"
+SPATIAL_LABEL = "spatial (detector: google/owlv2-base-patch16-ensemble; UniDet vocabulary; approximate)"
 
 
 def test_evaluate_prints_six_labelled_columns(tiny_cache, shared_ray, tmp_path) -> None:
@@ -38,6 +38,9 @@ def test_evaluate_prints_six_labelled_columns(tiny_cache, shared_ray, tmp_path) 
     side = {r["category"]: r for r in _sidecars(out / "run")}
     assert set(dict(side["complex"]["score_parts"])) == {"blip_vqa", "spatial_detector", "clipscore"}
     assert (out / "results.md").read_text().startswith("BLIP-VQA scorer: approximate;")
+    # The benchmark's vocabulary by default, recorded with the run; no open-vocabulary deviation then.
+    assert json.loads((out / "run" / "run.json").read_text())["config"]["scoring"]["spatial_vocabulary"] == "unidet"
+    assert not any("open vocabulary" in line for line in lines)
 
 
 def test_unknown_category_names_the_shipped_lists(tiny_cache, tmp_path) -> None:

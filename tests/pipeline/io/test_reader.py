@@ -80,3 +80,17 @@ def test_two_ranks_two_workers_see_every_accepted_sample_once_per_epoch(tmp_path
             assert (pixel, score) == want[caption]  # the caption comes with its own image and score
         orders.append(captions)
     assert orders[0] != orders[1]  # reshuffled per epoch
+
+
+def test_min_score_is_gors_rule_strictly_above_in_float32(tmp_path) -> None:
+    """Scores (i+1)/1000: min_score 0.004 keeps 0.006 and up (0.005 is a rejected sample, not in the tar),
+    never the equal 0.004; None keeps every accepted sample."""
+    from pipeline.io.reader import finetune_stream
+
+    want = _write_run(tmp_path / "run", shards=2, per_shard=4)
+    everything = sorted(caption for _, caption, _ in finetune_stream(str(tmp_path / "run")))
+    assert everything == sorted(want)
+    kept = sorted(caption for _, caption, _ in finetune_stream(str(tmp_path / "run"), min_score=0.004))
+    # BLIP-VQA (no scorer recorded): the 4-decimal value; 0.004 itself is dropped.
+    assert kept == sorted(c for c, (_, score) in want.items() if score > 0.004 + 1e-9)
+    assert want["prompt 3"][1] == 0.004 and "prompt 3" not in kept and "prompt 2" not in kept and kept

@@ -54,6 +54,20 @@ def test_labels_say_what_is_exact() -> None:
     assert planned_records(other, vqa, [CLIPSCORE])[CLIPSCORE]["exact"] is False
 
 
+def test_spatial_deviations_name_the_vocabulary_and_unidets_real_threshold() -> None:
+    """UniDet's effective threshold is 0.1 (its CLI's 0.5 is ignored): 0.1 is no deviation, 0.5 is."""
+    cfg = from_dict({})
+    devs = planned_records(cfg, None, [SPATIAL])[SPATIAL]["deviations"]
+    assert not any("above confidence" in d for d in devs)
+    assert any(d.startswith("open vocabulary: nouns outside UniDet's 722 label names") for d in devs)
+    other = copy.deepcopy(cfg)
+    other.scoring.detection_threshold, other.scoring.spatial_vocabulary = 0.5, "unidet"
+    rec = planned_records(other, None, [SPATIAL])[SPATIAL]
+    assert any("above confidence 0.5 (UniDet's effective threshold is 0.1" in d for d in rec["deviations"])
+    assert not any("open vocabulary" in d for d in rec["deviations"])
+    assert rec["label"] == "spatial (detector: google/owlv2-base-patch16-ensemble; UniDet vocabulary; approximate)"
+
+
 def _image() -> Image.Image:
     return Image.fromarray((np.random.default_rng(2).random((64, 64, 3)) * 255).astype(np.uint8))
 

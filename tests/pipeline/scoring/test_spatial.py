@@ -178,3 +178,58 @@ def test_spatial_scorer_runs_on_the_tiny_detector(detector: OwlDetector, tiny_cf
     assert (result.subject, result.relation, result.object) == ("dog", "on the left of", "cat")
     assert result.score == 0.0 or 0.5 <= result.score <= 1.0
     assert len(result.detections) <= 2
+
+
+def _queried(detector: OwlDetector, cfg, prompt: str) -> tuple[list[list[str]], object]:
+    """Score one image and return the queries the detector was asked with (a spy on the real detector)."""
+    seen: list[list[str]] = []
+    real = detector.detect
+
+    def spy(image, queries):
+        seen.append(list(queries))
+        return real(image, queries)
+
+    detector.detect = spy
+    try:
+        image = Image.fromarray((np.random.default_rng(1).random((64, 64, 3)) * 255).astype(np.uint8))
+        return seen, SpatialScorer(detector, cfg).score_pil(image, prompt)
+    finally:
+        detector.detect = real
+
+
+def test_unidet_vocabulary_never_finds_a_noun_outside_its_labels(detector: OwlDetector, tiny_cfg) -> None:
+    """'cow' is not a UniDet label ('cattle, cow' is): the benchmark never finds it, so one object at most
+    is found, 0.25 x its confidence < 0.5, and the score is 0."""
+    import copy
+
+    unidet = copy.deepcopy(tiny_cfg)
+    unidet.scoring.spatial_vocabulary = "unidet"
+    unidet.scoring.detection_threshold = 0.0  # every box of the tiny detector counts: the dog is found
+    seen, result = _queried(detector, unidet, "a cow on the left of a dog")
+    assert seen == [["dog"]] and result.unfindable == ["cow"] and result.score == 0.0
+    assert all(d["label"] == "dog" for d in result.detections) and result.detections
+    seen, result = _queried(detector, tiny_cfg, "a cow on the left of a dog")
+    assert seen == [["cow", "dog"]] and result.unfindable == []
+    seen, _ = _queried(detector, unidet, "a dog on the left of a cat")
+    assert seen == [["dog", "cat"]]
+
+
+def test_vocabulary_counts_on_the_shipped_spatial_lists() -> None:
+    """scorable_counts against a count made here from spaCy and the label file directly."""
+    from pipeline.scoring.questions import load_spacy
+    from pipeline.scoring.spatial_vocabulary import scorable_counts
+    from tests.conftest import ROOT, compbench_prompts
+
+    labels = set((ROOT / "data" / "t2i-compbench" / "unidet" / "labels.txt").read_text().splitlines())
+    assert len(labels) == 677  # 722 names, some repeated across the merged datasets
+    nlp = load_spacy("en_core_web_sm")
+    for name in ("spatial_val", "spatial_train"):
+        prompts = compbench_prompts(name)
+        both = 0
+        for doc in nlp.pipe(prompts):
+            nouns = [{"girl": "person", "boy": "person", "man": "person", "woman": "person"}.get(t.text, t.text)
+                     for t in doc if t.pos_ == "NOUN"]
+            both += bool(nouns) and nouns[0] in labels and nouns[-1] in labels
+        counts = scorable_counts(prompts)
+        assert counts == {"open": len(prompts), "unidet": both}
+        assert 0.5 * len(prompts) < both < 0.8 * len(prompts)  # about a third name a noun UniDet lacks
