@@ -42,6 +42,10 @@ class DownloadError(UserError):
     """A download that cannot finish or verify; the message is one line that says what to do."""
 
 
+class TransientDownloadError(DownloadError):
+    """Retries ran out on connection errors or 5xx: running the same command again resumes."""
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 6  # requests per file per run, the first one included
@@ -239,7 +243,7 @@ class _Downloader:
                 print(f"{self.spec.name}: {last}; "
                       f"{'retrying' if attempt + 1 < self.policy.attempts else 'giving up'}", file=sys.stderr)
         kept = f"; {self.part.stat().st_size} bytes are kept in {self.part}" if self.part.exists() else ""
-        raise DownloadError(
+        raise TransientDownloadError(
             f"{self.spec.name}: gave up after {self.policy.attempts} attempts ({last}) from {self.url}{kept}; "
             "run the same command again to resume"
         )

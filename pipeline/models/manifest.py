@@ -65,6 +65,7 @@ class Manifest:
     files: dict[str, FileSpec]
     converted: dict[str, ConvertedSpec]
     hub: dict[str, HubRepo]
+    other_hub_patterns: tuple[str, ...] = ()  # a hub id the table does not list: these files, unverified
     path: Path | None = None
 
     def url(self, name: str, base_url: str | None = None) -> str:
@@ -127,7 +128,8 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
     for spec in converted.values():
         if spec.tokenizer not in hub:
             raise _fail(path, f"converted.{spec.name}: tokenizer {spec.tokenizer} is not under hub")
-    return Manifest(base_url=str(data.get("base_url", "")), files=files, converted=converted, hub=hub, path=path)
+    return Manifest(base_url=str(data.get("base_url", "")), files=files, converted=converted, hub=hub,
+                    other_hub_patterns=tuple(data.get("other_hub_patterns") or ()), path=path)
 
 
 def load_manifest(path: str | Path | None = None) -> Manifest:
