@@ -86,7 +86,7 @@ def model_checks(cfg: Config, args: argparse.Namespace) -> list[Check]:
     out = []
     for s in status(cfg, load_manifest(args.manifest), cache):
         name = ", ".join(s.target.roles)
-        what = s.target.configured or s.target.key
+        what = s.target.configured or (str(s.target.folder) if s.target.kind == "converted" else s.target.key)
         if not s.ok and s.target.kind == "missing":
             this_fix = f"point {s.target.roles[0]} at a model folder or a hub id"
         else:

@@ -115,6 +115,7 @@ def test_fetch_from_nothing_resumes_after_a_404_then_does_nothing_and_the_models
     for repo_id, commit in COMMITS.items():  # pinned by commit, yet offline runs ask for main
         assert (_hub_repo(tmp_path, repo_id) / "refs" / "main").read_text() == commit
     _load_offline(tmp_path, served)
+    _doctor_says_ready(tmp_path, served)
 
 
 def _load_offline(tmp_path: Path, served: dict) -> None:
@@ -157,3 +158,17 @@ def test_a_wrong_hub_file_is_caught_by_its_digest_and_never_used(served, tmp_pat
     assert not (snapshot / name).exists()  # no loader can pick it up
     assert list((_hub_repo(tmp_path, SD) / "blobs").glob("*.rejected"))
     assert not (tmp_path / "models" / REFEREE).exists()
+
+
+def _doctor_says_ready(tmp_path: Path, served: dict) -> None:
+    models = tmp_path / "models"
+    cmd = [sys.executable, "jobs/doctor.py", "--preset", "paper", "--cache", str(models), "--manifest",
+           str(served["manifest"]), "--set", "job.gpus_per_actor=0", "--set", f"models.referee={models / REFEREE}",
+           "--set", f"models.vqa={models / VQA}", "--output", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path, None, offline=True), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout
+    rows = {line.split()[1].rstrip(","): line for line in proc.stdout.splitlines() if line.startswith("  ok")}
+    assert "files checked by models fetch" in rows["models.stable_diffusion"]
+    assert "converted (blip2) by referee-synth" in rows["models.referee"]
+    assert "converted (blip-vqa) by referee-synth" in rows["models.vqa"]
