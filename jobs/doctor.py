@@ -128,9 +128,10 @@ def compute_checks(cfg: Config) -> list[Check]:
     if not count:
         out.append(Check("compute", "bf16", "info", "no GPU here: the engine runs float32 on the CPU"))
     else:
-        bf16 = all(torch.cuda.is_bf16_supported() for _ in [0])
-        if cfg.engine.autocast == "bf16" and not bf16:
-            out.append(Check("compute", "bf16", "MISSING", "engine.autocast is bf16; this GPU has no bf16",
+        bf16 = torch.cuda.is_bf16_supported()
+        if cfg.engine.autocast in ("auto", "bf16") and not bf16:  # auto means bf16 on CUDA
+            out.append(Check("compute", "bf16", "MISSING",
+                             f"engine.autocast {cfg.engine.autocast} runs bf16 on CUDA; this GPU has no bf16",
                              "--set engine.autocast=fp16 (or none)"))
         else:
             out.append(Check("compute", "bf16", "ok" if bf16 else "warn",
@@ -143,11 +144,11 @@ def compute_checks(cfg: Config) -> list[Check]:
 _PROBE = """
 import json, sys
 address = sys.argv[1]
-if address.startswith("ray://"):
+if not address.startswith(("http://", "https://")):  # GCS host:port, ray://, auto: join as a driver (never starts one)
     import ray
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     print(json.dumps({"nodes": len([n for n in ray.nodes() if n.get("Alive")]), "resources": ray.cluster_resources()}))
-else:
+else:  # the dashboard / job-submission address
     from ray.util.state import list_nodes
     nodes = [n for n in list_nodes(address=address, timeout=float(sys.argv[2]), raise_on_missing_output=False)
              if n.state == "ALIVE"]
@@ -203,6 +204,10 @@ def ray_checks(cfg: Config, timeout: float) -> list[Check]:
         out.append(Check("ray", "cluster", "MISSING", f"RAY_ADDRESS={address}: {why}",
                          "start the cluster (ray up ray_cluster.yaml; ray dashboard ray_cluster.yaml for the "
                          "tunnel), or unset RAY_ADDRESS to run on a local Ray"))
+        return out
+    if not found["nodes"]:
+        out.append(Check("ray", "cluster", "MISSING", f"RAY_ADDRESS={address}: answered, but with no live node",
+                         "check the cluster (ray status on its head)"))
         return out
     gpus = found["resources"].get("GPU", 0)
     detail = f"RAY_ADDRESS={address}: {found['nodes']} nodes alive, {gpus:g} GPUs, " \

@@ -119,3 +119,18 @@ def test_the_console_script_and_a_bad_config_are_one_line(tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-m", "jobs.entry", "doctor", "--config", str(tmp_path / "no.yaml")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["gcs", "dashboard"])
+def test_a_reachable_cluster_reports_its_nodes(clean, capsys, monkeypatch, tiny_cfg, shared_ray, form) -> None:
+    """The shared head (token auth on), by its GCS address and by the dashboard address `ray job submit` uses."""
+    for key, value in shared_ray.items():
+        monkeypatch.setenv(key, value)
+    address = shared_ray["RAY_ADDRESS"] if form == "gcs" else shared_ray["REFEREE_SYNTH_TEST_DASHBOARD"]
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    code, out = _doctor(capsys, *TINY, "--set", f"models.tiny_cache_dir={tiny_cfg.models.tiny_cache_dir}",
+                        "--ray-timeout", "60")
+    assert code == 0, out
+    assert f"RAY_ADDRESS={address}: 1 nodes alive, 0 GPUs, 2 CPUs" in _line(out, "cluster")
+    assert "RAY_AUTH_MODE=token, token found" in _line(out, "token auth")
