@@ -89,6 +89,8 @@ def model_checks(cfg: Config, args: argparse.Namespace) -> list[Check]:
         what = s.target.configured or (str(s.target.folder) if s.target.kind == "converted" else s.target.key)
         if not s.ok and s.target.kind == "missing":
             this_fix = f"point {s.target.roles[0]} at a model folder or a hub id"
+        elif not s.ok and s.target.kind == "unusable":
+            this_fix = f"leave {s.target.roles[0]} at its default, then {fix}"
         else:
             this_fix = fix
         out.append(Check("models", name, "ok" if s.ok else "MISSING", f"{what}: {s.detail}", "" if s.ok else this_fix))
@@ -196,8 +198,9 @@ def ray_checks(cfg: Config, timeout: float) -> list[Check]:
         out.append(Check("ray", "token auth", "ok", "RAY_AUTH_MODE=token, token found" if token_mode
                          else "off (RAY_AUTH_MODE is not token)"))
     address = os.environ.get("RAY_ADDRESS", "").strip()
-    if not address:
-        out.append(Check("ray", "cluster", "ok", "RAY_ADDRESS not set: synthesize starts a local Ray here"))
+    if not address or address == "local":  # "local" would make ray.init start one: never probed
+        out.append(Check("ray", "cluster", "ok", f"RAY_ADDRESS {address or 'not set'}: synthesize starts a local "
+                                                 "Ray here"))
         return out
     found, why = probe_ray(address, timeout)
     if found is None:

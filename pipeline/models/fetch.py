@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,8 @@ def plan(cfg: Config, manifest: Manifest, models_dir: Path) -> list[Target]:
                 add("folder", str(path), need.role, folder=path)
             else:
                 add("missing", str(path), need.role, folder=path)
+        elif need.source in manifest.unusable:
+            add("unusable", need.source, need.role)
         elif need.source in manifest.hub:
             add("hub", need.source, need.role, repo=manifest.hub[need.source])
         else:  # a hub id the manifest does not list: its common files, at the config's revision, unverified
@@ -110,7 +113,7 @@ def plan(cfg: Config, manifest: Manifest, models_dir: Path) -> list[Target]:
                                                             tuple(manifest.other_hub_patterns)))
     for t in [t for t in targets.values() if t.kind == "converted"]:
         add("hub", t.converted.tokenizer, None, repo=manifest.hub[t.converted.tokenizer])
-    order = {"hub": 0, "converted": 1, "folder": 2, "missing": 3}
+    order = {"hub": 0, "converted": 1, "folder": 2, "missing": 3, "unusable": 4}
     return sorted(targets.values(), key=lambda t: order[t.kind])
 
 
@@ -324,9 +327,39 @@ def _fetch_converted(t: Target, manifest: Manifest, opts: Options, tokenizer: Re
                 f"{human(sum(folder_files(folder).values()))}; key set, shapes and architecture checked", t.roles)
 
 
+@contextmanager
+def _one_fetch_at_a_time(models_dir: Path):
+    """An exclusive lock on the models folder: a second fetch (another shell, a node sharing the volume) waits."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with open(models_dir / ".models-fetch.lock", "a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            yield
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"another models fetch is working in {models_dir}; waiting for it", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def fetch_models(cfg: Config, manifest: Manifest, opts: Options) -> tuple[list[Line], list[str]]:
     """Fetch what ``cfg`` needs; (report lines, ``--set`` overrides the config needs to find what was written)."""
+    with _one_fetch_at_a_time(opts.models_dir):
+        return _fetch_models(cfg, manifest, opts)
+
+
+def _fetch_models(cfg: Config, manifest: Manifest, opts: Options) -> tuple[list[Line], list[str]]:
     targets = plan(cfg, manifest, opts.models_dir)
+    unusable = [t for t in targets if t.kind == "unusable"]
+    if unusable:
+        t = unusable[0]
+        raise UserError(f"{t.roles[0]}: {t.key} {manifest.unusable[t.key]}")
     missing = [t for t in targets if t.kind == "missing"]
     if missing:
         t = missing[0]
@@ -411,6 +444,8 @@ def status(cfg: Config, manifest: Manifest, models_dir: Path, hub_cache: Path | 
             out.append(_converted_status(t, Path(expand(t.configured)) if t.configured else t.folder))
         elif t.kind == "folder":
             out.append(Status(t, True, f"your own folder, {human(sum(folder_files(t.folder).values()))}"))
+        elif t.kind == "unusable":
+            out.append(Status(t, False, manifest.unusable[t.key]))
         else:
             out.append(Status(t, False, "missing (not a folder models fetch makes)"))
     return out

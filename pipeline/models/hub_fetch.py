@@ -150,16 +150,20 @@ def verify_snapshot(repo: HubRepo, snapshot: Path, stamps_dir: Path, commit: str
     return total + sum((snapshot / p).stat().st_size for p in extra), extra
 
 
-def cached_snapshot(repo: HubRepo, cache_dir: str | Path | None) -> Path | None:
-    """The complete cached snapshot of the pinned commit (no network), or None."""
+def cached_snapshot(repo: HubRepo, cache_dir: str | Path | None, refs: tuple[str, ...] = ()) -> Path | None:
+    """The complete cached snapshot of the pinned commit, or of what ``refs`` point at (a pin that was not
+    found: main was fetched instead), without network; None when there is none."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
-    try:
-        return Path(snapshot_download(repo.repo_id, revision=repo.revision, allow_patterns=repo.allow_patterns,
-                                      cache_dir=cache_dir, local_files_only=True))
-    except (OSError, HfHubHTTPError, ValueError):  # not cached, incomplete (IncompleteSnapshotError), no tree cache
-        return None
+    tried = [repo.revision] + [c for r in refs if (c := read_ref(repo.repo_id, r, cache_dir)) and c != repo.revision]
+    for revision in tried:
+        try:
+            return Path(snapshot_download(repo.repo_id, revision=revision, allow_patterns=repo.allow_patterns,
+                                          cache_dir=cache_dir, local_files_only=True))
+        except (OSError, HfHubHTTPError, ValueError):  # not cached, incomplete (IncompleteSnapshotError), no tree
+            continue
+    return None
 
 
 def _hub_error(repo: HubRepo, err: Exception) -> Exception:
@@ -217,7 +221,7 @@ def fetch_repo(repo: HubRepo, *, refs: tuple[str, ...] = ("main",), cache_dir: s
 
         disable_progress_bars()
     notes: list[str] = []
-    snapshot = cached_snapshot(repo, cache_dir)
+    snapshot = cached_snapshot(repo, cache_dir, tuple(r for r in refs if not COMMIT.match(r)))
     downloaded = snapshot is None
     if snapshot is None:
         if offline():

@@ -66,6 +66,7 @@ class Manifest:
     converted: dict[str, ConvertedSpec]
     hub: dict[str, HubRepo]
     other_hub_patterns: tuple[str, ...] = ()  # a hub id the table does not list: these files, unverified
+    unusable: dict[str, str] = field(default_factory=dict)  # hub id -> why the project cannot load it
     path: Path | None = None
 
     def url(self, name: str, base_url: str | None = None) -> str:
@@ -129,7 +130,8 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
         if spec.tokenizer not in hub:
             raise _fail(path, f"converted.{spec.name}: tokenizer {spec.tokenizer} is not under hub")
     return Manifest(base_url=str(data.get("base_url", "")), files=files, converted=converted, hub=hub,
-                    other_hub_patterns=tuple(data.get("other_hub_patterns") or ()), path=path)
+                    other_hub_patterns=tuple(data.get("other_hub_patterns") or ()),
+                    unusable={str(k): str(v) for k, v in (data.get("unusable") or {}).items()}, path=path)
 
 
 def load_manifest(path: str | Path | None = None) -> Manifest:

@@ -68,6 +68,13 @@ def test_a_users_own_missing_folder_is_named(clean, capsys) -> None:
     assert "fix: point models.vqa at a model folder or a hub id" in out
 
 
+def test_a_hub_id_the_project_cannot_load_is_named_with_the_reason(clean, capsys) -> None:
+    code, out = _doctor(capsys, "--set", "models.referee=Salesforce/blip2-itm-vit-g", "--set", "job.gpus_per_actor=0")
+    assert code == 1
+    assert "MISSING" in _line(out, "models.referee") and "lacks the BLIP-2 stage-1 caption head" in out
+    assert "fix: leave models.referee at its default, then referee-synth models fetch" in out
+
+
 @pytest.mark.parametrize(("sets", "piece", "fix"), [
     (["job.gpus_per_actor=1"], "GPUs", "run on a GPU machine"),
     (["models.device=cuda"], "GPUs", "--set models.device=auto"),

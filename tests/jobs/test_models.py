@@ -89,7 +89,8 @@ def test_fetch_from_nothing_resumes_after_a_404_then_does_nothing_and_the_models
         assert "Traceback" not in first.stderr
         models = tmp_path / "models"
         assert (models / REFEREE / "conversion.json").is_file() and not (models / VQA).exists()
-        assert not list(models.glob(".*")) and not list((models / "downloads").glob("*.part"))
+        assert [p.name for p in models.glob(".*")] == [".models-fetch.lock"]  # no half-converted folder
+        assert not list((models / "downloads").glob("*.part"))
 
         files["/sfr/model_base_vqa_capfilt_large.pth"] = missing
         hub_requests = len(hub.requests)

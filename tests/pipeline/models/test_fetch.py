@@ -13,7 +13,7 @@ from pipeline.config import load_config, preset_path
 from pipeline.errors import UserError
 from pipeline.models import convert_blip2, convert_blip_vqa
 from pipeline.models.download import DownloadError
-from pipeline.models.fetch import check_converted, needs_of, plan, record_problem
+from pipeline.models.fetch import Options, check_converted, fetch_models, needs_of, plan, record_problem
 from pipeline.models.hub_fetch import fetch_repo
 from pipeline.models.manifest import BASE_URL_ENV, ConvertedSpec, load_manifest, parse_manifest
 from tests.conftest import ROOT
@@ -40,6 +40,13 @@ def test_the_tiny_set_needs_nothing_and_a_users_folder_is_left_alone(tmp_path) -
     own.mkdir()
     targets = plan(load_config(preset_path("paper"), [f"models.referee={own}"]), load_manifest(), tmp_path)
     assert [(t.kind, t.roles) for t in targets if t.key == str(own)] == [("folder", ["models.referee"])]
+
+
+def test_a_hub_id_the_project_cannot_load_is_refused_before_any_download(tmp_path) -> None:
+    cfg = load_config(preset_path("paper"), ["models.referee=Salesforce/blip2-itm-vit-g"])
+    with pytest.raises(UserError, match="models.referee: Salesforce/blip2-itm-vit-g lacks the BLIP-2 stage-1 caption"):
+        fetch_models(cfg, load_manifest(), Options(models_dir=tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == [".models-fetch.lock"]
 
 
 def _meta(keys: dict) -> dict[str, torch.Tensor]:
