@@ -295,7 +295,11 @@ def _fetch_converted(t: Target, manifest: Manifest, opts: Options, tokenizer: Re
                     t.roles)
     if folder.exists():
         if problem.startswith("no "):  # made by hand: keep it if it passes the same checks
-            check_converted(folder, spec)
+            try:
+                check_converted(folder, spec)
+            except (UserError, OSError, ValueError) as err:  # the user's own work: never moved, never used
+                raise UserError(f"{folder} is there without {CONVERSION_RECORD} and fails the check "
+                                f"({str(err).splitlines()[0]}); move it away and run models fetch again") from None
             _write_record(folder, spec, {}, None, "found in place, checked by models fetch")
             return Line("ok", str(folder), "made by hand; key set, shapes and architecture checked", t.roles)
         aside = set_aside_folder(folder)

@@ -144,3 +144,25 @@ def test_an_unreadable_model_table_is_one_line(tmp_path) -> None:
     with pytest.raises(UserError, match="cannot read"):
         load_manifest(tmp_path / "absent.yaml")
     assert issubclass(DownloadError, UserError)  # download failures reach the user as one line, exit 2
+
+
+def test_a_folder_converted_by_hand_is_checked_and_kept_never_replaced(converted, tmp_path) -> None:
+    import shutil
+
+    from pipeline.models.fetch import Target, _fetch_converted, read_record
+
+    folder = tmp_path / "blip-vqa-capfilt-large-480"
+    shutil.copytree(converted["blip-vqa"], folder)
+    before = sorted(p.name for p in folder.iterdir())
+    manifest = load_manifest()  # its full-size expect: this small folder fails the check
+    spec = manifest.converted["blip-vqa-capfilt-large-480"]
+    target = Target("converted", spec.name, ["models.vqa"], converted=spec, folder=folder)
+    with pytest.raises(UserError, match="is there without conversion.json and fails the check .*move it away"):
+        _fetch_converted(target, manifest, Options(models_dir=tmp_path), tokenizer=None)
+    assert sorted(p.name for p in folder.iterdir()) == before  # untouched
+    small = ConvertedSpec(spec.name, "blip-vqa", spec.inputs, spec.tokenizer, VQA_EXPECT)
+    line = _fetch_converted(Target("converted", spec.name, ["models.vqa"], converted=small, folder=folder),
+                            manifest, Options(models_dir=tmp_path), tokenizer=None)
+    assert line.status == "ok" and "made by hand" in line.detail
+    assert read_record(folder)["made_by"] == "found in place, checked by models fetch"
+    assert record_problem(folder, small) is None  # a second call: nothing to do
