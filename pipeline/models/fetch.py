@@ -213,29 +213,17 @@ def _convert(spec: ConvertedSpec, inputs: dict[str, Path], tokenizer: Path, out:
 
 def _write_record(folder: Path, spec: ConvertedSpec, sources: dict[str, Any], tokenizer: RepoResult | None,
                   how: str) -> None:
-    from importlib.metadata import version
-
-    from pipeline.versions import code_version
+    from pipeline.versions import _version, code_version
 
     record = {
         "converter": spec.converter, "name": spec.name, "made_by": how,
-        "project_version": version("referee-synth") if _installed("referee-synth") else "unknown",
-        "code_version": code_version(), "transformers": version("transformers"),
+        "project_version": _version("referee-synth") or "unknown",
+        "code_version": code_version(), "transformers": _version("transformers"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "inputs": sources, "tokenizer": {"repo": spec.tokenizer, "commit": tokenizer.commit if tokenizer else None},
         "expect": spec.expect, "files": folder_files(folder),
     }
     (folder / CONVERSION_RECORD).write_text(json.dumps(record, indent=1) + "\n")
-
-
-def _installed(dist: str) -> bool:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        version(dist)
-        return True
-    except PackageNotFoundError:
-        return False
 
 
 def set_aside_folder(folder: Path) -> Path:
@@ -401,7 +389,7 @@ class Status:
 
 
 def _hub_status(t: Target, revision: str, models_dir: Path, hub_cache: Path | None) -> Status:
-    from pipeline.models.hub_fetch import COMMIT, _Stamps, read_ref, repo_dir
+    from pipeline.models.hub_fetch import COMMIT, VerifiedStamps, read_ref, repo_dir
 
     commit = revision if COMMIT.match(revision) else read_ref(t.key, revision, hub_cache)
     snapshot = repo_dir(t.key, hub_cache) / "snapshots" / (commit or "-")
@@ -412,7 +400,7 @@ def _hub_status(t: Target, revision: str, models_dir: Path, hub_cache: Path | No
     if absent:
         return Status(t, False, f"@{commit[:12]}: {absent[0]} missing from the cache ({len(absent)} of {len(names)})")
     size = sum((snapshot / n).stat().st_size for n in names)
-    stamps = _Stamps(models_dir / STAMPS, t.key, commit)
+    stamps = VerifiedStamps(models_dir / STAMPS, t.key, commit)
     if not t.repo.files:
         how = "not listed in data/models.yaml: files not checked"
     elif commit != t.repo.revision:

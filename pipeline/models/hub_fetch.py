@@ -92,7 +92,7 @@ def _set_aside(path: Path) -> Path:
     return rejected
 
 
-class _Stamps:
+class VerifiedStamps:
     """Which snapshot files were verified (size and mtime of the blob at the time): a second run skips hashing."""
 
     def __init__(self, folder: Path, repo_id: str, commit: str):
@@ -122,7 +122,7 @@ class _Stamps:
 
 def verify_snapshot(repo: HubRepo, snapshot: Path, stamps_dir: Path, commit: str) -> tuple[int, list[str]]:
     """Check every recorded file of ``snapshot``; (bytes, unverified files present). A failure is set aside."""
-    stamps = _Stamps(stamps_dir, repo.repo_id, commit)
+    stamps = VerifiedStamps(stamps_dir, repo.repo_id, commit)
     total = 0
     for name, spec in repo.files.items():
         path = snapshot / name

@@ -108,8 +108,11 @@ def test_a_converted_folder_is_checked_by_architecture_key_set_and_shapes(conver
     assert record_problem(broken, blip2) == "no conversion.json (not made by `referee-synth models fetch`)"
 
 
-def test_offline_with_nothing_cached_is_one_line(tmp_path) -> None:
-    repo = load_manifest().hub["bert-base-uncased"]  # the tests run with HF_HUB_OFFLINE=1
+def test_offline_with_nothing_cached_is_one_line(tmp_path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at import: never the network
+    repo = load_manifest().hub["bert-base-uncased"]
     with pytest.raises(UserError, match="not complete in the Hugging Face cache .* HF_HUB_OFFLINE is set; unset it"):
         fetch_repo(repo, cache_dir=tmp_path, stamps_dir=tmp_path / "stamps")
 
