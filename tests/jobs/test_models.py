@@ -141,7 +141,8 @@ print("loaded", vqa.model.config.vision_config.image_size)
     assert "loaded 32" in proc.stdout
     import torch
 
-    assert torch.equal(torch.load(tmp_path / "itm.pt"), served["itm"])  # the converted referee is the source's
+    # the converted referee is the source's
+    assert torch.equal(torch.load(tmp_path / "itm.pt", weights_only=True), served["itm"])
 
 
 def test_a_wrong_hub_file_is_caught_by_its_digest_and_never_used(served, tmp_path) -> None:
