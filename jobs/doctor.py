@@ -72,6 +72,7 @@ def _again(args: argparse.Namespace) -> str:
 
 
 def model_checks(cfg: Config, args: argparse.Namespace) -> list[Check]:
+    from jobs.models import needs_of
     from pipeline.models.fetch import human, status
     from pipeline.models.manifest import load_manifest
     from pipeline.models.tiny import small_root, tiny_root
@@ -84,7 +85,7 @@ def model_checks(cfg: Config, args: argparse.Namespace) -> list[Check]:
     cache = Path(args.cache or DEFAULT_MODELS_DIR).expanduser()
     fix = f"{FETCH_COMMAND}{_again(args)}" + (f" --cache {args.cache}" if args.cache else "")
     out = []
-    for s in status(cfg, load_manifest(args.manifest), cache):
+    for s in status(needs_of(cfg), m.revision, load_manifest(args.manifest), cache):
         name = ", ".join(s.target.roles)
         what = s.target.configured or (str(s.target.folder) if s.target.kind == "converted" else s.target.key)
         if not s.ok and s.target.kind == "missing":

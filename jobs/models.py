@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 from jobs.cli import EXIT_FAILED, fail, run_main  # noqa: E402
 from pipeline.config import Config, load_config, preset_path  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.models.fetch import DEFAULT_MODELS_DIR  # noqa: E402
+from pipeline.models.fetch import DEFAULT_MODELS_DIR, Need  # noqa: E402
 from pipeline.models.manifest import BASE_URL_ENV  # noqa: E402
 
 PRESETS = sorted(p.stem for p in preset_path("paper").parent.glob("*.yaml"))
@@ -49,6 +49,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def needs_of(cfg: Config) -> list[Need]:
+    """The models a run of ``cfg`` can load, by the config key naming each (none for the tiny / small sets):
+    the SD-1.5 parts and the referee; the VQA model, CLIP and the detector when a category the config routes is
+    scored with them (every routed category: the prompts are not known here); the zoo's referees."""
+    from pipeline.referees.registry import REFEREE_KINDS
+    from pipeline.scoring.routing import models_needed
+    from pipeline.scoring.scorer_record import expand, is_local_path
+
+    m, s = cfg.models, cfg.scoring
+    if m.tiny or m.small:
+        return []
+    named = [("models.stable_diffusion", m.stable_diffusion, "Stable Diffusion 1.5 (vae, unet, text encoder)"),
+             ("models.referee", m.referee, "BLIP-2 referee")]
+    used = models_needed({*s.by_category.values(), s.default})
+    named += [(key, value, what) for part, key, value, what in [
+        ("vqa", "models.vqa", m.vqa, "BLIP-VQA scorer"), ("clip", "scoring.clip_model", s.clip_model, "CLIPScore"),
+        ("detector", "scoring.detector_model", s.detector_model, "spatial-rule detector")] if part in used]
+    for i, ref in enumerate(cfg.zoo.referees):
+        model = ref.model or REFEREE_KINDS[ref.kind].default_model
+        if model:
+            named.append((f"zoo.referees[{i}].model", model, f"zoo {ref.kind} referee"))
+    return [Need(key, value, what, Path(expand(value)) if is_local_path(value) else None)
+            for key, value, what in named]
+
+
 def fetch_config(args: argparse.Namespace) -> Config:
     paths = [preset_path(args.preset or "paper")] + list(args.config) if args.preset or not args.config \
         else list(args.config)
@@ -71,7 +96,7 @@ def fetch(args: argparse.Namespace) -> int:
     opts = Options(models_dir=cache, base_url=args.base_url, token=args.token, progress=not args.no_progress,
                    policy=RetryPolicy(attempts=args.retries + 1))
     try:
-        lines, sets = fetch_models(cfg, manifest, opts)
+        lines, sets = fetch_models(needs_of(cfg), cfg.models.revision, manifest, opts)
     except TransientDownloadError as err:
         return fail(str(err), EXIT_FAILED)
     width = max(len(line.what) for line in lines) if lines else 0

@@ -1,11 +1,11 @@
-"""``models fetch``: everything a config loads, downloaded, verified and converted, where the config looks.
+"""``models fetch``: the models a config names, downloaded, verified and converted where the config looks.
 
-What a config needs follows from it (``needs_of``): the SD-1.5 parts and the referee, the VQA model when a
-category is scored by BLIP-VQA, CLIP and OWLv2 when a category is scored by CLIPScore or the spatial rule,
-and the zoo's referees. Each need is one of: a hub repository in data/models.yaml (``hub_fetch``), a folder
-the project's converter makes from the Salesforce files (``converted``: downloaded by ``download``, converted,
-checked, recorded), a folder of the user's own (left alone), or another hub id (fetched with the manifest's
-generic patterns, sizes checked by the hub only). Nothing lands under a final name before it is checked.
+The caller says what is needed (``Need``: the config key, its hub id or folder; jobs/models.py derives them
+from a config). Each need is one of: a hub repository in data/models.yaml (``hub_fetch``), a folder the
+project's converter makes from the Salesforce files (``converted``: downloaded by ``download``, converted,
+checked, recorded), a folder of the user's own (left alone), a hub id the project cannot load (refused), or
+another hub id (fetched with the table's generic patterns, sizes checked by the hub only). Nothing lands under
+a final name before it is checked.
 """
 
 from __future__ import annotations
@@ -22,12 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.models.download import RetryPolicy, fetch_file
-from pipeline.models.hub_fetch import RepoResult, fetch_repo
+from pipeline.models.hub_fetch import COMMIT, RepoResult, VerifiedStamps, fetch_repo, read_ref, repo_dir
 from pipeline.models.manifest import ConvertedSpec, HubRepo, Manifest
-from pipeline.scoring.scorer_record import expand, is_local_path
 
 # Where models.referee and models.vqa point by default (pipeline/config.py): --cache changes it.
 DEFAULT_MODELS_DIR = "~/.cache/referee-synth"
@@ -43,30 +41,7 @@ class Need:
     role: str  # the config key that names the model
     source: str  # what it names (hub id or folder)
     what: str  # in words
-
-
-def needs_of(cfg: Config) -> list[Need]:
-    """The models a run of ``cfg`` can load, by the config key naming each (none for the tiny / small sets)."""
-    from pipeline.referees.registry import REFEREE_KINDS
-    from pipeline.scoring.routing import models_needed
-
-    m, s = cfg.models, cfg.scoring
-    if m.tiny or m.small:
-        return []
-    out = [Need("models.stable_diffusion", m.stable_diffusion, "Stable Diffusion 1.5 (vae, unet, text encoder)"),
-           Need("models.referee", m.referee, "BLIP-2 referee")]
-    used = models_needed({*s.by_category.values(), s.default})
-    if "vqa" in used:
-        out.append(Need("models.vqa", m.vqa, "BLIP-VQA scorer"))
-    if "clip" in used:
-        out.append(Need("scoring.clip_model", s.clip_model, "CLIPScore model"))
-    if "detector" in used:
-        out.append(Need("scoring.detector_model", s.detector_model, "spatial-rule detector"))
-    for i, ref in enumerate(cfg.zoo.referees):
-        model = ref.model or REFEREE_KINDS[ref.kind].default_model
-        if model:
-            out.append(Need(f"zoo.referees[{i}].model", model, f"zoo {ref.kind} referee"))
-    return out
+    folder: Path | None = None  # the source as a local folder (expanded); None for a hub id
 
 
 @dataclass
@@ -82,7 +57,7 @@ class Target:
     configured: str = ""  # the config's value, when it differs from where the folder is written
 
 
-def plan(cfg: Config, manifest: Manifest, models_dir: Path) -> list[Target]:
+def plan(needs: list[Need], revision: str, manifest: Manifest, models_dir: Path) -> list[Target]:
     """Needs grouped into targets (one per repo / folder), hub repos first, tokenizers before conversions."""
     targets: dict[tuple[str, str], Target] = {}
 
@@ -92,14 +67,14 @@ def plan(cfg: Config, manifest: Manifest, models_dir: Path) -> list[Target]:
             t.roles.append(role)
         return t
 
-    for need in needs_of(cfg):
-        if is_local_path(need.source):
-            path = Path(expand(need.source))
+    for need in needs:
+        if need.folder is not None:
+            path = need.folder
             spec = manifest.converted.get(path.name)
             if spec is not None:
                 target = models_dir / spec.name
                 add("converted", spec.name, need.role, converted=spec, folder=target,
-                    configured="" if path == target else need.source)
+                    configured="" if path == target else str(path))
             elif path.is_dir():
                 add("folder", str(path), need.role, folder=path)
             else:
@@ -109,7 +84,7 @@ def plan(cfg: Config, manifest: Manifest, models_dir: Path) -> list[Target]:
         elif need.source in manifest.hub:
             add("hub", need.source, need.role, repo=manifest.hub[need.source])
         else:  # a hub id the manifest does not list: its common files, at the config's revision, unverified
-            add("hub", need.source, need.role, repo=HubRepo(need.source, cfg.models.revision, {},
+            add("hub", need.source, need.role, repo=HubRepo(need.source, revision, {},
                                                             tuple(manifest.other_hub_patterns)))
     for t in [t for t in targets.values() if t.kind == "converted"]:
         add("hub", t.converted.tokenizer, None, repo=manifest.hub[t.converted.tokenizer])
@@ -122,7 +97,7 @@ def plan(cfg: Config, manifest: Manifest, models_dir: Path) -> list[Target]:
 # What each converter writes: (subfolder, model class) whose key set and shapes the folder must have.
 CONVERTED_MODELS = {
     "blip2": [("", "transformers:Blip2ForImageTextRetrieval"),
-              ("caption_head", "pipeline.referees.caption_head:Blip2CaptionHead")],
+              ("caption_head", "pipeline.models.loading:Blip2CaptionHead")],  # wherever the loader takes it from
     "blip-vqa": [("", "transformers:BlipForQuestionAnswering")],
 }
 
@@ -340,14 +315,17 @@ def _one_fetch_at_a_time(models_dir: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def fetch_models(cfg: Config, manifest: Manifest, opts: Options) -> tuple[list[Line], list[str]]:
-    """Fetch what ``cfg`` needs; (report lines, ``--set`` overrides the config needs to find what was written)."""
+def fetch_models(needs: list[Need], revision: str, manifest: Manifest,
+                 opts: Options) -> tuple[list[Line], list[str]]:
+    """Fetch ``needs`` (hub ids at ``revision``, models.revision); (report lines, ``--set`` overrides the
+    config needs to find what was written)."""
     with _one_fetch_at_a_time(opts.models_dir):
-        return _fetch_models(cfg, manifest, opts)
+        return _fetch_models(needs, revision, manifest, opts)
 
 
-def _fetch_models(cfg: Config, manifest: Manifest, opts: Options) -> tuple[list[Line], list[str]]:
-    targets = plan(cfg, manifest, opts.models_dir)
+def _fetch_models(needs: list[Need], revision: str, manifest: Manifest,
+                  opts: Options) -> tuple[list[Line], list[str]]:
+    targets = plan(needs, revision, manifest, opts.models_dir)
     unusable = [t for t in targets if t.kind == "unusable"]
     if unusable:
         t = unusable[0]
@@ -359,7 +337,7 @@ def _fetch_models(cfg: Config, manifest: Manifest, opts: Options) -> tuple[list[
                         f"{', '.join(manifest.converted)}); point {t.roles[0]} at an existing folder or a hub id")
     pending = {t.converted.tokenizer for t in targets
                if t.kind == "converted" and record_problem(t.folder, t.converted) is not None}
-    refs = (cfg.models.revision,)
+    refs = (revision,)
     stamps = opts.models_dir / STAMPS
     lines: list[Line] = []
     repos: dict[str, RepoResult] = {}
@@ -389,8 +367,6 @@ class Status:
 
 
 def _hub_status(t: Target, revision: str, models_dir: Path, hub_cache: Path | None) -> Status:
-    from pipeline.models.hub_fetch import COMMIT, VerifiedStamps, read_ref, repo_dir
-
     commit = revision if COMMIT.match(revision) else read_ref(t.key, revision, hub_cache)
     snapshot = repo_dir(t.key, hub_cache) / "snapshots" / (commit or "-")
     if commit is None or not snapshot.is_dir():
@@ -424,16 +400,17 @@ def _converted_status(t: Target, configured: Path) -> Status:
     return Status(t, False, problem if configured.exists() else "missing")
 
 
-def status(cfg: Config, manifest: Manifest, models_dir: Path, hub_cache: Path | None = None) -> list[Status]:
-    """Each model a run of ``cfg`` loads: present (with sizes and provenance) or not, from the disk alone."""
+def status(needs: list[Need], revision: str, manifest: Manifest, models_dir: Path,
+           hub_cache: Path | None = None) -> list[Status]:
+    """Each needed model: present (with sizes and provenance) or not, from the disk alone."""
     out = []
-    for t in plan(cfg, manifest, models_dir):
+    for t in plan(needs, revision, manifest, models_dir):
         if not t.roles:
             continue  # a converter's tokenizer: not loaded by runs
         if t.kind == "hub":
-            out.append(_hub_status(t, cfg.models.revision, models_dir, hub_cache))
+            out.append(_hub_status(t, revision, models_dir, hub_cache))
         elif t.kind == "converted":
-            out.append(_converted_status(t, Path(expand(t.configured)) if t.configured else t.folder))
+            out.append(_converted_status(t, Path(t.configured) if t.configured else t.folder))
         elif t.kind == "folder":
             out.append(Status(t, True, f"your own folder, {human(sum(folder_files(t.folder).values()))}"))
         elif t.kind == "unusable":

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from jobs.models import needs_of
 from pipeline.config import load_config, preset_path
 from pipeline.errors import UserError
 from pipeline.models import convert_blip2, convert_blip_vqa
 from pipeline.models.download import DownloadError
-from pipeline.models.fetch import Options, check_converted, fetch_models, needs_of, plan, record_problem
+from pipeline.models.fetch import Options, check_converted, fetch_models, plan, record_problem
 from pipeline.models.hub_fetch import fetch_repo
 from pipeline.models.manifest import BASE_URL_ENV, ConvertedSpec, load_manifest, parse_manifest
 from tests.conftest import ROOT
@@ -25,7 +26,8 @@ KEYS = ROOT / "tests" / "parity" / "data"  # the released files' key lists, from
 @pytest.mark.parametrize("preset", ["paper", "vlminv", "zoo", "sd15", "gors"])
 def test_every_shipped_preset_is_covered_by_the_model_table(preset, tmp_path) -> None:
     manifest = load_manifest()
-    targets = plan(load_config(preset_path(preset)), manifest, tmp_path)
+    cfg = load_config(preset_path(preset))
+    targets = plan(needs_of(cfg), cfg.models.revision, manifest, tmp_path)
     assert {t.kind for t in targets} <= {"hub", "converted"}
     assert all(t.repo.files for t in targets if t.kind == "hub")  # listed with digests, not the generic patterns
     assert {t.key for t in targets if t.kind == "converted"} == set(manifest.converted)
@@ -38,14 +40,15 @@ def test_the_tiny_set_needs_nothing_and_a_users_folder_is_left_alone(tmp_path) -
     assert needs_of(load_config(preset_path("tiny"))) == []
     own = tmp_path / "my-referee"
     own.mkdir()
-    targets = plan(load_config(preset_path("paper"), [f"models.referee={own}"]), load_manifest(), tmp_path)
+    cfg = load_config(preset_path("paper"), [f"models.referee={own}"])
+    targets = plan(needs_of(cfg), "main", load_manifest(), tmp_path)
     assert [(t.kind, t.roles) for t in targets if t.key == str(own)] == [("folder", ["models.referee"])]
 
 
 def test_a_hub_id_the_project_cannot_load_is_refused_before_any_download(tmp_path) -> None:
     cfg = load_config(preset_path("paper"), ["models.referee=Salesforce/blip2-itm-vit-g"])
     with pytest.raises(UserError, match="models.referee: Salesforce/blip2-itm-vit-g lacks the BLIP-2 stage-1 caption"):
-        fetch_models(cfg, load_manifest(), Options(models_dir=tmp_path))
+        fetch_models(needs_of(cfg), "main", load_manifest(), Options(models_dir=tmp_path))
     assert [p.name for p in tmp_path.iterdir()] == [".models-fetch.lock"]
 
 
