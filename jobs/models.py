@@ -92,7 +92,7 @@ def fetch(args: argparse.Namespace) -> int:
         print("nothing to fetch: the tiny and small model sets are built locally on first use")
         return 0
     manifest = load_manifest(args.manifest)
-    cache = Path(args.cache or DEFAULT_MODELS_DIR).expanduser()
+    cache = Path(args.cache or DEFAULT_MODELS_DIR).expanduser().absolute()  # the --set lines need it whole
     opts = Options(models_dir=cache, base_url=args.base_url, token=args.token, progress=not args.no_progress,
                    policy=RetryPolicy(attempts=args.retries + 1))
     try:
