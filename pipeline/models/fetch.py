@@ -218,6 +218,7 @@ class Options:
     base_url: str | None = None
     token: str | None = None
     hub_cache: Path | None = None  # default: huggingface_hub's (HF_HUB_CACHE / HF_HOME)
+    endpoint: str | None = None  # default: HF_ENDPOINT
     progress: bool = True
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     sleep: Callable[[float], None] = time.sleep
@@ -346,7 +347,8 @@ def _fetch_models(needs: list[Need], revision: str, manifest: Manifest,
             if not t.roles and t.key not in pending:
                 continue  # a converter's tokenizer, and nothing left to convert
             repos[t.key] = fetch_repo(t.repo, refs=refs, cache_dir=opts.hub_cache, stamps_dir=stamps,
-                                      token=opts.token, progress=opts.progress, policy=opts.policy, sleep=opts.sleep)
+                                      token=opts.token, endpoint=opts.endpoint, progress=opts.progress,
+                                      policy=opts.policy, sleep=opts.sleep)
             lines.append(_hub_line(t, repos[t.key]))
         elif t.kind == "converted":
             lines.append(_fetch_converted(t, manifest, opts, repos.get(t.converted.tokenizer)))

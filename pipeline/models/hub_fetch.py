@@ -180,7 +180,7 @@ def _hub_error(repo: HubRepo, err: Exception) -> Exception:
     return TransientDownloadError(f"{repo.repo_id}: {type(err).__name__}: {first}; run the same command again")
 
 
-def _download(repo: HubRepo, revision: str, cache_dir, token, policy: RetryPolicy,
+def _download(repo: HubRepo, revision: str, cache_dir, token, endpoint, policy: RetryPolicy,
               sleep: Callable[[float], None]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -198,7 +198,7 @@ def _download(repo: HubRepo, revision: str, cache_dir, token, policy: RetryPolic
             sleep(policy.wait(attempt))
         try:
             return Path(snapshot_download(repo.repo_id, revision=revision, allow_patterns=repo.allow_patterns,
-                                          cache_dir=cache_dir, token=token))
+                                          cache_dir=cache_dir, token=token, endpoint=endpoint))
         except permanent:
             raise
         except (HfHubHTTPError, OSError) as err:  # connection, 5xx, timeouts: huggingface_hub's own retries ran out
@@ -210,9 +210,11 @@ def _download(repo: HubRepo, revision: str, cache_dir, token, policy: RetryPolic
 
 
 def fetch_repo(repo: HubRepo, *, refs: tuple[str, ...] = ("main",), cache_dir: str | Path | None = None,
-               stamps_dir: Path, token: str | None = None, progress: bool = True,
+               stamps_dir: Path, token: str | None = None, endpoint: str | None = None, progress: bool = True,
                policy: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep) -> RepoResult:
-    """The pinned commit of ``repo`` in the hub cache, every recorded file verified, ``refs`` pointing at it."""
+    """The pinned commit of ``repo`` in the hub cache, every recorded file verified, ``refs`` pointing at it.
+
+    ``endpoint``: default HF_ENDPOINT as huggingface_hub read it at import."""
     from huggingface_hub.errors import RevisionNotFoundError
 
     policy = policy or RetryPolicy()
@@ -228,12 +230,12 @@ def fetch_repo(repo: HubRepo, *, refs: tuple[str, ...] = ("main",), cache_dir: s
             raise UserError(f"{repo.repo_id}: not complete in the Hugging Face cache ({hub_cache_dir(cache_dir)}) "
                             "and HF_HUB_OFFLINE is set; unset it to download")
         try:
-            snapshot = _download(repo, repo.revision, cache_dir, token, policy, sleep)
+            snapshot = _download(repo, repo.revision, cache_dir, token, endpoint, policy, sleep)
         except RevisionNotFoundError:
             # The pin came from third parties; the digests still decide what is accepted.
             notes.append(f"pinned commit {repo.revision[:12]} not found; fetched main and checked every digest")
             try:
-                snapshot = _download(repo, "main", cache_dir, token, policy, sleep)
+                snapshot = _download(repo, "main", cache_dir, token, endpoint, policy, sleep)
             except Exception as err:  # noqa: BLE001 - one line for whatever the hub answered
                 raise _hub_error(repo, err) from None
         except UserError:

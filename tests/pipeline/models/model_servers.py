@@ -124,17 +124,25 @@ class StubRepo:
     files: dict[str, bytes]
     lfs: set[str] = field(default_factory=set)  # paths served as LFS files (ETag = sha256)
     wrong: dict[str, bytes] = field(default_factory=dict)  # path -> body sent instead (same size)
+    token: str | None = None  # when set: a gated repo, answered 401 without `Authorization: Bearer TOKEN`
 
     def etag(self, path: str) -> str:
         data = self.files[path]
         return hashlib.sha256(data).hexdigest() if path in self.lfs else git_blob_sha1(data)
 
 
+_ANSWERED = object()  # _repo already sent the answer (401)
+
+
 class _HubHandler(_Handler):
     """GET /api/models/{id}/revision/{rev}, GET /api/models/{id}/tree/{commit}, HEAD/GET /{id}/resolve/{rev}/{path}."""
 
     def _repo(self, repo_id: str) -> StubRepo | None:
-        return self.server.repos.get(repo_id)
+        repo = self.server.repos.get(repo_id)
+        if repo is not None and repo.token and self.headers.get("Authorization") != f"Bearer {repo.token}":
+            self._error(401, {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to this repo is restricted"})
+            return _ANSWERED
+        return repo
 
     def _json(self, obj) -> None:
         data = json.dumps(obj).encode()
@@ -150,6 +158,8 @@ class _HubHandler(_Handler):
             if marker in rest:
                 repo_id, _, rev = rest.partition(marker)
                 repo = self._repo(repo_id)
+                if repo is _ANSWERED:
+                    return None
                 if repo is None:
                     return self._error(404, {"X-Error-Code": "RepoNotFound"})
                 if rev not in ("main", repo.commit):
@@ -173,6 +183,8 @@ class _HubHandler(_Handler):
         rev, _, file = tail.partition("/")
         rev, file = urllib.parse.unquote(rev), urllib.parse.unquote(file)
         repo = self._repo(repo_id)
+        if repo is _ANSWERED:
+            return None
         if repo is None:
             return self._error(404, {"X-Error-Code": "RepoNotFound"})
         if rev not in ("main", repo.commit):
