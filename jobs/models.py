@@ -107,6 +107,7 @@ def fetch(args: argparse.Namespace) -> int:
         print("the config names other folders; run with: " + " ".join(sets))
     again = [f"--preset {args.preset}"] if args.preset else []
     again += [f"--config {c}" for c in args.config] + [f"--set {s}" for s in args.set] + sets
+    again += [f"--cache {cache}"] if args.cache else []
     print(f"next: referee-synth doctor{''.join(' ' + a for a in again)}")
     return 0
 
