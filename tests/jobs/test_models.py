@@ -107,7 +107,9 @@ def test_fetch_from_nothing_resumes_after_a_404_then_does_nothing_and_the_models
     rows = [line.split()[0] for line in third.stdout.splitlines() if "/" in line.split()[1]]
     assert len(rows) == 5 and set(rows) == {"ok"}, third.stdout
     assert f"--set models.referee={models / REFEREE}" in third.stdout  # --cache is not where paper.yaml looks
-    assert "next: referee-synth doctor --preset paper --set models.referee=" in third.stdout
+    nxt = next(line for line in third.stdout.splitlines() if line.startswith("next:"))
+    assert nxt.startswith("next: referee-synth doctor --preset paper --set models.referee=")
+    assert nxt.endswith(f"--cache {models}")
 
     record = json.loads((models / VQA / "conversion.json").read_text())
     assert record["converter"] == "blip-vqa" and record["made_by"] == "referee-synth models fetch"
