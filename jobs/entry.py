@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "report": ("jobs.report", "a run's HTML report (totals, histograms, contact sheets)"),
     "evaluate": ("jobs.evaluate", "the T2I-CompBench protocol through the job, as the paper's Table 3"),
     "convert": ("jobs.convert_checkpoints", "original Salesforce checkpoints -> model folders"),
+    "models": ("jobs.models", "`models fetch`: download, verify and convert every model a preset loads"),
+    "doctor": ("jobs.doctor", "what a run of a config needs and what is missing (models, GPUs, Ray, disk)"),
 }
 
 

@@ -44,6 +44,9 @@ MODEL_KEYS = ("stable_diffusion", "referee", "vqa")
 # Where `jobs/convert_checkpoints.py blip-vqa` is expected to write the original 480-px BLIP VQA
 # checkpoint (the one T2I-CompBench scores with); the paper and gors presets score with it.
 DEFAULT_VQA_FOLDER = "~/.cache/referee-synth/blip-vqa-capfilt-large-480"
+# Where `referee-synth models fetch` writes the BLIP-2 referee converted from LAVIS's released pair (the
+# hub's Salesforce/blip2-itm-vit-g lacks the stage-1 caption head the referee loss needs).
+DEFAULT_REFEREE_FOLDER = "~/.cache/referee-synth/blip2-referee-vit-g"
 # The hub's copy: resized to 384 px, so scores only approximate the benchmark's.
 HUB_VQA_ID = "Salesforce/blip-vqa-capfilt-large"
 
@@ -58,7 +61,7 @@ class ModelsConfig:
     tiny_cache_dir: str = ""  # "" -> $REFEREE_SYNTH_CACHE or ~/.cache/referee-synth
     tiny_seed: int = _f(0, 0)
     stable_diffusion: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    referee: str = "Salesforce/blip2-itm-vit-g"
+    referee: str = DEFAULT_REFEREE_FOLDER
     vqa: str = DEFAULT_VQA_FOLDER  # or HUB_VQA_ID (approximate scores, recorded as such)
     revision: str = "main"
     dtype: str = _f("float32", choices=["float32", "bfloat16", "float16"])

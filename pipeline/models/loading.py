@@ -26,8 +26,8 @@ from pipeline.scoring.scorer_record import expand
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _HOW_TO_PROVIDE = (
-    "set models.{key} to a local folder, or put the model in the Hugging Face cache (HF_HOME) "
-    "and run with HF_HUB_OFFLINE=1"
+    "run `referee-synth models fetch` (then `referee-synth doctor`), or set models.{key} to a local folder, "
+    "or put the model in the Hugging Face cache (HF_HOME) and run with HF_HUB_OFFLINE=1"
 )
 
 
@@ -134,7 +134,8 @@ def _load_caption_head(referee_source: str, rev: dict[str, str]) -> Blip2Caption
     except OSError:
         raise ModelLoadError(
             f"the BLIP-2 caption head (caption_head/) is missing from {referee_source!r}; "
-            "make a referee folder with `python jobs/convert_checkpoints.py blip2 --lavis-checkpoint "
+            "run `referee-synth models fetch` (it converts LAVIS's release where models.referee points by "
+            "default), or make a referee folder with `python jobs/convert_checkpoints.py blip2 --lavis-checkpoint "
             "blip2_pretrained.pth --vision-checkpoint eva_vit_g.pth --output DIR` and set models.referee to DIR"
         ) from None
 

@@ -46,7 +46,8 @@ def check_vqa_source(cfg: Config) -> None:
     if m.tiny or m.small or not is_local_path(m.vqa) or Path(expand(m.vqa)).is_dir():
         return
     raise UserError(
-        f"models.vqa: BLIP VQA folder {m.vqa} does not exist; make it with `{CONVERT_HINT.format(out=m.vqa)}` "
+        f"models.vqa: BLIP VQA folder {m.vqa} does not exist; run `referee-synth models fetch`, or make it with "
+        f"`{CONVERT_HINT.format(out=m.vqa)}` "
         f"(or --set models.vqa={HUB_VQA_ID} for approximate scores)"
     )
 
