@@ -44,6 +44,7 @@ class Night:
     specs: list[ShardSpec]
     redo_shards: list[int] = field(default_factory=list)
     retired_now: list[str] = field(default_factory=list)
+    lost_by_redo: list[str] = field(default_factory=list)  # removed prompts in a redone shard: not remade
 
     def history_entry(self, fingerprint: dict[str, Any], code_version: str, started_at: str) -> dict[str, Any]:
         d = self.diff
@@ -96,6 +97,8 @@ def plan_night(
     night = Night(number, placement, diff, [])
     if diff.changed:
         night.redo_shards = pl.accept_changes(placement, rows, keys, where, set(diff.changed), number)
+        redo, index = set(night.redo_shards), placement.index()
+        night.lost_by_redo = [k for k in diff.removed if int(placement.shard[index[k]]) in redo]
     if diff.restored:
         pl.set_retired(placement, diff.restored, 0)
     if diff.removed and opts.drop_removed:
@@ -128,6 +131,9 @@ def say(night: Night, default_ids: int, appending: bool) -> None:
     if d.restored:
         parts.append(f"{len(d.restored)} retired prompt(s) back in the table: live again")
     print(f"night {night.number}: " + "; ".join(parts), file=sys.stderr)
+    if night.lost_by_redo:
+        print(f"warning: the redone shards also hold prompts removed from the table: {_named(night.lost_by_redo)}; "
+              "the redo cannot remake them, so their earlier samples leave the dataset with it", file=sys.stderr)
 
 
 def _shards(shards: list[int]) -> str:
