@@ -13,6 +13,7 @@ What a night does with each kind of row (docs/ARCHITECTURE.md "Nightly runs"):
 
 from __future__ import annotations
 
+import gc
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +77,19 @@ def plan_night(
     content_sha256: str, opts: NightOptions, output_uri: str,
 ) -> Night:
     """Read the placement (or start one), diff tonight's rows, place the new ones. Writes nothing."""
+    paused = gc.isenabled()
+    gc.disable()  # a million rows' worth of new objects: collections would rescan them all, to free nothing
+    try:
+        return _plan_night(fs, out, rows, shard_size, old_run, content_sha256, opts, output_uri)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _plan_night(
+    fs: pafs.FileSystem, out: str, rows: list[PromptRow], shard_size: int, old_run: dict[str, Any] | None,
+    content_sha256: str, opts: NightOptions, output_uri: str,
+) -> Night:
     number = night_number(old_run)
     placement = pl.read_placement(fs, out) if old_run is not None else None
     if placement is None:
@@ -104,12 +118,12 @@ def plan_night(
     if diff.removed and opts.drop_removed:
         pl.set_retired(placement, diff.removed, number)
         night.retired_now = list(diff.removed)
+    base = len(placement.ids)
     diff.new_shards = pl.extend(placement, rows, keys, diff.added, number, shard_size)
-    if diff.added:
-        index = placement.index()
-        where = [index[k] if i < 0 else i for k, i in zip(keys, where)]
-    night.specs = [ShardSpec(shard, [r for _, r in items], [s for s, _ in items], number)
-                   for shard, items in sorted(pl.shard_rows(placement, rows, where).items())]
+    for j, r in enumerate(diff.added):  # the added rows' entries follow the old ones, in input order
+        where[r] = base + j
+    night.specs = [ShardSpec(shard, [rows[i] for i in members], slots, number)
+                   for shard, slots, members in pl.shard_groups(placement, where)]
     return night
 
 

@@ -49,14 +49,19 @@ PLACEMENT_SCHEMA = pa.schema([
 
 
 def row_digest(row: PromptRow) -> int:
-    """What makes a prompt's samples: an edit to any of these is a changed prompt."""
-    parts = (row.prompt, row.category, row.seed, row.num_samples, int(bool(row.template)))
-    text = "\x1e".join(_NONE if p is None else str(p) for p in parts)
+    """What makes a prompt's samples: an edit to any of these is a changed prompt. (One f-string and one
+    blake2b call: this runs once per input row every night, ~1 us.)"""
+    prompt = _NONE if row.prompt is None else row.prompt
+    category = _NONE if row.category is None else row.category
+    text = f"{prompt}\x1e{category}\x1e{row.seed}\x1e{row.num_samples}\x1e{bool(row.template)}"
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
 
 
 def plan_keys(rows: Iterable[PromptRow]) -> list[str]:
     """Each row's plan key: its prompt_id, or ``id\\x1fn`` for the n-th repeat of an id."""
+    ids = [row.prompt_id for row in rows]
+    if len(set(ids)) == len(ids):  # the usual table: every id once
+        return ids
     seen: dict[str, int] = {}
     keys = []
     for row in rows:
@@ -141,16 +146,17 @@ def diff(placement: Placement, rows: list[PromptRow], keys: list[str], night: in
     out = NightDiff(night)
     where = [index.get(k, -1) for k in keys]
     seen = np.zeros(len(placement.ids), bool)
+    digest, retired = placement.digest.tolist(), placement.retired.tolist()  # list lookups beat numpy scalars
     for row, key, i in zip(rows, keys, where):
         if i < 0:
             out.added.append(row.row)
             continue
-        seen[i] = True
-        same = row_digest(row) == placement.digest[i]
-        if not same:
+        if row_digest(row) != digest[i]:
             out.changed.append(key)
-        elif placement.retired[i]:
+        elif retired[i]:
             out.restored.append(key)
+    placed = np.array(where, np.int64)
+    seen[placed[placed >= 0]] = True
     gone = np.flatnonzero(~seen & (placement.retired == 0))
     out.removed = [placement.ids[i] for i in gone]
     return out, where
@@ -171,6 +177,7 @@ def extend(placement: Placement, rows: list[PromptRow], keys: list[str], added: 
                         f"{10**SHARD_DIGITS} the sample key can name; raise --shard-size or use a new --output")
     pos = np.arange(n, dtype=np.int64)
     new_rows = [rows[i] for i in added]  # PromptRow.row is the row's index in tonight's list
+    base = len(placement.ids)
     placement.ids += [keys[r] for r in added]
     placement.shard = np.concatenate([placement.shard, (first + pos // shard_size).astype(np.int32)])
     placement.slot = np.concatenate([placement.slot, (pos % shard_size).astype(np.int32)])
@@ -178,7 +185,8 @@ def extend(placement: Placement, rows: list[PromptRow], keys: list[str], added: 
     placement.night = np.concatenate([placement.night, np.full(n, night, np.int32)])
     placement.redone = np.concatenate([placement.redone, np.zeros(n, np.int32)])
     placement.retired = np.concatenate([placement.retired, np.zeros(n, np.int32)])
-    placement._index = None
+    if placement._index is not None:
+        placement._index.update((placement.ids[base + j], base + j) for j in range(n))
     return list(range(first, last + 1))
 
 
@@ -202,15 +210,18 @@ def set_retired(placement: Placement, keys: Iterable[str], night: int) -> None:
         placement.retired[index[key]] = night
 
 
-def shard_rows(placement: Placement, rows: list[PromptRow], where: list[int]) -> dict[int, list[tuple[int, PromptRow]]]:
-    """shard -> (slot, row) of tonight's rows, in slot order."""
-    out: dict[int, list[tuple[int, PromptRow]]] = {}
-    shard, slot = placement.shard, placement.slot
-    for row, i in zip(rows, where):
-        out.setdefault(int(shard[i]), []).append((int(slot[i]), row))
-    for items in out.values():
-        items.sort(key=lambda t: t[0])
-    return out
+def shard_groups(placement: Placement, where: list[int]) -> list[tuple[int, list[int], list[int]]]:
+    """(shard, slots, row indices) of tonight's rows per shard, shards ascending, slots ascending."""
+    if not where:
+        return []
+    at = np.asarray(where, np.int64)
+    shard, slot = placement.shard[at], placement.slot[at]
+    order = np.lexsort((slot, shard))
+    shard, slot = shard[order], slot[order]
+    cuts = np.flatnonzero(np.diff(shard)) + 1
+    starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(order)]])
+    order_l, slot_l, shard_l = order.tolist(), slot.tolist(), shard.tolist()
+    return [(shard_l[a], slot_l[a:b], order_l[a:b]) for a, b in zip(starts.tolist(), ends.tolist())]
 
 
 def read_placement(fs: pafs.FileSystem, out: str) -> Placement | None:
