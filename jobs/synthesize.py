@@ -360,6 +360,7 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
         rates_from_floor,
     )
     from pipeline.io import storage
+    from pipeline.io.nightly import pending_work
     from pipeline.io.shards import plan_shards
     from schemas.prompts import read_prompt_tables, validate_rows
 
@@ -370,6 +371,11 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
     by_generator = rates_by_generator(args.from_run or [])
     rates = by_generator.get(cfg.engine.generator) or rates_from_floor(cfg)
     shards = len(plan_shards(rows, cfg.job.shard_size))
+    pending = pending_work(*storage.filesystem_for(args.output), rows, cfg.job.shard_size)
+    if pending is not None:  # a grown table on a placed folder: estimate tonight's work only
+        print(f"{args.output}: {len(rows) - len(pending[0])} of these {len(rows)} prompts need nothing more there; "
+              "the plan covers the others (new ones, and the shards --redo-changed would redo)", file=sys.stderr)
+        rows, shards = pending
     result = make_plan(rows, shards, cfg, rates)
     if by_generator:
         result["generators"] = compare_generators(rows, shards, cfg, by_generator)

@@ -205,3 +205,18 @@ def finish_night(fs: pafs.FileSystem, out: str, info: Any, completed: set[int], 
     entry["shards_completed"] = sorted(s for s in entry.get("shards_run", []) if s in completed)
     info.updated_at = entry["finished_at"]
     write_run_info(fs, out, info)
+
+
+def pending_work(fs: pafs.FileSystem, out: str, rows: list[PromptRow], shard_size: int
+                 ) -> tuple[list[PromptRow], int] | None:
+    """``--plan`` on a folder that already has a placement: the rows tonight would run (new prompts, and edited
+    ones as if --redo-changed; the redone shards' other prompts too) and their shard count. None: no placement."""
+    placement = pl.read_placement(fs, out)
+    if placement is None:
+        return None
+    keys = pl.plan_keys(rows)
+    diff, where = pl.diff(placement, rows, keys, 0)
+    changed = set(diff.changed)
+    redo = {int(placement.shard[i]) for k, i in zip(keys, where) if k in changed}
+    todo = [r for r, i in zip(rows, where) if i < 0 or int(placement.shard[i]) in redo]
+    return todo, -(-len(diff.added) // shard_size) + len(redo)

@@ -188,3 +188,25 @@ def test_report_shows_totals_per_night(nights, tmp_path) -> None:
     assert rows[1]["samples"] == 5 and rows[1]["added"] == 6  # p3 retired: out of the dataset's counts
     assert rows[4]["samples"] == 6 and rows[4]["changed"] == 2 and rows[4]["shards_run"] == 3
     assert rows[2]["finished"] is False and rows[5]["retired"] == 1
+
+
+def test_plan_on_a_placed_folder_estimates_only_tonights_work(tmp_path, capsys) -> None:
+    """--plan (no Ray) on a folder whose placement holds p0..p3 (shards 0, 1): p5 and p6 are new (one new
+    shard), p2 is edited (its shard 1 would be redone, p3 with it)."""
+    from jobs.synthesize import main
+    from pipeline.io.nightly import NightOptions, commit_night, plan_night
+    from pipeline.io.storage import filesystem_for
+    from schemas.prompts import read_prompt_tables, validate_rows
+
+    run = tmp_path / "run"
+    fs, out = filesystem_for(str(run))
+    fs.create_dir(out, recursive=True)
+    rows = validate_rows(read_prompt_tables(str(_table(tmp_path / "n1.parquet", [0, 1, 2, 3])))[1], 1, 1000, 200)
+    commit_night(fs, out, plan_night(fs, out, rows, 2, None, "sha", NightOptions(), str(run)))
+    grown = _table(tmp_path / "n2.parquet", [0, 1, 2, 3, 5, 6], {2: {"prompt": "a gold spoon"}})
+    args = ["--plan", "--prompts", str(grown), "--output", str(run), "--config", str(ROOT / "configs" / "paper.yaml"),
+            "--shard-size", "2"]
+    assert main(args) == 0
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["valid_prompts"] == 4 and plan["shards"] == 2
+    assert "2 of these 6 prompts need nothing more there" in capsys.readouterr().err
