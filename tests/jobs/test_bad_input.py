@@ -62,7 +62,8 @@ def test_row_catalogue_gets_statuses_and_run_goes_on(tmp_path, tiny_cache, share
                     meta = json.loads(tar.extractfile(name).read())
                     assert meta["key"] == key
     # Nothing was rejected (threshold 0): no rejected/ folder, and no empty rejected tar.
-    assert {p.name for p in out.iterdir()} == {"run.json", "shards", "summary.json", "shards.txt", "README.md"}
+    assert {p.name for p in out.iterdir()} == {"run.json", "shards", "summary.json", "shards.txt", "README.md",
+                                               "placement.parquet"}
 
 
 def _wrong_types(p: Path) -> list[str]:
