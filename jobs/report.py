@@ -111,7 +111,9 @@ def build_report(run: str, samples: int, compare_runs: list[str] | None = None) 
     summary_path = Path(out) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     made = [r for r in records if r["status"] in ("accepted", "rejected")]
-    parts = [f"<h1>Run report: {html.escape(Path(out).name)}</h1>", _totals(records, summary)]
+    run_info = json.loads((Path(out) / "run.json").read_text())
+    parts = [f"<h1>Run report: {html.escape(Path(out).name)}</h1>", _totals(records, summary),
+             _nights_table(night_rows(records, run_info.get("history") or []))]
     parts.append("<h2>VQA scores per category</h2>")
     by_cat: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in made:
@@ -150,6 +152,34 @@ def _totals(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
             ("wall time (s)", summary.get("wall_seconds", "n/a"))]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     return f"<h2>Totals</h2><table>{body}</table>"
+
+
+def night_rows(records: list[dict[str, Any]], history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per night (invocation) of the folder: when, what the table did, shards run, and the samples of the
+    dataset that night made (its complete shards, retired prompts left out)."""
+    made: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in records:
+        made[int(r.get("night") or 0)][r["status"]] += 1
+    entries = {int(e.get("night", 0)): e for e in history}
+    rows = []
+    for night in sorted(set(entries) | set(made)):
+        e, counts = entries.get(night, {}), made.get(night, {})
+        prompts = e.get("prompts") or {}
+        rows.append({"night": night, "started_at": e.get("started_at") or e.get("note") or "",
+                     "finished": bool(e.get("finished_at")), "added": prompts.get("added", 0),
+                     "changed": prompts.get("changed", 0), "removed": prompts.get("removed", 0),
+                     "retired": prompts.get("retired", 0), "shards_run": len(e.get("shards_run") or []),
+                     "samples": sum(counts.values()), "accepted": counts.get("accepted", 0),
+                     "rejected": counts.get("rejected", 0), "failed": counts.get("failed", 0)})
+    return rows
+
+
+def _nights_table(rows: list[dict[str, Any]]) -> str:
+    cols = ("night", "started_at", "finished", "added", "changed", "removed", "retired", "shards_run", "samples",
+            "accepted", "rejected", "failed")
+    head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<h2>Totals per night</h2><table class='nights'><tr>{head}</tr>{body}</table>"
 
 
 def _question_table(rates: list[dict[str, Any]]) -> str:

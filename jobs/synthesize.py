@@ -66,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-run", metavar="RUN_DIR", action="append",
                    help="with --plan: an earlier run's acceptance rates and seconds; repeat it with a run of each "
                         "generator to compare their GPU-hours for the same target")
-    p.add_argument("--force", action="store_true", help="redo a run whose config or input changed")
+    p.add_argument("--force", action="store_true", help="redo every shard of a run whose config changed")
+    p.add_argument("--redo-changed", action="store_true",
+                   help="on a grown table: redo the shards holding prompts edited since their samples were made")
+    p.add_argument("--drop-removed", action="store_true",
+                   help="on a grown table: retire prompts no longer in it from shards.txt, the card and the exports "
+                        "(their files stay)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-dashboard", action="store_true",
                    help="local Ray only: start it without the dashboard (about 2 s faster, ~0.9 GB less memory)")
@@ -312,20 +317,21 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
         check_vqa_source(cfg)  # before any run folder, actor or GPU work: a missing converted checkpoint is one line
 
     from pipeline.io.lease import RunLease
-    from pipeline.io.run_folder import make_run_info, prepare_run, remove_leftovers
-    from pipeline.io.shards import plan_shards, shard_is_complete
+    from pipeline.io.nightly import NightOptions, start_night
+    from pipeline.io.run_folder import make_run_info, remove_leftovers
     from pipeline.io.storage import filesystem_for
+    from schemas.prompts import default_id_count
 
-    specs = plan_shards(rows, cfg.job.shard_size)
     model_ids = _model_ids(cfg)
     scorer = _scorer_record(cfg, model_ids)
     fs, out = filesystem_for(args.output)
-    info = make_run_info(cfg, model_ids, fingerprint(files, tables), args.prompts, len(specs), scorer)
+    info = make_run_info(cfg, model_ids, fingerprint(files, tables), args.prompts, 0, scorer)
     lease = RunLease(fs, out, args.output, cfg.job.lease_heartbeat_s, cfg.job.lease_stale_s)
     try:
         # Before anything in the folder changes: one driver per output, --force included.
         lease.acquire()
-        prepare_run(fs, out, info, args.force, args.output)
+        night, todo = start_night(fs, out, info, rows, args.force, NightOptions(args.redo_changed, args.drop_removed),
+                                  args.output, default_id_count(tables))
         remove_leftovers(fs, out)
     except OSError as err:
         lease.release()
@@ -333,7 +339,7 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     except BaseException:
         lease.release()
         raise
-    todo = [s for s in specs if not shard_is_complete(fs, out, s.shard, info.config_hash)]
+    specs = night.specs
     done = {s.shard for s in specs} - {s.shard for s in todo}
     total = sum(_expected_samples(r, cfg) for r in rows)
     done_samples = sum(_expected_samples(r, cfg) for s in specs if s.shard in done for r in s.rows)
@@ -341,7 +347,7 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
         print(f"resuming: {len(done)} of {len(specs)} shards already complete", file=sys.stderr)
     return dict(fs=fs, out=out, specs=specs, todo=todo, model_ids=model_ids, rows=rows, info=info,
                 output_uri=args.output, total_samples=total, done_samples=done_samples, skipped=len(done),
-                scorer=scorer, lease=lease)
+                scorer=scorer, lease=lease, night=night)
 
 
 def plan_only(args: argparse.Namespace, cfg: Config) -> int:
@@ -356,6 +362,7 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
         rates_from_floor,
     )
     from pipeline.io import storage
+    from pipeline.io.nightly import pending_work
     from pipeline.io.shards import plan_shards
     from schemas.prompts import read_prompt_tables, validate_rows
 
@@ -366,6 +373,11 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
     by_generator = rates_by_generator(args.from_run or [])
     rates = by_generator.get(cfg.engine.generator) or rates_from_floor(cfg)
     shards = len(plan_shards(rows, cfg.job.shard_size))
+    pending = pending_work(*storage.filesystem_for(args.output), rows, cfg.job.shard_size)
+    if pending is not None:  # a grown table on a placed folder: estimate tonight's work only
+        print(f"{args.output}: {len(rows) - len(pending[0])} of these {len(rows)} prompts need nothing more there; "
+              "the plan covers the others (new ones, and the shards --redo-changed would redo)", file=sys.stderr)
+        rows, shards = pending
     result = make_plan(rows, shards, cfg, rates)
     if by_generator:
         result["generators"] = compare_generators(rows, shards, cfg, by_generator)
@@ -489,15 +501,21 @@ def _print_accounting(summary: Any) -> None:
 
 
 def _finish(plan: dict[str, Any], cfg: Config, failed: dict[int, str], retries: int, wall: float) -> int:
+    from pipeline.io.nightly import finish_night
+    from pipeline.io.retired import dataset_shards
     from pipeline.io.run_folder import complete_stats, summarize, write_card, write_index, write_summary
 
-    fs, out, info = plan["fs"], plan["out"], plan["info"]
-    stats = complete_stats(fs, out, len(plan["specs"]), info.config_hash)
-    summary = summarize(fs, out, len(plan["specs"]), list(failed), wall, retries, plan["skipped"], plan["scorer"],
-                        cfg, stats)
+    fs, out, info, night = plan["fs"], plan["out"], plan["info"], plan["night"]
+    num_shards = night.placement.num_shards  # every night's shards, not only tonight's
+    stats = complete_stats(fs, out, num_shards, info.config_hash)
+    listed = dataset_shards(fs, out, stats, night.placement)
+    retired = len(night.placement.retired_ids())
+    summary = summarize(fs, out, num_shards, list(failed), wall, retries, plan["skipped"], plan["scorer"],
+                        cfg, stats, listed, retired)
     write_summary(fs, out, summary)
-    write_index(fs, out, plan["output_uri"], stats)
-    write_card(fs, out, info, summary, stats)
+    write_index(fs, out, plan["output_uri"], listed)
+    write_card(fs, out, info, summary, listed)
+    finish_night(fs, out, info, {s.shard for s in stats}, list(failed))
     print(
         f"done: {summary.shards_completed}/{summary.shards_total} shards, {summary.samples} samples: "
         f"{summary.accepted} accepted, {summary.rejected} rejected, {summary.failed} failed, "

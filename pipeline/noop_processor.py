@@ -32,7 +32,8 @@ class NoopProcessor:
         ok = row.status == "ok"
         return [
             SampleRecord(
-                key=sample_key(spec.shard, i, k), shard=spec.shard, row=row.row, prompt_id=row.prompt_id,
+                key=sample_key(spec.shard, spec.slot(i), k), shard=spec.shard, row=row.row, night=spec.night,
+                prompt_id=row.prompt_id,
                 prompt=row.prompt, category=row.category, sample_index=k, seed=None,
                 status=REJECTED if ok else INVALID_INPUT, error=None if ok else row.error,
                 config_hash=self.config_hash, model_ids=self.model_ids, extra=row.extra,
@@ -57,6 +58,6 @@ class NoopProcessor:
                 for rec in writer.records:
                     counts[rec.status] = counts.get(rec.status, 0) + 1
                 progress(counts)
-            return writer.finish(len(spec.rows), time.perf_counter() - t0, self.config_hash)
+            return writer.finish(len(spec.rows), time.perf_counter() - t0, self.config_hash, night=spec.night)
         finally:
             writer.close()

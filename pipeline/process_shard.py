@@ -84,7 +84,8 @@ class ShardProcessor:
 
     def _record(self, spec: ShardSpec, p: _Pending, status: str, **fields) -> SampleRecord:
         return SampleRecord(
-            key=sample_key(spec.shard, p.row_in_shard, p.request.sample_index), shard=spec.shard, row=p.row.row,
+            key=sample_key(spec.shard, spec.slot(p.row_in_shard), p.request.sample_index), shard=spec.shard,
+            row=p.row.row, night=spec.night,
             prompt_id=p.row.prompt_id, prompt=p.row.prompt, category=p.row.category,
             sample_index=p.request.sample_index, seed=p.request.seed, status=status,
             benchmark_index=p.row.benchmark_index, template=p.row.template,
@@ -175,7 +176,8 @@ class ShardProcessor:
                     progress(_counts(records))
             writer.records.sort(key=lambda r: r.key)
             accounting = shard_accounting(writer.records, spec.rows, queue.prompts)
-            return writer.finish(len(spec.rows), time.perf_counter() - t0, self.config_hash, accounting)
+            return writer.finish(len(spec.rows), time.perf_counter() - t0, self.config_hash, accounting,
+                                 night=spec.night)
         finally:
             writer.close()
 

@@ -308,6 +308,11 @@ def _default_ids(tables: list[pa.Table]) -> dict[int, str]:
     return out
 
 
+def default_id_count(tables: list[pa.Table]) -> int:
+    """Rows whose prompt_id is null (or absent): their id is the row number."""
+    return sum(t.column("prompt_id").null_count if "prompt_id" in t.column_names else t.num_rows for t in tables)
+
+
 def validate_rows(
     tables: list[pa.Table], default_samples: int, max_prompt_chars: int, max_id_chars: int
 ) -> list[PromptRow]:

@@ -47,6 +47,7 @@ class ShardStats(SampleCounts):
     device_seconds: float = 0.0
     categories: dict[str, dict[str, Any]] = field(default_factory=dict)
     short: list[dict[str, Any]] = field(default_factory=list)
+    night: int = 0  # the invocation (run.json history entry) that made the shard; 0: before history existed
     version: int = STATS_SCHEMA_VERSION
 
     @classmethod
@@ -74,6 +75,9 @@ class RunInfo(JsonRecord):
     libraries: dict[str, str] = field(default_factory=dict)
     # The scorer's exactness record (pipeline/scoring/scorer_record.py): exact, deviations, spaCy, VQA weights.
     scorer: dict[str, Any] = field(default_factory=dict)
+    # One entry per invocation on this folder (pipeline/io/nightly.py Night.history_entry): night, times,
+    # input fingerprint, prompts added / changed / removed / retired, shards run and failed, code version.
+    history: list[dict[str, Any]] = field(default_factory=list)
     version: int = RUN_SCHEMA_VERSION
 
 
@@ -102,4 +106,8 @@ class Summary(SampleCounts):
     categories: dict[str, dict[str, Any]] = field(default_factory=dict)
     short_prompts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     short_prompts_total: int = 0
+    # Complete shards' counts by the night that made them ({"1": {shards, rows, samples, accepted, ...}}).
+    nights: dict[str, dict[str, int]] = field(default_factory=dict)
+    retired_prompts: int = 0  # --drop-removed: prompts left out of shards.txt, the card and the exports
+    retired_accepted: int = 0  # their accepted samples (still in shards/*.tar, not listed)
     version: int = SUMMARY_SCHEMA_VERSION

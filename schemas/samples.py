@@ -7,8 +7,8 @@ from typing import Any
 
 import pyarrow as pa
 
-SAMPLE_SCHEMA_VERSION = 4  # 2: benchmark_index, template; 3: score_seconds; 4: scorer, score_parts,
-# generator, referee_scores, referee_skipped
+SAMPLE_SCHEMA_VERSION = 5  # 2: benchmark_index, template; 3: score_seconds; 4: scorer, score_parts,
+# generator, referee_scores, referee_skipped; 5: night
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
@@ -21,7 +21,8 @@ MAX_SHARD_SIZE = 10**ROW_DIGITS - 1
 
 
 def sample_key(shard: int, row_in_shard: int, sample: int) -> str:
-    """Digits only, unique in the run and the same on every rerun."""
+    """Digits only, unique in the run folder across nights and the same on every rerun: ``row_in_shard`` is
+    the prompt's stable slot in its shard (pipeline/io/placement.py), never its position in tonight's table."""
     if not (0 <= row_in_shard < 10**ROW_DIGITS and 0 <= sample < 10**SAMPLE_DIGITS and 0 <= shard < 10**SHARD_DIGITS):
         raise ValueError(f"key out of range: shard={shard} row={row_in_shard} sample={sample}")
     return f"{shard:0{SHARD_DIGITS}d}{row_in_shard:0{ROW_DIGITS}d}{sample:0{SAMPLE_DIGITS}d}"
@@ -60,6 +61,7 @@ class SampleRecord:
     referee_skipped: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     generator: str = "inversion"  # engine.generator that made the image: inversion | sd_sampling
+    night: int = 0  # the invocation of the run folder that made it (run.json history; 0: before history)
     version: int = SAMPLE_SCHEMA_VERSION
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -99,6 +101,7 @@ SIDECAR_SCHEMA = pa.schema([
     ("referee_skipped", _STR_MAP),
     ("extra", pa.string()),  # JSON of the input's extra columns
     ("generator", pa.string()),
+    ("night", pa.int32()),
     ("version", pa.int32()),
 ], metadata={"referee_synth_sample_schema": str(SAMPLE_SCHEMA_VERSION)})
 

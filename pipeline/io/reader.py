@@ -33,13 +33,18 @@ def completed_shards(fs: pafs.FileSystem, out: str) -> list[int]:
     return sorted(s for s in shards if read_stats(fs, out, s) is not None)
 
 
-def sidecar_records(run: str) -> list[dict[str, Any]]:
-    """Every sample record of the run's completed shards, in key order."""
+def sidecar_records(run: str, include_retired: bool = False) -> list[dict[str, Any]]:
+    """Every sample record of the run's completed shards (every night's), in key order; without
+    ``include_retired``, none of a prompt retired by ``--drop-removed``."""
+    from pipeline.io.placement import read_placement
+    from pipeline.io.retired import retired_filter
+
     fs, out = storage.filesystem_for(run)
+    live = (lambda rec: True) if include_retired else retired_filter(read_placement(fs, out))
     rows: list[dict[str, Any]] = []
     for shard in completed_shards(fs, out):
         with fs.open_input_file(storage.join(out, SHARDS_DIR, f"{shard:06d}.parquet")) as handle:
-            rows += pq.read_table(handle).to_pylist()
+            rows += [r for r in pq.read_table(handle).to_pylist() if live(r)]
     return sorted(rows, key=lambda r: r["key"])
 
 
@@ -59,8 +64,13 @@ def shard_images(fs: pafs.FileSystem, out: str, shard: int, keys: set[str]) -> I
 
 
 def tar_urls(run: str) -> list[str]:
+    """The dataset's tars: every complete shard's, through its filtered copy where prompts were retired."""
+    from pipeline.io.placement import read_placement
+    from pipeline.io.retired import dataset_shards
+
     fs, out = storage.filesystem_for(run)
-    paths = [storage.join(out, SHARDS_DIR, f"{s:06d}.tar") for s in completed_shards(fs, out)]
+    stats = [s for s in (read_stats(fs, out, shard) for shard in completed_shards(fs, out)) if s is not None]
+    paths = [storage.join(out, x.path) for x in dataset_shards(fs, out, stats, read_placement(fs, out), build=False)]
     if storage.is_local(fs):
         return paths
     # webdataset streams object stores through a shell pipe; pyarrow's path keeps the bucket.

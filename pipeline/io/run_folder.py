@@ -14,6 +14,8 @@ from pipeline.budget.accounting import run_accounting
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.io import storage
+from pipeline.io.placement import PLACEMENT_FILE
+from pipeline.io.retired import FILTERED_DIR, ListedShard
 from pipeline.io.shards import REJECTED_DIR, SHARDS_DIR, read_stats
 from pipeline.versions import OUTPUT_LIBRARIES, code_version, library_versions
 from schemas.run import COUNT_FIELDS, RunInfo, ShardStats, Summary
@@ -45,24 +47,54 @@ def _library_change(old: dict[str, Any], new: RunInfo) -> str | None:
     return ", ".join(changed) or None
 
 
-def _mismatch(old: dict[str, Any], new: RunInfo) -> str | None:
+def _mismatch(old: dict[str, Any], new: RunInfo, with_input: bool = True) -> str | None:
     if old.get("config_hash") != new.config_hash:
         change = _library_change(old, new)
         if change:
             return f"the library versions differ ({change}), which can change images and scores"
         return "the configuration differs"
+    if old.get("shard_size") != new.shard_size:
+        return "the shard size differs"
+    if not with_input:  # a growing input is the placement's business (pipeline/io/nightly.py)
+        return None
     old_input = old.get("input") or {}
     if "content_sha256" not in old_input:
         return "the input fingerprint is from an older version (no content hash), so a resume cannot be checked"
     if old_input.get("content_sha256") != new.input.get("content_sha256"):
         return "the input prompts differ (their content)"
-    if old.get("shard_size") != new.shard_size:
-        return "the shard size differs"
     return None
 
 
+def check_run(fs: pafs.FileSystem, out: str, info: RunInfo, force: bool, output_uri: str) -> dict[str, Any] | None:
+    """The earlier run.json when this folder continues a run with the same configuration (resume or
+    append), None for a new run; a different configuration is refused unless ``force`` (which clears the
+    earlier run). Writes nothing else."""
+    path = storage.join(out, "run.json")
+    fs.create_dir(storage.join(out, SHARDS_DIR), recursive=True)
+    if not storage.exists(fs, path):
+        return None
+    try:
+        old = json.loads(storage.read_bytes(fs, path))
+    except ValueError:
+        old = {}
+    problem = _mismatch(old, info, with_input=False)
+    if problem and not force:
+        raise UserError(
+            f"output {output_uri} holds a run whose {problem.split(' ', 1)[1]}; "
+            "use a new --output, or --force to redo every shard with the new settings"
+        )
+    if problem:
+        _clear_old_run(fs, out)
+        return None
+    return old
+
+
+def write_run_info(fs: pafs.FileSystem, out: str, info: RunInfo) -> None:
+    storage.write_atomic(fs, storage.join(out, "run.json"), json.dumps(info.to_dict(), indent=1, default=str).encode())
+
+
 def prepare_run(fs: pafs.FileSystem, out: str, info: RunInfo, force: bool, output_uri: str) -> bool:
-    """Write or check ``run.json``. Returns True when this resumes an earlier run."""
+    """Write or check ``run.json`` for a fixed input (no placement). Returns True when this resumes an earlier run."""
     path = storage.join(out, "run.json")
     fs.create_dir(storage.join(out, SHARDS_DIR), recursive=True)
     resumed = False
@@ -82,13 +114,13 @@ def prepare_run(fs: pafs.FileSystem, out: str, info: RunInfo, force: bool, outpu
         else:
             info.created_at = old.get("created_at", info.created_at)
             resumed = True
-    storage.write_atomic(fs, path, json.dumps(info.to_dict(), indent=1, default=str).encode())
+    write_run_info(fs, out, info)
     return resumed
 
 
 # Outputs of a whole run that readers find by name; --force removes them with the old shards.
-_RUN_OUTPUTS = ("summary.json", "shards.txt")
-_SHARD_FOLDERS = (SHARDS_DIR, "rejected")
+_RUN_OUTPUTS = ("summary.json", "shards.txt", PLACEMENT_FILE)
+_SHARD_FOLDERS = (SHARDS_DIR, "rejected", FILTERED_DIR)
 
 
 def _clear_old_run(fs: pafs.FileSystem, out: str) -> None:
@@ -128,8 +160,10 @@ def complete_stats(fs: pafs.FileSystem, out: str, num_shards: int, config_hash: 
 def summarize(
     fs: pafs.FileSystem, out: str, num_shards: int, failed: list[int], wall: float, retries: int, skipped: int,
     scorer: dict[str, Any] | None = None, cfg: Config | None = None, stats: list[ShardStats] | None = None,
+    listed: list[ListedShard] | None = None, retired_prompts: int = 0,
 ) -> Summary:
-    """Totals from the complete shards' markers; with ``cfg``, its target and device-hour price."""
+    """Totals from the complete shards' markers (every night's); with ``cfg``, its target and device-hour
+    price; with ``listed`` (the dataset's tars after retirements), the accepted samples retired prompts hold."""
     stats = complete_stats(fs, out, num_shards) if stats is None else stats
     done = {s.shard for s in stats}
     total = {k: sum(getattr(s, k) for s in stats) for k in COUNT_FIELDS}
@@ -138,8 +172,20 @@ def summarize(
         shards_total=num_shards, shards_completed=len(done), shards_failed=sorted(failed),
         wall_seconds=round(wall, 3), images_per_hour=round(3600 * generated / wall, 1) if wall > 0 else 0.0,
         finished_at=now(), retries=retries, skipped_shards=skipped, scorer=dict(scorer or {}), **total,
-        **_accounting(stats, cfg),
+        **_accounting(stats, cfg), nights=per_night(stats), retired_prompts=retired_prompts,
+        retired_accepted=total["accepted"] - sum(x.accepted for x in listed) if listed is not None else 0,
     )
+
+
+def per_night(stats: list[ShardStats]) -> dict[str, dict[str, int]]:
+    """Sample counts of the complete shards by the night that made them (keys "1", "2", ...)."""
+    out: dict[str, dict[str, int]] = {}
+    for s in stats:
+        acc = out.setdefault(str(s.night), {"shards": 0, **{k: 0 for k in COUNT_FIELDS}})
+        acc["shards"] += 1
+        for k in COUNT_FIELDS:
+            acc[k] += getattr(s, k)
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
 def _accounting(stats: list[ShardStats], cfg: Config | None) -> dict[str, Any]:
@@ -156,10 +202,14 @@ INDEX_FILE = "shards.txt"
 CARD_FILE = "README.md"
 
 
-def _tar_url(output_uri: str, out: str, shard: int) -> str:
-    """A complete shard's tar as a user names it: an absolute path, or the output's scheme://..."""
+def _url(output_uri: str, out: str, rel: str) -> str:
+    """A file of the run as a user names it: an absolute path, or the output's scheme://..."""
     base = out if "://" not in output_uri else f"{output_uri.split('://', 1)[0]}://{out}"
-    return storage.join(base, SHARDS_DIR, f"{shard:06d}.tar")
+    return storage.join(base, rel)
+
+
+def _tar_url(output_uri: str, out: str, shard: int) -> str:
+    return _url(output_uri, out, f"{SHARDS_DIR}/{shard:06d}.tar")
 
 
 def brace_pattern(output_uri: str, out: str, shards: list[int]) -> str | None:
@@ -169,39 +219,46 @@ def brace_pattern(output_uri: str, out: str, shards: list[int]) -> str | None:
     return _tar_url(output_uri, out, 0).replace("000000.tar", f"{{{shards[0]:06d}..{shards[-1]:06d}}}.tar")
 
 
-def write_index(fs: pafs.FileSystem, out: str, output_uri: str, stats: list[ShardStats]) -> None:
-    """``shards.txt``: one complete shard's tar URL a line; a first ``#`` line holds the brace pattern
-    when the shards are contiguous (skip lines starting with ``#`` when reading the URLs)."""
-    shards = [s.shard for s in stats]
-    lines = [_tar_url(output_uri, out, s) for s in shards]
-    pattern = brace_pattern(output_uri, out, shards)
+def write_index(fs: pafs.FileSystem, out: str, output_uri: str, listed: list[ListedShard]) -> None:
+    """``shards.txt``: one listed shard's tar URL a line (every complete shard of every night, a filtered copy
+    where prompts were retired); a first ``#`` line holds the brace pattern when they are contiguous whole
+    shards (skip lines starting with ``#`` when reading the URLs)."""
+    lines = [_url(output_uri, out, x.path) for x in listed]
+    whole = all(x.path.startswith(f"{SHARDS_DIR}/") for x in listed)
+    pattern = brace_pattern(output_uri, out, [x.stats.shard for x in listed]) if whole else None
     if pattern:
         lines.insert(0, f"# {pattern}")
     storage.write_atomic(fs, storage.join(out, INDEX_FILE), ("\n".join(lines) + "\n" if lines else "").encode())
 
 
-def write_card(fs: pafs.FileSystem, out: str, info: RunInfo, summary: Summary, stats: list[ShardStats]) -> None:
-    """``README.md``, a dataset card: its ``configs`` list the accepted tars of complete shards (the ones
-    with accepted samples), so ``datasets.load_dataset(RUN_DIR)`` and the Hub read exactly those."""
-    files = [f"{SHARDS_DIR}/{s.shard:06d}.tar" for s in stats if s.accepted > 0]
+def write_card(fs: pafs.FileSystem, out: str, info: RunInfo, summary: Summary, listed: list[ListedShard]) -> None:
+    """``README.md``, a dataset card: its ``configs`` list the listed tars that hold accepted samples, so
+    ``datasets.load_dataset(RUN_DIR)`` and the Hub read exactly those (every night's, none of a retired prompt)."""
+    files = [x.path for x in listed if x.accepted > 0]
+    accepted = sum(x.accepted for x in listed)
     card = {
         "pretty_name": "referee-synth run",
         "task_categories": ["text-to-image"],
         "tags": ["webdataset", "synthetic", "referee-synth"],
-        "size_categories": [_size_category(summary.accepted)],
+        "size_categories": [_size_category(accepted)],
     }
     if files:
         card["configs"] = [{"config_name": "default", "data_files": [{"split": "train", "path": files}]}]
     front = yaml.safe_dump(card, sort_keys=False).rstrip()
     libs = ", ".join(f"{k} {v}" for k, v in info.libraries.items())
+    nights = len(info.history) or 1
+    retired = (f"\n- Retired (`--drop-removed`): {summary.retired_prompts} prompts, {summary.retired_accepted} "
+               "accepted samples left out of this card and `shards.txt` (their files stay; `placement.parquet` "
+               "marks them)." if summary.retired_prompts else "")
     body = f"""# referee-synth run
 
 Synthetic (image, caption, score) pairs: images made by inverting a BLIP-2 referee with SDS
 (Stable Diffusion 1.5), each scored by BLIP-VQA (T2I-CompBench protocol) and kept when its score
 passes the category threshold.
 
-- Accepted samples: {summary.accepted} in {len(files)} complete shards (`shards/*.tar`, WebDataset:
-  `KEY.png|jpg|webp` image, `KEY.txt` caption, `KEY.json` metadata with `vqa_score`).
+- Accepted samples: {accepted} in {len(files)} complete shards (WebDataset:
+  `KEY.png|jpg|webp` image, `KEY.txt` caption, `KEY.json` metadata with `vqa_score` and `night`), made over
+  {nights} night(s) into this folder (history in `run.json`, totals per night in `summary.json`).{retired}
 - Every sample, accepted or not: `shards/*.parquet`; rejected images (if kept): `rejected/*.tar`.
 - Shard list: `shards.txt`. Totals: `summary.json`. Configuration and versions: `run.json`.
 - Config hash `{info.config_hash}`, code version `{info.code_version}`.

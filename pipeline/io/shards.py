@@ -44,8 +44,16 @@ _PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 
 @dataclass
 class ShardSpec:
+    """One shard's work: its rows, each row's slot (its stable place in the shard: the sample key's middle
+    digits; ``None``: row i has slot i) and the night (invocation) that runs it."""
+
     shard: int
     rows: list[PromptRow]
+    slots: list[int] | None = None
+    night: int = 0
+
+    def slot(self, i: int) -> int:
+        return i if self.slots is None else self.slots[i]
 
 
 def plan_shards(rows: list[PromptRow], shard_size: int) -> list[ShardSpec]:
@@ -184,9 +192,10 @@ class ShardWriter:
         self.records.append(record)
 
     def finish(
-        self, rows: int, seconds: float, config_hash: str, accounting: dict[str, Any] | None = None
+        self, rows: int, seconds: float, config_hash: str, accounting: dict[str, Any] | None = None, night: int = 0,
     ) -> ShardStats:
-        """``accounting``: the marker's device-time fields (``pipeline.budget.accounting.shard_accounting``)."""
+        """``accounting``: the marker's device-time fields (``pipeline.budget.accounting.shard_accounting``);
+        ``night``: the invocation that made the shard (run.json's history)."""
         self._tar.close()
         parquet_path = Path(self._tmp.name) / "shard.parquet"
         pq.write_table(sidecar_table(self.records), parquet_path)
@@ -206,7 +215,7 @@ class ShardWriter:
             rejected=counts[REJECTED], failed=counts[FAILED], invalid_input=counts[INVALID_INPUT],
             seconds=round(seconds, 3), config_hash=config_hash, tar_bytes=self._tar_path.stat().st_size,
             parquet_bytes=parquet_path.stat().st_size, rejected_tar_bytes=rejected_bytes,
-            finished_at=datetime.now(timezone.utc).isoformat(), **(accounting or {}),
+            finished_at=datetime.now(timezone.utc).isoformat(), night=night, **(accounting or {}),
         )
         marker = json.dumps(stats.to_dict(), indent=1).encode()
         self.retry.run(paths["stats"], lambda: storage.write_atomic(self.fs, paths["stats"], marker))

@@ -65,6 +65,9 @@ def test_rayjob_has_only_kuberay_fields_and_runs_the_job_with_resume_retries() -
     cfg = config_from_args(args)
     assert cfg.job.num_actors * cfg.job.gpus_per_actor <= gpu["maxReplicas"]
     assert args.output.startswith("s3://")  # a shared output, so a retried submission resumes it
+    # The nightly pattern: a growing Parquet folder into one fixed folder (no date in the output).
+    assert args.prompts.endswith("/") and not any(c.isdigit() for c in args.output.split("://", 1)[1])
+    assert not args.force  # --force would redo every earlier night
 
 
 def test_nightly_cronjob_creates_a_fresh_rayjob_each_night() -> None:

@@ -62,7 +62,8 @@ def test_row_catalogue_gets_statuses_and_run_goes_on(tmp_path, tiny_cache, share
                     meta = json.loads(tar.extractfile(name).read())
                     assert meta["key"] == key
     # Nothing was rejected (threshold 0): no rejected/ folder, and no empty rejected tar.
-    assert {p.name for p in out.iterdir()} == {"run.json", "shards", "summary.json", "shards.txt", "README.md"}
+    assert {p.name for p in out.iterdir()} == {"run.json", "shards", "summary.json", "shards.txt", "README.md",
+                                               "placement.parquet"}
 
 
 def _wrong_types(p: Path) -> list[str]:
@@ -245,7 +246,8 @@ def _files(out: Path) -> set[str]:
     return {p.name for p in (out / "shards").iterdir()}
 
 
-def test_edited_input_is_no_resume_and_force_leaves_nothing_of_the_old_plan(tmp_path, tiny_cache, shared_ray) -> None:
+def test_edited_input_is_refused_by_id_and_force_leaves_nothing_of_the_old_plan(tmp_path, tiny_cache,
+                                                                              shared_ray) -> None:
     env = _env(tiny_cache, **shared_ray)
     src, out = tmp_path / "p.parquet", tmp_path / "run"
     old = [f"a red cube number {i}" for i in range(6)]
@@ -256,7 +258,8 @@ def test_edited_input_is_no_resume_and_force_leaves_nothing_of_the_old_plan(tmp_
     # Same length, same rows, same size: only the content differs.
     pq.write_table(pa.table({"prompt": old[:-1] + ["a red cubE number 5"]}), src)
     proc = _run(base + ["--shard-size", "2"], env)
-    _one_line_exit_2(proc, "input prompts differ (their content)")
+    _one_line_exit_2(proc, "prompts changed since their samples were made")
+    assert "'5' (1 in all)" in proc.stderr and "--redo-changed" in proc.stderr
     # A forced run with another plan: one shard of 4 rows; the old shards 1 and 2 must not stay readable.
     pq.write_table(pa.table({"prompt": ["a blue ball", "a green bench", "a pink chair"]}), src)
     proc = _run(base + ["--shard-size", "4", "--force"], env)

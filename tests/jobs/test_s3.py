@@ -122,3 +122,47 @@ def test_prompts_in_a_missing_bucket_are_one_line(tmp_path, tiny_cache, s3_serve
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: prompts: {uri}"), proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_an_appended_night_on_s3_killed_and_rerun_adds_every_new_sample_once(tmp_path, tiny_cache, shared_ray,
+                                                                             s3_server) -> None:
+    """Night 1 on 4 prompts; night 2 on 10 (the same 4 first) is SIGKILLed after its first new shard and rerun:
+    night 1's objects keep their bytes, every prompt has its sample once, shards.txt lists all five shards."""
+    import pyarrow as pa
+
+    _client(s3_server).create_bucket(Bucket=BUCKET)
+    prompts = compbench_prompts("shape_val", 10)
+    ids = [f"s{i}" for i in range(10)]
+    one, two = tmp_path / "n1.parquet", tmp_path / "n2.parquet"
+    pq.write_table(pa.table({"prompt": prompts[:4], "prompt_id": ids[:4]}), one)
+    pq.write_table(pa.table({"prompt": prompts, "prompt_id": ids}), two)
+    output, prefix = f"s3://{BUCKET}/runs/grow", "runs/grow"
+    env = _env(tiny_cache, **shared_ray, **s3_server)
+    base = ["--output", output, "--num-actors", "1", "--shard-size", "2"]
+    assert _run(["--prompts", str(one), *base], env).returncode == 0
+    night1 = {k: _get(s3_server, k) for k in _keys(s3_server, f"{prefix}/shards/")}
+    cmd = [sys.executable, SYNTH, "--config", "configs/tiny.yaml", "--no-progress", "--prompts", str(two), *base]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len([k for k in _keys(s3_server, f"{prefix}/shards/")
+                                          if k.endswith(".stats.json")]) < 3:
+        time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)
+    assert len([k for k in _keys(s3_server, f"{prefix}/shards/") if k.endswith(".stats.json")]) < 5
+    again = _run(["--prompts", str(two), *base], env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {k: _get(s3_server, k) for k in night1} == night1
+    _check_s3_run(s3_server, prefix, len(prompts))
+    side = []
+    for k in _keys(s3_server, f"{prefix}/shards/"):
+        if k.endswith(".parquet"):
+            side += pq.read_table(io.BytesIO(_get(s3_server, k))).to_pylist()
+    assert sorted(r["prompt_id"] for r in side) == sorted(ids)
+    assert {r["night"] for r in side if r["prompt_id"] in ids[:4]} == {1}
+    listed = [u for u in _get(s3_server, f"{prefix}/shards.txt").decode().splitlines() if not u.startswith("#")]
+    assert listed == [f"s3://{BUCKET}/{prefix}/shards/{s:06d}.tar" for s in range(5)]
+    history = json.loads(_get(s3_server, f"{prefix}/run.json"))["history"]
+    assert [h["night"] for h in history] == [1, 2, 3] and history[1]["new_shards"] == [2, 3, 4]
