@@ -47,6 +47,8 @@ class ShardStats(SampleCounts):
     device_seconds: float = 0.0
     categories: dict[str, dict[str, Any]] = field(default_factory=dict)
     short: list[dict[str, Any]] = field(default_factory=list)
+    # The run lease's token of the driver whose actor wrote the shard ("" before fencing existed).
+    lease_token: str = ""
     version: int = STATS_SCHEMA_VERSION
 
     @classmethod
