@@ -199,7 +199,11 @@ class RunLease:
         for _ in range(3):  # a lease may vanish between our look and our create
             if self._create_exclusive():
                 return
-            self._refuse_or_take_over(self._read())
+            holder = self._read()
+            if holder is None and storage.exists(self.fs, self.path):
+                print(f"warning: replacing the malformed run lease {self.path} (torn by a crash, or edited)",
+                      file=sys.stderr)
+            self._refuse_or_take_over(holder)
             self._take_over_local()
             if self._read_token() == self.me.token:
                 return
