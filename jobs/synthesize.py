@@ -15,8 +15,10 @@ OUT/plan.json (expected samples, accepted images, GPU-hours), from ``--from-run`
 the run folder gets nothing else (no run.json, no lease).
 Shards go to each actor as soon as it is ready; no actor ready after ``job.actor_ready_timeout_s``
 is one line naming the missing resources, exit 1.
-Exit codes: 0 every shard complete; 1 some shards failed after retries, or no actor could start
-for lack of resources (rerun to resume); 2 usage, configuration or input-file error; 130 interrupted.
+Exit codes: 0 every planned shard complete; 1 some shards failed after retries or are incomplete, no actor
+could start for lack of resources, the run lease was taken over, or the run's files could not be written
+(rerun to resume); 2 usage, configuration or input-file error; 130 interrupted (docs/ARCHITECTURE.md,
+"Fault model").
 """
 
 from __future__ import annotations
