@@ -94,10 +94,14 @@ class ShardPool:
             _kill_quietly(s.actor)
         _kill_quietly(self.queue.actor)
 
-    def run(self, specs: list[ShardSpec], on_progress: ProgressFn, on_done: Callable[[dict], None]) -> PoolResult:
+    def run(self, specs: list[ShardSpec], on_progress: ProgressFn, on_done: Callable[[dict], None],
+            check: Callable[[], None] | None = None) -> PoolResult:
+        """``check``: called every turn (e.g. the driver's lease); what it raises stops the run."""
         result = PoolResult()
         st = _RunState(pending=deque(specs))
         while st.pending or st.in_flight:
+            if check is not None:
+                check()
             self._dispatch(st)
             starting = {s.ready_ref: i for i, s in enumerate(self.slots) if s.ready_ref is not None}
             refs = list(st.in_flight) + list(starting)

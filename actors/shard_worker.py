@@ -17,6 +17,10 @@ import ray
 KILL_ENV = "REFEREE_SYNTH_KILL_ACTOR_ON_SHARD"
 RAISE_ENV = "REFEREE_SYNTH_RAISE_ON_SHARD"
 RANDOM_KILL_ENV = "REFEREE_SYNTH_RANDOM_KILL"
+# "SHARD:PATH": at SHARD's first progress report, create PATH.waiting and wait (at most 120 s) until PATH
+# exists, so a test can act (e.g. take the run lease over) while the shard is held before its publish.
+PAUSE_ENV = "REFEREE_SYNTH_PAUSE_SHARD"
+_PAUSE_LIMIT_S = 120.0
 
 
 def _hook_fires(env: str, shard: int, attempt: int) -> bool:
@@ -37,6 +41,19 @@ def _random_kill_fires(shard: int, attempt: int, batch: int) -> bool:
     return draw < float(prob)
 
 
+def _maybe_pause(shard: int) -> None:
+    import time
+    from pathlib import Path
+
+    target, _, path = os.environ.get(PAUSE_ENV, "").partition(":")
+    if not path or int(target) != shard:
+        return
+    Path(f"{path}.waiting").touch()
+    deadline = time.monotonic() + _PAUSE_LIMIT_S
+    while not Path(path).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _model_processor(cfg: Any, model_ids: dict[str, str]) -> Any:
     import torch
 
@@ -50,8 +67,10 @@ def _model_processor(cfg: Any, model_ids: dict[str, str]) -> Any:
 
 
 class ShardWorker:
-    def __init__(self, cfg_dict: dict[str, Any], output: str, model_ids: dict[str, str], progress: Any) -> None:
+    def __init__(self, cfg_dict: dict[str, Any], output: str, model_ids: dict[str, str], progress: Any,
+                 lease_token: str | None = None) -> None:
         from pipeline.config import from_dict
+        from pipeline.io.lease import LeaseFence
         from pipeline.io.storage import configure, filesystem_for
         from pipeline.noop_processor import NOOP_ENV, NoopProcessor
 
@@ -61,6 +80,8 @@ class ShardWorker:
         self.processor = NoopProcessor(cfg, model_ids) if noop else _model_processor(cfg, model_ids)
         self.config_hash = cfg.hash()  # includes this node's library versions: the driver compares
         self.fs, self.out = filesystem_for(output)
+        # Each shard's publishes check that the driver still holds the run folder (pipeline/io/lease.py).
+        self.fence = LeaseFence.for_run(self.fs, self.out, lease_token) if lease_token else None
         self.progress = progress
 
     def ready(self) -> dict[str, Any]:
@@ -77,13 +98,14 @@ class ShardWorker:
                 os._exit(1)  # simulate a crashed worker process mid-shard
             if _hook_fires(RAISE_ENV, spec.shard, attempt):
                 raise RuntimeError(f"injected failure in shard {spec.shard}")
+            _maybe_pause(spec.shard)
             if self.progress is not None:
                 try:
                     self.progress.put_nowait((spec.shard, attempt, counts))
                 except Exception:  # noqa: BLE001 - progress is best effort; the shard's files are what count
                     pass
 
-        return self.processor.process(spec, self.fs, self.out, progress=report).to_dict()
+        return self.processor.process(spec, self.fs, self.out, progress=report, fence=self.fence).to_dict()
 
 
 def remote_worker_class(num_cpus: float, num_gpus: float, env_vars: dict[str, str]) -> Any:

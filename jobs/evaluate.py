@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from jobs.cli import EXIT_OK, run_main  # noqa: E402
+from jobs.cli import EXIT_OK, existing_parent, run_main  # noqa: E402
 from jobs.prompts import prompt_table  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.io.compbench_data import COMPBENCH_DIR  # noqa: E402
@@ -103,6 +103,17 @@ def markdown_table(means: dict[str, dict[str, Any]], scorer: dict | None = None)
     return "\n".join([*header, "", *rows] if header else rows) + "\n"
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Before any work: counts that mean what they say, and an output that can be a folder."""
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"evaluate: --limit must be at least 1 (prompts per category), got {args.limit}")
+    if args.images_per_prompt < 1:
+        raise UserError(f"evaluate: --images-per-prompt must be at least 1, got {args.images_per_prompt}")
+    if args.output.exists() and not args.output.is_dir():
+        raise UserError(f"evaluate: --output {args.output} is a file; give a folder")
+    existing_parent(args.output, "evaluate: ")
+
+
 def main(argv: list[str] | None = None) -> int:
     from jobs import synthesize
     from pipeline.io.reader import sidecar_records
@@ -113,12 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--category", action="append", required=True)
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--images-per-prompt", type=int, default=10)
-    p.add_argument("--limit", type=int, help="first N prompts of each category (smoke runs)")
-    p.add_argument("--config")
+    p.add_argument("--limit", type=int, help="first N prompts of each category (smoke runs; N >= 1)")
+    p.add_argument("--config", action="append", default=[],
+                   help="YAML preset; repeat to layer presets (later ones win key by key), as synthesize.py does")
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--num-actors", type=int)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    check_args(args)
     files = [args.prompts_dir / f"{c}_val.txt" for c in args.category]
     for f in files:
         if not f.is_file():
@@ -130,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     pq.write_table(table, args.output / "prompts.parquet")
     job = ["--prompts", str(args.output / "prompts.parquet"), "--output", str(args.output / "run"),
            "--samples-per-prompt", str(args.images_per_prompt), "--threshold", "0"]
-    job += ["--config", args.config] if args.config else []
+    job += [x for c in args.config for x in ("--config", c)]
     # The benchmark's vocabulary unless the user's own --set (later, so it wins) says otherwise.
     job += ["--set", f"scoring.spatial_vocabulary={EVALUATE_SPATIAL_VOCABULARY}"]
     job += [x for s in args.set for x in ("--set", s)]

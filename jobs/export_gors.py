@@ -35,10 +35,11 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.cli import existing_parent, run_main  # noqa: E402
-from pipeline.config import FilterConfig, from_dict  # noqa: E402
+from pipeline.config import ConfigError, FilterConfig, from_dict  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.io import storage  # noqa: E402
 from pipeline.io.compbench_data import COMPBENCH_DIR, TEMPLATE_PROMPTS  # noqa: E402
+from pipeline.io.completeness import read_run, run_config_hash  # noqa: E402
 from pipeline.io.reader import shard_images, sidecar_records  # noqa: E402
 from pipeline.scoring.filter import threshold_for  # noqa: E402
 from schemas.gors import reward_answer  # noqa: E402
@@ -80,8 +81,8 @@ def _to_png(data: bytes) -> bytes:
 def export(run: str, output: Path, include_rejected: bool, map_unsafe: bool) -> dict[str, int]:
     """Shard by shard in key order, so memory holds one shard's images at a time."""
     wanted = ("accepted", "rejected") if include_rejected else ("accepted",)
-    records = [r for r in sidecar_records(run) if r["status"] in wanted]
-    fs, out = storage.filesystem_for(run)
+    fs, out, scan = read_run(run, "export")  # the completeness rule the resume applies
+    records = [r for r in sidecar_records(run, shards=scan.shards) if r["status"] in wanted]
     samples_dir = output / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
     rewards, exported, mapped_rows = [], [], []
@@ -162,8 +163,15 @@ def _check_index_rule(lines: list[str], exported: list[tuple[str, dict]], fcfg: 
 
 
 def _run_filter(fs: object, out: str) -> FilterConfig:
+    """The run's filter settings (run.json was read whole by ``read_run``; its config may still be damaged)."""
     run = json.loads(storage.read_bytes(fs, storage.join(out, "run.json")))
-    return from_dict(run["config"]).filter
+    config = run.get("config") if isinstance(run, dict) else None
+    if not isinstance(config, dict):
+        raise UserError(f"export: {out}/run.json holds no config mapping (damaged?)")
+    try:
+        return from_dict(config).filter
+    except ConfigError as err:
+        raise UserError(f"export: {out}/run.json: {err}") from None
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -212,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--map-unsafe", action="store_true", help="write unsafe prompts with those characters as spaces")
     args = p.parse_args(argv)
     fs, out = storage.filesystem_for(args.run)
-    if not storage.exists(fs, storage.join(out, "run.json")):
-        raise UserError(f"export: {args.run} is not a run folder (no run.json)")
+    try:
+        run_config_hash(fs, out, args.run)  # a missing or damaged run.json: one line before any work
+    except UserError as err:
+        raise UserError(f"export: {err}") from None
     check_output(args.output)
     counts = export_whole(args.run, args.output, args.include_rejected, args.map_unsafe)
     print(f"exported {counts['exported']} samples to {args.output} "

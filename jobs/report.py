@@ -60,13 +60,13 @@ def _histogram(scores: list[float], threshold: float | None, title: str, path: P
     plt.close(fig)
 
 
-def _thumbnails(run: str, keys: set[str], folder: Path) -> dict[str, str]:
-    """Write a PNG thumbnail per wanted key; returns key -> file name relative to the report."""
+def _thumbnails(run: str, keys: set[str], folder: Path, shards: list[int]) -> dict[str, str]:
+    """Write a PNG thumbnail per wanted key of the complete ``shards``; returns key -> file name in the report."""
     from PIL import Image
 
     fs, out = storage.filesystem_for(run)
     names: dict[str, str] = {}
-    for shard in completed_shards(fs, out):
+    for shard in shards:
         for key, data in shard_images(fs, out, shard, keys):
             img = Image.open(io.BytesIO(data)).convert("RGB")
             img.thumbnail((_THUMB, _THUMB))
@@ -99,17 +99,43 @@ def _card(rec: dict[str, Any], thumb: str | None) -> str:
             f"<div>score {score}</div></div>")
 
 
-def build_report(run: str, samples: int, compare_runs: list[str] | None = None) -> Path:
+def _summary(out: str) -> dict[str, Any]:
+    """summary.json, or {} (with a warning) when it is missing or damaged: the report is built from the shards."""
+    path = Path(out) / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError, OSError):
+        data = None
+    if not isinstance(data, dict):
+        print(f"warning: report: {path} is damaged; totals and accounting come from the shards only",
+              file=sys.stderr)
+        return {}
+    return data
+
+
+def _report_folder(out: str, output: Path | None) -> Path:
+    folder = output if output is not None else Path(out) / "report"
+    try:
+        (folder / "thumbs").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        hint = "" if output is not None else " (a read-only run folder? give --output DIR)"
+        raise UserError(f"report: cannot write {folder}: {err.strerror or err}{hint}") from None
+    return folder
+
+
+def build_report(run: str, samples: int, compare_runs: list[str] | None = None, output: Path | None = None) -> Path:
     fs, out = storage.filesystem_for(run)
     if not storage.is_local(fs):
         raise UserError("report: --run must be a local folder (copy the run's shards locally first)")
-    if not storage.exists(fs, storage.join(out, "run.json")):
-        raise UserError(f"report: {run} is not a run folder (no run.json)")
-    records = sidecar_records(run)
-    folder = Path(out) / "report"
-    (folder / "thumbs").mkdir(parents=True, exist_ok=True)
-    summary_path = Path(out) / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    try:
+        shards = completed_shards(fs, out, warn="report")  # the rule every reader applies
+    except UserError as err:
+        raise UserError(f"report: {err}") from None
+    records = sidecar_records(run, shards=shards)
+    folder = _report_folder(out, output)
+    summary = _summary(out)
     made = [r for r in records if r["status"] in ("accepted", "rejected")]
     run_info = json.loads((Path(out) / "run.json").read_text())
     parts = [f"<h1>Run report: {html.escape(Path(out).name)}</h1>", _totals(records, summary),
@@ -125,7 +151,7 @@ def build_report(run: str, samples: int, compare_runs: list[str] | None = None) 
         _histogram([r["vqa_score"] for r in recs], thr, f"{cat} ({len(recs)} samples)", folder / name)
         parts.append(f'<img src="{name}" alt="histogram {html.escape(cat)}">')
     shown = _pick(records, "accepted", samples) + _pick(records, "rejected", samples)
-    thumbs = _thumbnails(run, {r["key"] for r in shown}, folder)
+    thumbs = _thumbnails(run, {r["key"] for r in shown}, folder, shards)
     for status in ("accepted", "rejected"):
         cards = "".join(_card(r, thumbs.get(r["key"])) for r in shown if r["status"] == status)
         parts.append(f"<h2>{status.capitalize()} samples</h2><div class='sheet'>{cards or 'none'}</div>")
@@ -135,7 +161,10 @@ def build_report(run: str, samples: int, compare_runs: list[str] | None = None) 
     parts.append(generators_section(run, compare_runs or [], summary))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>referee-synth report</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
-    (folder / "index.html").write_text(page, encoding="utf-8")
+    try:
+        (folder / "index.html").write_text(page, encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"report: cannot write {folder / 'index.html'}: {err.strerror or err}") from None
     return folder / "index.html"
 
 
@@ -243,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=24, help="accepted and rejected samples shown (each)")
     p.add_argument("--compare-run", action="append", default=[], metavar="RUN_DIR",
                    help="an earlier run of another generator: GPU-hours of each for this run's target (repeatable)")
+    p.add_argument("--output", type=Path, help="report folder (default: RUN_DIR/report)")
     args = p.parse_args(argv)
-    path = build_report(args.run, args.samples, args.compare_run)
+    path = build_report(args.run, args.samples, args.compare_run, args.output)
     print(f"wrote {path}")
     return 0
 

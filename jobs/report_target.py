@@ -117,7 +117,8 @@ def generators_section(run: str, compare_runs: list[str], summary: dict[str, Any
 
     rates_by_generator([run], "--run")  # this run's own problems named as such
     by_generator = rates_by_generator([run, *compare_runs], "--compare-run")
-    prompts = {name: c.get("prompts", 0) for name, c in (summary.get("categories") or {}).items()}
+    prompts = {name: c["prompts"] for name, c in (summary.get("categories") or {}).items()
+               if isinstance(c, dict) and isinstance(c.get("prompts"), int) and c["prompts"] >= 0}
     target, most = summary.get("target_accepted") or 0, summary.get("max_samples_per_prompt") or 0
     projected = project_generators(by_generator, prompts, target, most)
     names = list(projected)

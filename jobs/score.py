@@ -118,7 +118,7 @@ def _shard_sample(tar_path: Path, key: str, members: dict[str, tarfile.TarInfo])
             meta = {}
     if meta.get("status", "accepted") != "accepted":
         return None
-    prompt = _read_member(tar_path, members["txt"]).decode("utf-8") if "txt" in members else meta.get("prompt")
+    prompt = _caption(tar_path, members, meta)
     ext = next((e for e in _IMAGE_EXTS if e in members), None)
 
     def opener() -> Any:
@@ -130,11 +130,29 @@ def _shard_sample(tar_path: Path, key: str, members: dict[str, tarfile.TarInfo])
     return Sample(name, prompt, opener, meta.get("category"), key, template=bool(meta.get("template")))
 
 
+def _caption(tar_path: Path, members: dict[str, tarfile.TarInfo], meta: dict[str, Any]) -> str | None:
+    """The sample's caption (``KEY.txt``); one that is not UTF-8 falls back to the metadata's prompt, else it
+    is read with replacement characters (a sample's problem, never the run's)."""
+    if "txt" not in members:
+        return meta.get("prompt")
+    data = _read_member(tar_path, members["txt"])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        print(f"warning: {tar_path.name}:{members['txt'].name} is not UTF-8 text", file=sys.stderr)
+        return meta.get("prompt") if isinstance(meta.get("prompt"), str) else data.decode("utf-8", "replace")
+
+
 def shard_samples(run_dir: Path) -> list[Sample]:
-    """Accepted samples of a run's tar shards, in shard then key order."""
-    tars = sorted((run_dir / "shards").glob("*.tar")) if run_dir.is_dir() else []
+    """Accepted samples of a run's complete shards (the rule every reader applies), in shard then key order."""
+    from pipeline.io.completeness import read_run
+
+    if not run_dir.is_dir():
+        raise UserError(f"--shards {run_dir}: no such run folder")
+    _, _, scan = read_run(str(run_dir), "score")
+    tars = [run_dir / "shards" / f"{s:06d}.tar" for s in scan.shards]
     if not tars:
-        raise UserError(f"no shards/*.tar in run folder {run_dir}")
+        raise UserError(f"no complete shards in run folder {run_dir}")
     samples: list[Sample] = []
     for tar_path in tars:
         try:
@@ -281,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--category", default=None, help="category: its scorer and filter thresholds (--images only)")
     parser.add_argument("--prompt-split", choices=["last", "first"], default="last",
                         help="--images: prompt = name up to the last '_' (default) or the first (the benchmark's)")
-    parser.add_argument("--config", type=Path, default=None, help="YAML preset (default: paper settings)")
+    parser.add_argument("--config", type=Path, action="append",
+                        help="YAML preset (default: paper settings); repeat to layer presets (later ones win key by "
+                             "key), as synthesize.py does")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     return parser
 
@@ -319,7 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     scorers.prepare(scorers_for({s.category for s in samples}, cfg.scoring))  # only the models needed
     records = list(score_samples(samples, scorers, cfg))
     summary = summarize(records, scorers, cfg, source, args.prompt_split)
-    write_outputs(args.output, records, summary, cfg.vqa.round_digits)
+    try:
+        write_outputs(args.output, records, summary, cfg.vqa.round_digits)
+    except OSError as err:  # a full or read-only disk: one line, nothing half-written (atomic renames)
+        raise UserError(f"--output {args.output}: cannot write the scores ({err.strerror or err})") from None
     for name, part in summary["by_scorer"].items():
         mean = part["mean_score"]
         shown = f"{mean:.{cfg.vqa.round_digits}f}" if mean is not None else "n/a"

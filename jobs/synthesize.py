@@ -15,8 +15,10 @@ OUT/plan.json (expected samples, accepted images, GPU-hours), from ``--from-run`
 the run folder gets nothing else (no run.json, no lease).
 Shards go to each actor as soon as it is ready; no actor ready after ``job.actor_ready_timeout_s``
 is one line naming the missing resources, exit 1.
-Exit codes: 0 every shard complete; 1 some shards failed after retries, or no actor could start
-for lack of resources (rerun to resume); 2 usage, configuration or input-file error; 130 interrupted.
+Exit codes: 0 every planned shard complete; 1 some shards failed after retries or are incomplete, no actor
+could start for lack of resources, the run lease was taken over, or the run's files could not be written
+(rerun to resume); 2 usage, configuration or input-file error; 130 interrupted (docs/ARCHITECTURE.md,
+"Fault model").
 """
 
 from __future__ import annotations
@@ -91,7 +93,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if not math.isfinite(args.threshold):  # NaN would pass no score and fail no range check
             raise UserError(f"--threshold must be a finite number, got {args.threshold}")
         sets += [f"filter.default_threshold={args.threshold}", "filter.thresholds={}"]
-    return load_config(args.config, sets)
+    cfg = load_config(args.config, sets)
+    if args.max_samples is not None and not cfg.job.target_accepted:
+        print("warning: --max-samples has no effect without --target-accepted (job.target_accepted is 0): "
+              "each prompt makes exactly --samples-per-prompt samples", file=sys.stderr)
+    return cfg
 
 
 def _forwarded_env(local: bool) -> dict[str, str]:
@@ -135,6 +141,14 @@ def _pool_size(cfg: Config, local: bool) -> tuple[int, float]:
     return n or max(1, int(gpus // per)), per
 
 
+def metrics_tag(output: str) -> str:
+    """The run's output as a metrics tag value: Ray's metrics agent encodes tags as ASCII, so any other
+    character is percent-encoded (an --output with a non-ASCII name must not kill the driver)."""
+    from urllib.parse import quote
+
+    return quote(output, safe="/:@~+=,{}._-")
+
+
 class RunMetrics:
     """Prometheus metrics through ray.util.metrics, tagged with the run's output (Ray's metrics agent exports
     them with a ``ray_`` prefix, e.g. ``ray_referee_synth_samples_accepted_total``; see the README)."""
@@ -144,7 +158,7 @@ class RunMetrics:
     def __init__(self, output: str) -> None:
         from ray.util.metrics import Counter, Gauge
 
-        self.tags = {"run": output}
+        self.tags = {"run": metrics_tag(output)}
         self.samples = {
             s: Counter(f"referee_synth_samples_{s}", description=f"{s} samples of complete shards", tag_keys=("run",))
             for s in self.STATUSES
@@ -226,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, cfg: Config, plan: dict[str, Any]) -> int:
     """Process the planned shards on Ray (the caller holds the run folder's lease)."""
     if not plan["todo"]:
-        return _finish(plan, cfg, failed={}, retries=0, wall=0.0)
+        return _finish_held(plan, cfg, failed={}, retries=0, wall=0.0)
     import ray
+
+    from pipeline.io.lease import LeaseLost
 
     local = not os.environ.get("RAY_ADDRESS")
     started = start_ray(dashboard=not args.no_dashboard)
@@ -237,13 +253,17 @@ def _run(args: argparse.Namespace, cfg: Config, plan: dict[str, Any]) -> int:
     t0 = time.time()
     try:
         check_placement(cfg, local)
-        pool, request = _make_pool(cfg, args.output, plan["model_ids"], plan["info"].config_hash, local)
+        lease = plan["lease"]
+        pool, request = _make_pool(cfg, args.output, plan["model_ids"], plan["info"].config_hash, local,
+                                   lease.me.token)
         progress = Progress(plan["total_samples"], plan["done_samples"], args.no_progress)
-        result = _run_pool(pool, request, plan["todo"], progress, RunMetrics(args.output))
+        result = _run_pool(pool, request, plan["todo"], progress, RunMetrics(args.output), lease.ensure_held)
         progress.close()
-        return _finish(plan, cfg, failed=result.failed, retries=result.retries, wall=time.time() - t0)
+        return _finish_held(plan, cfg, failed=result.failed, retries=result.retries, wall=time.time() - t0)
     except NoActorsError as err:
         return fail(str(err), EXIT_FAILED)
+    except LeaseLost as err:  # another driver owns the folder now: stop at once, write nothing more
+        return fail(f"{err}; the other driver's run decides what the folder holds", EXIT_FAILED)
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: completed shards are kept; rerun the same command to resume ({args.output})",
@@ -308,13 +328,15 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     storage.configure(cfg.job)
     # Input checks first and with light imports, so a bad file is reported in about a second.
     files, tables = read_prompt_tables(args.prompts)
-    rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars)
+    rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars,
+                         cfg.job.max_samples_per_prompt if cfg.job.target_accepted else 0)
     if not rows:
         raise UserError(f"prompts: {args.prompts}: no prompt rows")
     from pipeline.scoring.routing import models_needed, scorers_for
 
     if "vqa" in models_needed(scorers_for({r.category for r in rows}, cfg.scoring)):
         check_vqa_source(cfg)  # before any run folder, actor or GPU work: a missing converted checkpoint is one line
+    _warn_zoo_coverage(cfg, rows)
 
     from pipeline.io.lease import RunLease
     from pipeline.io.nightly import NightOptions, start_night
@@ -350,6 +372,17 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
                 scorer=scorer, lease=lease, night=night)
 
 
+def _warn_zoo_coverage(cfg: Config, rows: list[Any]) -> None:
+    from collections import Counter
+
+    from pipeline.referees.registry import coverage_warnings
+
+    if cfg.zoo.referees and cfg.engine.generator == "inversion":
+        counts = Counter(r.category for r in rows if r.status == "ok")
+        for line in coverage_warnings(cfg.zoo.referees, dict(counts)):
+            print(f"warning: {line}", file=sys.stderr)
+
+
 def plan_only(args: argparse.Namespace, cfg: Config) -> int:
     """--plan: estimate the run from the prompts and rates; write OUT/plan.json and nothing else."""
     import json
@@ -367,7 +400,8 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
     from schemas.prompts import read_prompt_tables, validate_rows
 
     _, tables = read_prompt_tables(args.prompts)
-    rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars)
+    rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars,
+                         cfg.job.max_samples_per_prompt if cfg.job.target_accepted else 0)
     if not rows:
         raise UserError(f"prompts: {args.prompts}: no prompt rows")
     by_generator = rates_by_generator(args.from_run or [])
@@ -423,7 +457,7 @@ def _zoo_models(cfg: Config) -> list[tuple[str, str, str]]:
             for s in cfg.zoo.referees if s.kind != "blip2"]
 
 
-def _make_pool(cfg: Config, output: str, model_ids: dict[str, str], config_hash: str, local: bool):
+def _make_pool(cfg: Config, output: str, model_ids: dict[str, str], config_hash: str, local: bool, lease_token: str):
     """The pool (actors start now, asynchronously) and the resources each actor asks for."""
     from actors.pool import ShardPool
     from actors.shard_worker import remote_worker_class
@@ -433,7 +467,7 @@ def _make_pool(cfg: Config, output: str, model_ids: dict[str, str], config_hash:
     worker = remote_worker_class(cfg.job.cpus_per_actor, gpus, env)
     cfg_dict = cfg.to_dict()
     events = _ActorEvents(config_hash)
-    pool = ShardPool(lambda q: worker.remote(cfg_dict, output, model_ids, q), n, cfg.job.max_shard_retries,
+    pool = ShardPool(lambda q: worker.remote(cfg_dict, output, model_ids, q, lease_token), n, cfg.job.max_shard_retries,
                      cfg.job.actor_ready_timeout_s, events)
     return pool, {"CPU": cfg.job.cpus_per_actor, "GPU": gpus}
 
@@ -460,7 +494,8 @@ class _ActorEvents:
             print(f"{which} ready after {d['seconds']:.1f} s (each has {have or 'no resources'})", file=sys.stderr)
 
 
-def _run_pool(pool: Any, request: dict[str, float], todo: list[Any], progress: Progress, metrics: RunMetrics) -> Any:
+def _run_pool(pool: Any, request: dict[str, float], todo: list[Any], progress: Progress, metrics: RunMetrics,
+              check: Any = None) -> Any:
     """Run the shards; an actor that cannot start is a user-facing one-line error."""
     from actors.pool import ActorStartError, NoActorReady, missing_resources
 
@@ -469,7 +504,7 @@ def _run_pool(pool: Any, request: dict[str, float], todo: list[Any], progress: P
         metrics.set_rate(progress.images_per_hour())
 
     try:
-        return pool.run(todo, on_progress, metrics.shard_done)
+        return pool.run(todo, on_progress, metrics.shard_done, check)
     except ActorStartError as err:
         raise UserError(f"actors could not start: {_cause_line(err.cause)}") from None
     except NoActorReady as err:
@@ -500,6 +535,18 @@ def _print_accounting(summary: Any) -> None:
               "(listed per category in summary.json)", file=sys.stderr)
 
 
+def _finish_held(plan: dict[str, Any], cfg: Config, failed: dict[int, str], retries: int, wall: float) -> int:
+    """The run's own files, only while this driver still holds the folder; a lost lease is exit 1."""
+    from pipeline.io.lease import LeaseLost
+
+    try:
+        plan["lease"].verify()
+    except LeaseLost as err:
+        return fail(f"{err}; summary.json, shards.txt and README.md are left to the driver that holds it",
+                    EXIT_FAILED)
+    return _finish(plan, cfg, failed, retries, wall)
+
+
 def _finish(plan: dict[str, Any], cfg: Config, failed: dict[int, str], retries: int, wall: float) -> int:
     from pipeline.io.nightly import finish_night
     from pipeline.io.retired import dataset_shards
@@ -507,15 +554,20 @@ def _finish(plan: dict[str, Any], cfg: Config, failed: dict[int, str], retries: 
 
     fs, out, info, night = plan["fs"], plan["out"], plan["info"], plan["night"]
     num_shards = night.placement.num_shards  # every night's shards, not only tonight's
-    stats = complete_stats(fs, out, num_shards, info.config_hash)
+    planned = [s.shard for s in plan["specs"]]  # tonight's: each must be complete for exit 0
+    stats = complete_stats(fs, out, list(range(num_shards)), info.config_hash)
     listed = dataset_shards(fs, out, stats, night.placement)
     retired = len(night.placement.retired_ids())
     summary = summarize(fs, out, num_shards, list(failed), wall, retries, plan["skipped"], plan["scorer"],
                         cfg, stats, listed, retired)
-    write_summary(fs, out, summary)
-    write_index(fs, out, plan["output_uri"], listed)
-    write_card(fs, out, info, summary, listed)
-    finish_night(fs, out, info, {s.shard for s in stats}, list(failed))
+    try:
+        write_summary(fs, out, summary)
+        write_index(fs, out, plan["output_uri"], listed)
+        write_card(fs, out, info, summary, listed)
+        finish_night(fs, out, info, {s.shard for s in stats}, list(failed))
+    except OSError as err:  # a full or read-only disk: the shards are kept, the run's files are not written
+        return fail(f"output {plan['output_uri']}: could not write summary.json / shards.txt / README.md "
+                    f"({str(err).splitlines()[0]}); free space and rerun the same command", EXIT_FAILED)
     print(
         f"done: {summary.shards_completed}/{summary.shards_total} shards, {summary.samples} samples: "
         f"{summary.accepted} accepted, {summary.rejected} rejected, {summary.failed} failed, "
@@ -529,6 +581,10 @@ def _finish(plan: dict[str, Any], cfg: Config, failed: dict[int, str], retries: 
         fail(f"{len(failed)} shard(s) failed after retries: {', '.join(f'{s:06d}' for s in sorted(failed))}; "
              "rerun the same command to resume", EXIT_FAILED)
         return EXIT_FAILED
+    missing = sorted(set(planned) - {s.shard for s in stats})
+    if missing:  # never 0 while a planned shard is not complete, whatever the pool reported
+        return fail(f"{len(missing)} shard(s) not complete: {', '.join(f'{s:06d}' for s in missing[:10])}"
+                    f"{' ...' if len(missing) > 10 else ''}; rerun the same command to resume", EXIT_FAILED)
     return EXIT_OK
 
 

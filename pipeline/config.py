@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +37,64 @@ def _f(default: Any, lo: float | None = None, hi: float | None = None, **extra: 
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: json.loads(json.dumps(default)), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# Views per sample, for the engine and every zoo referee: the paper uses 30, the authors' code 10; each
+# view's activations are kept for the backward (~0.4 GB for ViT-g), so thousands exhaust any memory
+# before the first error could say so.
+MAX_VIEWS = 256
+# How deep a config's values may nest (the deepest real one is zoo.referees[i].categories: 4); deeper
+# input is refused before anything recurses over it.
+MAX_DEPTH = 16
+# An echoed value is cut to this many characters (a YAML alias bomb expands to gigabytes).
+_SHOW_CHARS = 80
+
+
+def _show(value: Any) -> str:
+    """A bounded repr for error messages: never more than _SHOW_CHARS characters, whatever the value."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict, short.maxset = 2, 4, 4, 4, 4
+    short.maxstring, short.maxother, short.maxlong = _SHOW_CHARS, _SHOW_CHARS, 40
+    text = short.repr(value)
+    return text if len(text) <= _SHOW_CHARS else text[:_SHOW_CHARS - 3] + "..."
+
+
+def _cut(text: Any) -> str:
+    """A user's key as text, cut to _SHOW_CHARS characters (keys are echoed unquoted)."""
+    text = str(text)
+    return text if len(text) <= _SHOW_CHARS else text[:_SHOW_CHARS - 3] + "..."
+
+
+def _check_depth(data: Any, where: str) -> None:
+    """Refuse values nested deeper than MAX_DEPTH (iteratively: the check itself never recurses). Shared
+    nodes (YAML aliases) are visited once, so a small alias bomb costs little here."""
+    stack, seen = [(data, 0)], set()
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, (dict, list, tuple)) or id(node) in seen:
+            continue
+        if depth >= MAX_DEPTH:
+            raise ConfigError(f"config: {where} nests deeper than {MAX_DEPTH} levels")
+        seen.add(id(node))
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _safe_load(text: str, where: str) -> Any:
+    """yaml.safe_load with its recursion (a few thousand levels in a small file) turned into one line."""
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"config: {where} nests deeper than {MAX_DEPTH} levels") from None
+    _check_depth(data, where)
+    return data
+
+
+# A number as text: YAML 1.1 reads 1e-05 or 1e6 (no dot, or no sign in the exponent) as strings, and flags
+# reach the config as str(float) text, which writes 0.00001 as 1e-05.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 # The ModelsConfig fields that name a model (an id or a folder).
@@ -100,7 +159,7 @@ class LatentConfig:
 
 @dataclass
 class AugmentConfig:
-    num_views: int = _f(30, 1)
+    num_views: int = _f(30, 1, MAX_VIEWS)
     top_k: int = _f(0, 0)  # keep the k hardest views; 0 = all
     affine_degrees: float = _f(30.0, 0.0, 180.0)
     # (x, y) fractions; a single number means both axes. The authors' scalar 0.1 under their kornia
@@ -143,7 +202,7 @@ class RefereeSpec:
     model: str = ""  # hub id or folder; "" -> the kind's default (blip2: models.referee, already loaded)
     weight: float = _f(1.0, 0.0)
     categories: list[str] = _f([])  # prompt categories it judges; empty = all
-    views: int = _f(0, 0)  # augmented views per sample; 0 = augment.num_views
+    views: int = _f(0, 0, MAX_VIEWS)  # augmented views per sample; 0 = augment.num_views
 
 
 @dataclass
@@ -409,33 +468,35 @@ def _check_scalar(key: str, value: Any, tp: Any) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"config: {key} must be true or false, got {value!r}")
+        raise ConfigError(f"config: {key} must be true or false, got {_show(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"config: {key} must be an integer, got {value!r}")
+        raise ConfigError(f"config: {key} must be an integer, got {_show(value)}")
     if tp is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):  # NaN passes every comparison; infinities no range means
-                raise ConfigError(f"config: {key} must be a finite number, got {value!r}")
+                raise ConfigError(f"config: {key} must be a finite number, got {_show(value)}")
             return float(value)
-        raise ConfigError(f"config: {key} must be a number, got {value!r}")
+        raise ConfigError(f"config: {key} must be a number, got {_show(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"config: {key} must be a string, got {value!r}")
+        raise ConfigError(f"config: {key} must be a string, got {_show(value)}")
     raise ConfigError(f"config: {key} has unsupported type {_type_name(tp)}")
 
 
 def _check_bounds(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
     lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
     if choices is not None and value not in choices:
-        raise ConfigError(f"config: {key} must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"config: {key} must be one of {', '.join(choices)}, got {_show(value)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if lo is not None and value < lo:
-            raise ConfigError(f"config: {key} must be >= {lo}, got {value!r}")
+            raise ConfigError(f"config: {key} must be >= {lo}, got {_show(value)}")
         if hi is not None and value > hi:
-            raise ConfigError(f"config: {key} must be <= {hi}, got {value!r}")
+            raise ConfigError(f"config: {key} must be <= {hi}, got {_show(value)}")
 
 
 def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> Any:
@@ -444,13 +505,13 @@ def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) 
         (item_tp,) = typing.get_args(tp)
         if dataclasses.is_dataclass(item_tp):  # a list of mappings, each a small section (zoo.referees)
             if not isinstance(value, (list, tuple)):
-                raise ConfigError(f"config: {key} must be a list of mappings, got {value!r}")
+                raise ConfigError(f"config: {key} must be a list of mappings, got {_show(value)}")
             return [v if isinstance(v, item_tp) else _build_section(f"{key}[{i}]", item_tp, v)
                     for i, v in enumerate(value)]
         if meta.get("broadcast") and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value] * meta["length"]  # one number for every item (e.g. both translate axes)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config: {key} must be a list of {_type_name(item_tp)}, got {value!r}")
+            raise ConfigError(f"config: {key} must be a list of {_type_name(item_tp)}, got {_show(value)}")
         length = meta.get("length")
         if length is not None and len(value) != length:
             raise ConfigError(f"config: {key} must have {length} items, got {len(value)}")
@@ -461,11 +522,11 @@ def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) 
     if origin is dict:
         _, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise ConfigError(f"config: {key} must be a mapping, got {value!r}")
+            raise ConfigError(f"config: {key} must be a mapping, got {_show(value)}")
         out = {}
         for k, v in value.items():
-            out[str(k)] = _check_scalar(f"{key}.{k}", v, val_tp)
-            _check_bounds(f"{key}.{k}", out[str(k)], meta)
+            out[str(k)] = _check_scalar(f"{key}.{_cut(k)}", v, val_tp)
+            _check_bounds(f"{key}.{_cut(k)}", out[str(k)], meta)
         return out
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"config: {key} has unsupported type {tp}")
@@ -476,14 +537,14 @@ def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) 
 
 def _build_section(name: str, cls: type, values: Any) -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(f"config: section '{name}' must be a mapping, got {values!r}")
+        raise ConfigError(f"config: section '{name}' must be a mapping, got {_show(values)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
             known = ", ".join(fields)
-            raise ConfigError(f"config: unknown key '{name}.{key}' (known keys: {known})")
+            raise ConfigError(f"config: unknown key '{_cut(f'{name}.{key}')}' (known keys: {known})")
         kwargs[key] = _check_value(f"{name}.{key}", value, hints[key], fields[key].metadata)
     return cls(**kwargs)
 
@@ -497,10 +558,10 @@ def from_dict(data: dict[str, Any]) -> Config:
     kwargs: dict[str, Any] = {}
     for name, values in data.items():
         if name not in sections:
-            raise ConfigError(f"config: unknown section '{name}' (known: {', '.join(sections)})")
+            raise ConfigError(f"config: unknown section '{_cut(name)}' (known: {', '.join(sections)})")
         if name == "version":
             if values != CONFIG_VERSION:
-                raise ConfigError(f"config: version must be {CONFIG_VERSION}, got {values!r}")
+                raise ConfigError(f"config: version must be {CONFIG_VERSION}, got {_show(values)}")
             continue
         kwargs[name] = _build_section(name, hints[name], values)
     cfg = Config(**kwargs)
@@ -544,13 +605,13 @@ def _check_zoo(zoo: ZooConfig) -> None:
     for i, spec in enumerate(zoo.referees):
         if spec.kind not in REFEREE_KINDS:
             kinds = ", ".join(REFEREE_KINDS)
-            raise ConfigError(f"config: zoo.referees[{i}].kind must be one of {kinds}, got {spec.kind!r}")
+            raise ConfigError(f"config: zoo.referees[{i}].kind must be one of {kinds}, got {_show(spec.kind)}")
         if spec.kind == "blip2" and spec.model:
             raise ConfigError(
                 f"config: zoo.referees[{i}] (blip2) takes its model from models.referee; leave its model empty")
         name = spec.name or spec.kind
         if name in names:
-            raise ConfigError(f"config: zoo.referees[{i}] repeats the name {name!r} (give each a distinct name)")
+            raise ConfigError(f"config: zoo.referees[{i}] repeats the name {_show(name)} (give each a distinct name)")
         names.add(name)
     if zoo.referees and not any(spec.weight > 0 for spec in zoo.referees):
         raise ConfigError("config: zoo.referees needs at least one referee with weight > 0")
@@ -559,15 +620,17 @@ def _check_zoo(zoo: ZooConfig) -> None:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``section.key=value`` -> (["section", "key"], parsed YAML value)."""
     if "=" not in text:
-        raise ConfigError(f"config: --set expects section.key=value, got {text!r}")
+        raise ConfigError(f"config: --set expects section.key=value, got {_show(text)}")
     path, raw = text.split("=", 1)
     keys = path.strip().split(".")
     if len(keys) < 2 or not all(keys):
-        raise ConfigError(f"config: --set expects section.key=value, got {text!r}")
+        raise ConfigError(f"config: --set expects section.key=value, got {_show(text)}")
+    if len(keys) > MAX_DEPTH:
+        raise ConfigError(f"config: --set {_cut(path)} nests deeper than {MAX_DEPTH} levels")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _safe_load(raw, f"--set {_cut(path)}") if raw.strip() else ""
     except yaml.YAMLError:
-        raise ConfigError(f"config: --set {path} has a value that is not valid YAML: {raw!r}") from None
+        raise ConfigError(f"config: --set {_cut(path)} has a value that is not valid YAML: {_show(raw)}") from None
     return keys, value
 
 
@@ -582,7 +645,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"config: cannot read {p} ({err.strerror or err})") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = _safe_load(text, str(p)) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -616,7 +679,7 @@ def load_config(path: str | Path | typing.Sequence[str | Path] | None = None,
         for k in keys[:-1]:
             child = node.setdefault(k, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"config: --set {'.'.join(keys)}: '{k}' is not a section")
+                raise ConfigError(f"config: --set {_cut('.'.join(keys))}: '{_cut(k)}' is not a section")
             node = child
         node[keys[-1]] = value
     return from_dict(data)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import pyarrow.fs as pafs
 
 from pipeline.config import Config
+from pipeline.io.lease import LeaseFence
 from pipeline.io.shards import PublishRetry, ShardSpec, ShardWriter
 from schemas.prompts import PromptRow
 from schemas.run import ShardStats
@@ -43,12 +44,15 @@ class NoopProcessor:
 
     def process(
         self, spec: ShardSpec, fs: pafs.FileSystem, out: str,
-        progress: Callable[[dict[str, int]], None] | None = None,
+        progress: Callable[[dict[str, int]], None] | None = None, fence: LeaseFence | None = None,
     ) -> ShardStats:
         t0 = time.perf_counter()
+        if fence is not None:
+            fence.check()
         time.sleep(float(os.environ.get(NOOP_SECONDS_ENV) or 0))
         job = self.cfg.job
-        writer = ShardWriter(fs, out, spec.shard, job.image_format, False, retry=PublishRetry.from_job(job))
+        writer = ShardWriter(fs, out, spec.shard, job.image_format, False, retry=PublishRetry.from_job(job),
+                             fence=fence)
         try:
             for i, row in enumerate(spec.rows):
                 for rec in self._records(spec, i, row):

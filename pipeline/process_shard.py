@@ -27,6 +27,7 @@ from pipeline.budget.refill import AttemptQueue
 from pipeline.config import Config
 from pipeline.engine.invert import InversionEngine, SampleRequest, sample_seed
 from pipeline.engine.sample_sd import SamplingEngine
+from pipeline.io.lease import LeaseFence
 from pipeline.io.shards import PublishRetry, ShardSpec, ShardWriter, encode_image
 from pipeline.models.loading import GeneratorModels, VqaModels
 from pipeline.scoring.filter import decide
@@ -154,11 +155,15 @@ class ShardProcessor:
             out.append(rec)
         return out
 
-    def process(self, spec: ShardSpec, fs: pafs.FileSystem, out: str, progress: ProgressFn | None = None) -> ShardStats:
+    def process(self, spec: ShardSpec, fs: pafs.FileSystem, out: str, progress: ProgressFn | None = None,
+                fence: LeaseFence | None = None) -> ShardStats:
+        """``fence``: the driver's lease, checked before any work and before each publish."""
         t0 = time.perf_counter()
         job = self.cfg.job
+        if fence is not None:
+            fence.check()  # a driver that lost its run folder gets no more GPU time spent for it
         retry = PublishRetry.from_job(job)
-        writer = ShardWriter(fs, out, spec.shard, job.image_format, job.keep_rejected_images, retry)
+        writer = ShardWriter(fs, out, spec.shard, job.image_format, job.keep_rejected_images, retry, fence)
         try:
             invalid = self._invalid_records(spec)
             for rec in invalid:

@@ -314,9 +314,11 @@ def default_id_count(tables: list[pa.Table]) -> int:
 
 
 def validate_rows(
-    tables: list[pa.Table], default_samples: int, max_prompt_chars: int, max_id_chars: int
+    tables: list[pa.Table], default_samples: int, max_prompt_chars: int, max_id_chars: int, target_attempts: int = 0,
 ) -> list[PromptRow]:
-    """One PromptRow per input row, in planned order, with a status for each."""
+    """One PromptRow per input row, in planned order, with a status for each. ``target_attempts``: with
+    accept-until-target, the attempts a prompt may reach (``job.max_samples_per_prompt``) whatever its
+    ``num_samples``: the seed check covers the largest sample index the run can make."""
     rows: list[PromptRow] = []
     first_seen: dict[str, int] = {}
     defaults = _default_ids(tables)
@@ -333,7 +335,7 @@ def validate_rows(
                 benchmark_index=rec.get("benchmark_index"), template=bool(rec.get("template")),
             )
             row.error = (_row_problem(row.prompt, max_prompt_chars) or _id_problem(pid, first_seen, max_id_chars)
-                         or _samples_problem(row))
+                         or _samples_problem(row, target_attempts))
             if row.error:
                 row.status = STATUS_INVALID
             first_seen.setdefault(pid, index)
@@ -351,11 +353,12 @@ def _id_problem(pid: str, first_seen: dict[str, int], max_chars: int) -> str | N
     return None
 
 
-def _samples_problem(row: PromptRow) -> str | None:
+def _samples_problem(row: PromptRow, target_attempts: int = 0) -> str | None:
     if not 1 <= row.num_samples <= MAX_SAMPLES_PER_PROMPT:
         return f"num_samples must be between 1 and {MAX_SAMPLES_PER_PROMPT}, got {row.num_samples}"
-    if row.seed is not None and row.seed + row.num_samples - 1 > INT64_MAX:
-        return f"seed {row.seed} plus sample index {row.num_samples - 1} does not fit int64 (max {INT64_MAX})"
+    last = (target_attempts or row.num_samples) - 1  # the largest sample index this row can reach
+    if row.seed is not None and row.seed + last > INT64_MAX:
+        return f"seed {row.seed} plus sample index {last} does not fit int64 (max {INT64_MAX})"
     return None
 
 

@@ -48,6 +48,8 @@ class ShardStats(SampleCounts):
     categories: dict[str, dict[str, Any]] = field(default_factory=dict)
     short: list[dict[str, Any]] = field(default_factory=list)
     night: int = 0  # the invocation (run.json history entry) that made the shard; 0: before history existed
+    # The run lease's token of the driver whose actor wrote the shard ("" before fencing existed).
+    lease_token: str = ""
     version: int = STATS_SCHEMA_VERSION
 
     @classmethod

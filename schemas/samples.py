@@ -28,6 +28,14 @@ def sample_key(shard: int, row_in_shard: int, sample: int) -> str:
     return f"{shard:0{SHARD_DIGITS}d}{row_in_shard:0{ROW_DIGITS}d}{sample:0{SAMPLE_DIGITS}d}"
 
 
+def key_shard(key: object) -> int | None:
+    """The shard a sample key names (the inverse of ``sample_key``'s first part); None for no key of ours."""
+    width = SHARD_DIGITS + ROW_DIGITS + SAMPLE_DIGITS
+    if not isinstance(key, str) or len(key) != width or not key.isascii() or not key.isdigit():
+        return None
+    return int(key[:SHARD_DIGITS])
+
+
 @dataclass
 class SampleRecord:
     key: str

@@ -47,6 +47,22 @@ def short_probability(p: float, k: int, m: int) -> float:
     return _binom_cdf_below(k, m, p)
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 and value == value
+
+
+def _category_counts(name: Any, v: Any) -> str | None:
+    """Why a summary's category entry cannot give rates, or None."""
+    if not isinstance(v, dict):
+        return f"category {name!r} is not a mapping"
+    bad = [k for k in ("samples", "accepted", "seconds") if not _count(v.get(k))]
+    if bad:
+        return f"category {name!r} has no non-negative number for {', '.join(bad)}"
+    if v["accepted"] > v["samples"]:
+        return f"category {name!r} has more accepted ({v['accepted']}) than samples ({v['samples']})"
+    return None
+
+
 def _run_categories(run: str, flag: str = "--from-run") -> tuple[str, dict[str, dict[str, Any]]]:
     """An earlier run's generator (run.json's engine.generator; a run made before the choice existed, or a
     folder with no run.json, is inversion) and its summary's per-category samples, accepted and seconds."""
@@ -56,9 +72,16 @@ def _run_categories(run: str, flag: str = "--from-run") -> tuple[str, dict[str, 
         raise UserError(f"{flag} {run}: no summary.json (not a finished run folder)")
     try:
         summary = json.loads(storage.read_bytes(fs, path))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise UserError(f"{flag} {run}: summary.json is not valid JSON") from None
-    cats = {k: v for k, v in (summary.get("categories") or {}).items() if v.get("samples")}
+    cats = summary.get("categories") if isinstance(summary, dict) else None
+    if not isinstance(cats, dict):
+        raise UserError(f"{flag} {run}: summary.json is not a run summary (no 'categories' mapping)")
+    for name, v in cats.items():
+        problem = _category_counts(name, v)
+        if problem:
+            raise UserError(f"{flag} {run}: summary.json: {problem}"[:300])
+    cats = {k: v for k, v in cats.items() if v["samples"]}
     if not cats:
         raise UserError(f"{flag} {run}: summary.json has no per-category samples and device seconds "
                         "(a run made before cost accounting, or one with no samples)")
@@ -70,10 +93,13 @@ def _generator_of(fs: Any, out: str) -> str:
     if not storage.exists(fs, path):
         return DEFAULT_GENERATOR
     try:
-        config = json.loads(storage.read_bytes(fs, path)).get("config") or {}
-    except ValueError:
+        run = json.loads(storage.read_bytes(fs, path))
+    except (ValueError, RecursionError):
         return DEFAULT_GENERATOR
-    return (config.get("engine") or {}).get("generator") or DEFAULT_GENERATOR
+    config = run.get("config") if isinstance(run, dict) else None
+    engine = config.get("engine") if isinstance(config, dict) else None
+    generator = engine.get("generator") if isinstance(engine, dict) else None
+    return generator if isinstance(generator, str) and generator else DEFAULT_GENERATOR
 
 
 def _pooled(runs: list[str], cats_of_runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -200,12 +226,7 @@ def format_plan(plan: dict[str, Any]) -> str:
                if target else f"{plan['samples_per_prompt']} samples per prompt"))
     src = plan["source"]
     lines = [head, "from: " + (f"run {src['run']}" if src["kind"] == "run" else src["note"])]
-    lines.append(f"{'category':<16}{'prompts':>8}{'acc.rate':>9}{'s/sample':>10}{'samples':>10}{'accepted':>10}"
-                 f"{'short':>8}{'GPU-h':>10}")
-    for name, c in plan["categories"].items():
-        lines.append(f"{name[:15]:<16}{c['prompts']:>8}{c['acceptance_rate']:>9.3f}{c['seconds_per_sample']:>10.2f}"
-                     f"{c['expected_samples']:>10.1f}{c['expected_accepted']:>10.1f}"
-                     f"{c['expected_short_prompts']:>8.1f}{c['gpu_hours']:>10.3f}")
+    lines += _category_table(plan["categories"])
     total = (f"total: {plan['expected_samples']:.1f} samples, {plan['expected_accepted']:.1f} accepted, "
              f"{plan['expected_short_prompts']:.1f} prompts short, {plan['gpu_hours']:.3f} GPU-hours")
     if plan["cost"] is not None:
@@ -215,18 +236,37 @@ def format_plan(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_PLAN_COLUMNS = (  # (header, key, format): widths follow the widest cell, so large counts never run together
+    ("prompts", "prompts", "d"), ("acc.rate", "acceptance_rate", ".3f"), ("s/sample", "seconds_per_sample", ".2f"),
+    ("samples", "expected_samples", ".1f"), ("accepted", "expected_accepted", ".1f"),
+    ("short", "expected_short_prompts", ".1f"), ("GPU-h", "gpu_hours", ".3f"),
+)
+
+
+def _category_table(categories: dict[str, dict[str, Any]]) -> list[str]:
+    cells = {name: [format(c[key], fmt) for _, key, fmt in _PLAN_COLUMNS] for name, c in categories.items()}
+    widths = [max([len(head), *(len(row[i]) for row in cells.values())]) + 2
+              for i, (head, _, _) in enumerate(_PLAN_COLUMNS)]
+    lines = [f"{'category':<16}" + "".join(f"{head:>{w}}" for (head, _, _), w in zip(_PLAN_COLUMNS, widths))]
+    for name, row in cells.items():
+        lines.append(f"{name[:15]:<16}" + "".join(f"{v:>{w}}" for v, w in zip(row, widths)))
+    return lines
+
+
 def _generator_lines(generators: dict[str, Any]) -> list[str]:
     """The same plan with each earlier run's generator: GPU-hours for the same prompts and target."""
     if not generators:
         return []
     names = list(generators)
-    lines = ["generators, same prompts and target, from their earlier runs (GPU-hours):",
-             f"{'category':<16}" + "".join(f"{n[:13]:>14}" for n in names)]
     cats = sorted({c for g in generators.values() for c in g["categories"]})
-    for cat in cats:
-        cells = [generators[n]["categories"].get(cat, {}).get("gpu_hours") for n in names]
-        lines.append(f"{cat[:15]:<16}" + "".join(f"{'n/a' if v is None else format(v, '.3f'):>14}" for v in cells))
-    lines.append(f"{'total':<16}" + "".join(f"{generators[n]['gpu_hours']:>14.3f}" for n in names))
+    rows = {cat: ["n/a" if v is None else format(v, ".3f") for v in
+                  (generators[n]["categories"].get(cat, {}).get("gpu_hours") for n in names)] for cat in cats}
+    rows["total"] = [format(generators[n]["gpu_hours"], ".3f") for n in names]
+    widths = [max(14, len(n[:13]) + 1, *(len(r[i]) + 2 for r in rows.values())) for i, n in enumerate(names)]
+    lines = ["generators, same prompts and target, from their earlier runs (GPU-hours):",
+             f"{'category':<16}" + "".join(f"{n[:13]:>{w}}" for n, w in zip(names, widths))]
+    for cat, cells in rows.items():
+        lines.append(f"{cat[:15]:<16}" + "".join(f"{v:>{w}}" for v, w in zip(cells, widths)))
     if len(names) > 1:
         best = min(names, key=lambda n: generators[n]["gpu_hours"])
         lines.append(f"cheapest for this target: {best}")

@@ -64,12 +64,40 @@ def build_pipeline(models: GeneratorModels, scheduler_name: str) -> Any:
     return pipe
 
 
+def check_schedule(scheduler: Any, name: str, steps: int) -> None:
+    """Walk the scheduler's whole schedule once on a tiny latent (milliseconds), before any work: some
+    settings inside the config's ranges cannot run (ddim or pndm at 1000 steps index past the trained
+    timesteps; pndm's Runge-Kutta warm-up needs at least 4 steps), and would fail every shard alike."""
+    import copy
+
+    import torch
+
+    from pipeline.config import ConfigError
+
+    trial = copy.deepcopy(scheduler)  # stepping changes a scheduler's state
+    try:
+        trial.set_timesteps(steps)
+        sample = torch.ones(1, 4, 4, 4) * trial.init_noise_sigma
+        for t in trial.timesteps:
+            trial.scale_model_input(sample, t)
+            sample = trial.step(torch.zeros_like(sample), t, sample).prev_sample
+        finite = bool(torch.isfinite(sample).all())
+    except (IndexError, ValueError, RuntimeError) as err:
+        why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:120]
+        raise ConfigError(f"config: sampling.scheduler {name} cannot run sampling.steps={steps} ({why}); "
+                          "choose fewer steps (at most 999) or at least 4 for pndm") from None
+    if not finite:
+        raise ConfigError(f"config: sampling.scheduler {name} gives non-finite latents at sampling.steps={steps}; "
+                          "choose fewer steps")
+
+
 class SamplingEngine:
     def __init__(self, models: GeneratorModels, cfg: Config) -> None:
         self.models = models
         self.cfg = cfg
         self.device = models.device
         self.pipe = build_pipeline(models, cfg.sampling.scheduler)
+        check_schedule(self.pipe.scheduler, cfg.sampling.scheduler, cfg.sampling.steps)
 
     @property
     def image_size(self) -> int:

@@ -16,33 +16,33 @@ import torch
 from PIL import Image
 
 from pipeline.io import storage
-from pipeline.io.shards import SHARDS_DIR, read_stats, shard_paths
+from pipeline.io.completeness import run_config_hash, scan_shards
+from pipeline.io.shards import SHARDS_DIR, shard_paths
 from schemas.gors import reward_answer, selects
 
 IMAGE_EXTENSIONS = ("png", "jpg", "webp")
 
 
-def completed_shards(fs: pafs.FileSystem, out: str) -> list[int]:
-    """Shards with a stats marker, in order (incomplete shards are never read)."""
-    selector = pafs.FileSelector(storage.join(out, SHARDS_DIR), allow_not_found=True)
-    shards = []
-    for info in fs.get_file_info(selector):
-        name = info.path.rsplit("/", 1)[-1]
-        if name.endswith(".stats.json") and name[:6].isdigit():
-            shards.append(int(name[:6]))
-    return sorted(s for s in shards if read_stats(fs, out, s) is not None)
+def completed_shards(fs: pafs.FileSystem, out: str, warn: str | None = None) -> list[int]:
+    """Complete shards, in order, by the one rule the resume applies (pipeline/io/completeness.py):
+    incomplete shards are never read; with ``warn`` (who reads), each one left out is named once."""
+    scan = scan_shards(fs, out, run_config_hash(fs, out, out))
+    if warn:
+        scan.warn(warn)
+    return scan.shards
 
 
-def sidecar_records(run: str, include_retired: bool = False) -> list[dict[str, Any]]:
-    """Every sample record of the run's completed shards (every night's), in key order; without
-    ``include_retired``, none of a prompt retired by ``--drop-removed``."""
+def sidecar_records(run: str, warn: str | None = None, shards: list[int] | None = None,
+                    include_retired: bool = False) -> list[dict[str, Any]]:
+    """Every sample record of the run's complete shards (every night's; or of ``shards``, already checked), in
+    key order; without ``include_retired``, none of a prompt retired by ``--drop-removed``."""
     from pipeline.io.placement import read_placement
     from pipeline.io.retired import retired_filter
 
     fs, out = storage.filesystem_for(run)
     live = (lambda rec: True) if include_retired else retired_filter(read_placement(fs, out))
     rows: list[dict[str, Any]] = []
-    for shard in completed_shards(fs, out):
+    for shard in completed_shards(fs, out, warn) if shards is None else shards:
         with fs.open_input_file(storage.join(out, SHARDS_DIR, f"{shard:06d}.parquet")) as handle:
             rows += [r for r in pq.read_table(handle).to_pylist() if live(r)]
     return sorted(rows, key=lambda r: r["key"])
@@ -56,11 +56,14 @@ def shard_images(fs: pafs.FileSystem, out: str, shard: int, keys: set[str]) -> I
     for path in (paths["tar"], paths["rejected"]):
         if not storage.exists(fs, path):
             continue
-        with fs.open_input_file(path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                if key in keys and ext in IMAGE_EXTENSIONS:
-                    yield key, tar.extractfile(member).read()
+        try:
+            with fs.open_input_file(path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    if key in keys and ext in IMAGE_EXTENSIONS:
+                        yield key, tar.extractfile(member).read()
+        except (tarfile.TarError, OSError) as err:  # damaged after its marker was written: skip what is left
+            print(f"warning: {path}: not a readable tar ({err}); its remaining images are left out", file=sys.stderr)
 
 
 def tar_urls(run: str) -> list[str]:
@@ -69,7 +72,7 @@ def tar_urls(run: str) -> list[str]:
     from pipeline.io.retired import dataset_shards
 
     fs, out = storage.filesystem_for(run)
-    stats = [s for s in (read_stats(fs, out, shard) for shard in completed_shards(fs, out)) if s is not None]
+    stats = scan_shards(fs, out, run_config_hash(fs, out, out)).complete
     paths = [storage.join(out, x.path) for x in dataset_shards(fs, out, stats, read_placement(fs, out), build=False)]
     if storage.is_local(fs):
         return paths

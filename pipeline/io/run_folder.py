@@ -14,9 +14,10 @@ from pipeline.budget.accounting import run_accounting
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.io import storage
+from pipeline.io.completeness import run_config_hash, scan_shards
 from pipeline.io.placement import PLACEMENT_FILE
 from pipeline.io.retired import FILTERED_DIR, ListedShard
-from pipeline.io.shards import REJECTED_DIR, SHARDS_DIR, read_stats
+from pipeline.io.shards import REJECTED_DIR, SHARDS_DIR
 from pipeline.versions import OUTPUT_LIBRARIES, code_version, library_versions
 from schemas.run import COUNT_FIELDS, RunInfo, ShardStats, Summary
 
@@ -151,10 +152,9 @@ def remove_leftovers(fs: pafs.FileSystem, out: str) -> int:
     return removed
 
 
-def complete_stats(fs: pafs.FileSystem, out: str, num_shards: int, config_hash: str | None = None) -> list[ShardStats]:
-    """The markers of the run's shards (made with ``config_hash`` when given), in shard order."""
-    stats = (read_stats(fs, out, i) for i in range(num_shards))
-    return [s for s in stats if s is not None and (config_hash is None or s.config_hash == config_hash)]
+def complete_stats(fs: pafs.FileSystem, out: str, shards: list[int], config_hash: str) -> list[ShardStats]:
+    """The markers of those of ``shards`` that are complete (``pipeline.io.completeness``), in shard order."""
+    return scan_shards(fs, out, config_hash, shards).complete
 
 
 def summarize(
@@ -164,7 +164,8 @@ def summarize(
 ) -> Summary:
     """Totals from the complete shards' markers (every night's); with ``cfg``, its target and device-hour
     price; with ``listed`` (the dataset's tars after retirements), the accepted samples retired prompts hold."""
-    stats = complete_stats(fs, out, num_shards) if stats is None else stats
+    if stats is None:
+        stats = scan_shards(fs, out, run_config_hash(fs, out, out), list(range(num_shards))).complete
     done = {s.shard for s in stats}
     total = {k: sum(getattr(s, k) for s in stats) for k in COUNT_FIELDS}
     generated = total["accepted"] + total["rejected"] + total["failed"]
@@ -212,9 +213,15 @@ def _tar_url(output_uri: str, out: str, shard: int) -> str:
     return _url(output_uri, out, f"{SHARDS_DIR}/{shard:06d}.tar")
 
 
+_BRACE_CHARS = "{},"  # braceexpand's syntax: a folder holding any of them cannot be named by a pattern
+
+
 def brace_pattern(output_uri: str, out: str, shards: list[int]) -> str | None:
-    """``.../shards/{000000..000041}.tar`` when the shards are contiguous (webdataset expands it)."""
+    """``.../shards/{000000..000041}.tar`` when the shards are contiguous (webdataset expands it). None when
+    the folder's own name holds brace-expansion characters: webdataset would expand those too."""
     if len(shards) < 2 or shards != list(range(shards[0], shards[-1] + 1)):
+        return None
+    if any(c in _tar_url(output_uri, out, 0) for c in _BRACE_CHARS):
         return None
     return _tar_url(output_uri, out, 0).replace("000000.tar", f"{{{shards[0]:06d}..{shards[-1]:06d}}}.tar")
 

@@ -30,6 +30,7 @@ from PIL import Image
 from pipeline.config import JobConfig
 from pipeline.errors import UserError
 from pipeline.io import storage
+from pipeline.io.lease import LeaseFence
 from schemas.prompts import PromptRow
 from schemas.run import ShardStats
 from schemas.samples import ACCEPTED, FAILED, INVALID_INPUT, MAX_SHARD_SIZE, REJECTED, SampleRecord, sidecar_table
@@ -119,16 +120,10 @@ def read_stats(fs: pafs.FileSystem, out: str, shard: int) -> ShardStats | None:
 
 
 def shard_is_complete(fs: pafs.FileSystem, out: str, shard: int, config_hash: str) -> bool:
-    """Marker present, made with this config, and the files it vouches for have their recorded sizes."""
-    stats = read_stats(fs, out, shard)
-    if stats is None or stats.config_hash != config_hash:
-        return False
-    paths = shard_paths(out, shard)
-    return (
-        storage.file_size(fs, paths["tar"]) == stats.tar_bytes
-        and storage.file_size(fs, paths["parquet"]) == stats.parquet_bytes
-        and (not stats.rejected_tar_bytes or storage.file_size(fs, paths["rejected"]) == stats.rejected_tar_bytes)
-    )
+    """The resume's test: the completeness rule every reader applies (``pipeline.io.completeness``)."""
+    from pipeline.io.completeness import shard_problem
+
+    return shard_problem(fs, out, shard, config_hash) is None
 
 
 def encode_image(image: torch.Tensor, fmt: str) -> bytes:
@@ -152,15 +147,17 @@ class ShardWriter:
 
     Accepted samples go to ``shards/{shard}.tar`` (the training data). With ``keep_rejected``,
     rejected samples' images go to ``rejected/{shard}.tar`` for reports and analysis (no file when
-    none was rejected).
+    none was rejected). With a ``fence`` (the driver's lease token), each publish first checks that the
+    driver still holds the run folder (``LeaseLost`` otherwise) and the marker records the token.
     """
 
     def __init__(
         self, fs: pafs.FileSystem, out: str, shard: int, image_format: str, keep_rejected: bool,
-        retry: PublishRetry | None = None,
+        retry: PublishRetry | None = None, fence: LeaseFence | None = None,
     ) -> None:
         self.fs, self.out, self.shard, self.fmt = fs, out, shard, image_format
         self.retry = retry or PublishRetry.from_job(JobConfig())
+        self.fence = fence
         self._tmp = tempfile.TemporaryDirectory(prefix=f"shard-{shard:06d}-")
         self._tar_path = Path(self._tmp.name) / "shard.tar"
         self._tar = tarfile.open(self._tar_path, "w", format=tarfile.PAX_FORMAT)
@@ -207,6 +204,7 @@ class ShardWriter:
             rejected_bytes = self._rej_path.stat().st_size
             self._upload(self._rej_path, paths["rejected"])
         else:  # an earlier attempt's (or config's) rejected tar would not match this shard
+            self._fence()
             self.retry.run(paths["rejected"], lambda: _delete_if_present(self.fs, paths["rejected"]))
         self._upload(parquet_path, paths["parquet"])
         counts = {s: sum(r.status == s for r in self.records) for s in (ACCEPTED, REJECTED, FAILED, INVALID_INPUT)}
@@ -215,14 +213,21 @@ class ShardWriter:
             rejected=counts[REJECTED], failed=counts[FAILED], invalid_input=counts[INVALID_INPUT],
             seconds=round(seconds, 3), config_hash=config_hash, tar_bytes=self._tar_path.stat().st_size,
             parquet_bytes=parquet_path.stat().st_size, rejected_tar_bytes=rejected_bytes,
-            finished_at=datetime.now(timezone.utc).isoformat(), night=night, **(accounting or {}),
+            finished_at=datetime.now(timezone.utc).isoformat(), night=night,
+            lease_token=self.fence.token if self.fence else "", **(accounting or {}),
         )
         marker = json.dumps(stats.to_dict(), indent=1).encode()
+        self._fence()
         self.retry.run(paths["stats"], lambda: storage.write_atomic(self.fs, paths["stats"], marker))
         self.close()
         return stats
 
+    def _fence(self) -> None:
+        if self.fence is not None:
+            self.fence.check()
+
     def _upload(self, local: Path, path: str) -> None:
+        self._fence()
         self.retry.run(path, lambda: storage.upload_file_atomic(self.fs, str(local), path))
 
     def close(self) -> None:

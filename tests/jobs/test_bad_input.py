@@ -294,7 +294,7 @@ def _consumer(script: str, args: list[str], env: dict[str, str]):
 ])
 def test_consumers_refuse_bad_outputs_before_any_work(tmp_path, tiny_cache, script, make, needle) -> None:
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "run.json").write_text("{}")
+    (tmp_path / "run" / "run.json").write_text('{"config_hash": "h"}')  # what readers check shards against
     (tmp_path / "file").write_text("x")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")

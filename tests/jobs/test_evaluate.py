@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import COMPBENCH
 from tests.jobs.test_run_outputs import _env, _job, _sidecars
 
@@ -60,3 +62,51 @@ def test_other_categories_get_a_column_saying_they_are_not_the_benchmarks_method
     assert "| referee-synth | 0.5000 | - | - | - | - | - | 0.2500 |" in md
     assert md[-1].endswith("| BLIP-VQA (exact) (not the benchmark's method: the benchmark counts UniDet detections "
                            "(UniDet_eval/numeracy_eval.py)) |")
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--limit", "0"], "--limit must be at least 1"),
+    (["--limit", "-1"], "--limit must be at least 1"),
+    (["--images-per-prompt", "0"], "--images-per-prompt must be at least 1"),
+])
+def test_counts_that_do_not_mean_what_they_say_are_refused(tmp_path, extra, needle) -> None:
+    """Issue 33, class 14: --limit 0 meant no limit, -1 dropped the last prompt."""
+    from jobs.evaluate import main
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match=needle):
+        main(["--category", "color", "--output", str(tmp_path / "e"), *extra])
+    assert not (tmp_path / "e").exists()
+
+
+def test_an_output_that_is_a_file_is_one_line(tmp_path) -> None:
+    from jobs.evaluate import main
+    from pipeline.errors import UserError
+
+    (tmp_path / "e").write_text("")
+    with pytest.raises(UserError, match="is a file; give a folder"):
+        main(["--category", "color", "--output", str(tmp_path / "e")])
+
+
+def test_every_config_layer_reaches_the_run(tmp_path, monkeypatch) -> None:
+    """Issue 33, class 9: evaluate layers --config as synthesize does (it kept only the last)."""
+    from jobs import evaluate, synthesize
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(synthesize, "main", lambda argv: seen.append(argv) or 2)  # stop before any run
+    code = evaluate.main(["--category", "color", "--limit", "1", "--output", str(tmp_path / "e"),
+                          "--config", "configs/tiny.yaml", "--config", "configs/gors.yaml"])
+    assert code == 2
+    args = synthesize.build_parser().parse_args(seen[0])
+    cfg = synthesize.config_from_args(args)
+    assert cfg.models.tiny and cfg.filter.accept_unscorable is False  # both layers
+
+
+def test_score_layers_every_config_as_synthesize_does() -> None:
+    from jobs.score import build_parser
+    from pipeline.config import load_config
+
+    args = build_parser().parse_args(["--shards", "r", "--output", "o", "--config", "configs/tiny.yaml",
+                                      "--config", "configs/gors.yaml"])
+    cfg = load_config(args.config, args.overrides)
+    assert cfg.models.tiny and cfg.filter.thresholds["color"] == 0.7

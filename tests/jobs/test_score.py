@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -124,34 +123,22 @@ def test_missing_images_folder_exits_2_with_one_line(tmp_path, tiny_cache):
     assert not (tmp_path / "out").exists()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
 def test_shards_mode_scores_accepted_samples(tmp_path, tiny_cache):
+    from tests.pipeline.io.handmade import make_run
+
     run = tmp_path / "run"
-    (run / "shards").mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    rows = [("000000000000", "a green bench and a blue bowl", "accepted"),
-            ("000000000100", "a book on the left of a bird", "rejected"),
-            ("000000000200", "The black mug was on top of the white coaster.", "accepted")]
-    with tarfile.open(run / "shards" / "000000.tar", "w") as tar:
-        for key, prompt, status in rows:
-            buf = io.BytesIO()
-            _png(rng).save(buf, format="PNG")
-            _add(tar, f"{key}.png", buf.getvalue())
-            _add(tar, f"{key}.txt", prompt.encode())
-            _add(tar, f"{key}.json", json.dumps({"key": key, "status": status, "category": "color"}).encode())
+    rows = [("a green bench and a blue bowl", "accepted"), ("a book on the left of a bird", "rejected"),
+            ("The black mug was on top of the white coaster.", "accepted")]
+    make_run(run, {0: rows})
+    shutil.copy(run / "shards" / "000000.tar", run / "shards" / "000001.tar")  # no marker: never scored
     out = tmp_path / "out"
     proc = _run(["--shards", str(run), "--output", str(out)], tiny_cache)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "vqa_result.json").read_text())
     lines = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
     assert [r["question_id"] for r in result] == [0, 1]
-    assert [x["key"] for x in lines] == ["000000000000", "000000000200"]
-    assert lines[1]["questions"] == _expected_questions(rows[2][1])
+    assert [x["key"] for x in lines] == ["0000000000000", "0000000000200"]
+    assert lines[1]["questions"] == _expected_questions(rows[2][0])
     assert all(x["category"] == "color" and x["status"] == "scored" for x in lines)
 
 

@@ -189,3 +189,75 @@ def test_an_empty_zoo_leaves_the_hash_of_a_run_made_before_it() -> None:
     base = Config()
     assert load_config(overrides=["zoo.balance=total", "zoo.detector_margin=0.2"]).hash() == base.hash()
     assert load_config(overrides=["zoo.referees=[{kind: blip2}]"]).hash() != base.hash()
+
+
+# ---- issue 33: bounded echoes, a depth limit, numbers in scientific notation, bounded zoo views ---------------
+
+def _alias_bomb(key_path: str) -> str:
+    """A ~400-byte YAML whose value expands to 9^9 strings (a 'billion laughs')."""
+    parts = ['&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        parts.append(f"&{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    section, key = key_path.split(".")
+    return f"{section}:\n  {key}: [" + ", ".join(parts) + "]\n"
+
+
+@pytest.mark.parametrize("key", ["job.seed", "filter.default_threshold", "models.vqa", "engine.autocast"])
+def test_an_alias_bomb_is_refused_with_a_short_message(tmp_path, key) -> None:
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb(key))
+    assert path.stat().st_size < 500
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"config: {key} must be") and len(str(err.value)) < 300
+
+
+def test_a_config_nested_thousands_deep_is_one_line(tmp_path) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text("job:\n  seed: " + "[" * 3000 + "]" * 3000 + "\n")  # 6 KB
+    with pytest.raises(ConfigError, match="nests deeper than"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="nests deeper than"):
+        load_config(None, ["job.seed=" + "[" * 3000 + "]" * 3000])
+    with pytest.raises(ConfigError, match="nests deeper than"):
+        load_config(None, ["job." + ".".join(["k"] * 3000) + "=1"])
+    path.write_text("job:\n  seed: " + "[" * 40 + "]" * 40 + "\n")  # shallow enough to load, still refused
+    with pytest.raises(ConfigError, match="nests deeper than"):
+        load_config(path)
+
+
+def test_huge_keys_and_values_are_echoed_cut() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["job." + "k" * 100_000 + "=1"])
+    assert "k" * 100 not in str(err.value) and "unknown key 'job.kkk" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["job.seed=" + "x" * 100_000])
+    assert len(str(err.value)) < 300
+
+
+@pytest.mark.parametrize(("override", "key", "value"), [
+    ("filter.default_threshold=1e-05", "filter.default_threshold", 1e-05),
+    ("cost.gpu_hour_price=1e16", "cost.gpu_hour_price", 1e16),
+    ("sampling.guidance_scale=1e6", "sampling.guidance_scale", 1e6),
+    ("sampling.guidance_scale=2.5E+1", "sampling.guidance_scale", 25.0),
+    (f"filter.default_threshold={0.00001}", "filter.default_threshold", 1e-05),  # str(float), as flags become --set
+])
+def test_numbers_in_scientific_notation_are_numbers(override, key, value) -> None:
+    section, name = key.split(".")
+    assert getattr(getattr(load_config(None, [override]), section), name) == value
+
+
+def test_a_number_as_text_that_is_no_number_is_still_refused() -> None:
+    for text in ("1e", "e5", "1.2.3", "0x10", "nan"):
+        with pytest.raises(ConfigError, match="must be a"):
+            load_config(None, [f"sampling.guidance_scale={text!r}"])
+
+
+def test_views_are_bounded_for_the_engine_and_every_zoo_referee() -> None:
+    from pipeline.config import MAX_VIEWS
+
+    with pytest.raises(ConfigError, match=rf"zoo.referees\[0\].views must be <= {MAX_VIEWS}, got 100000"):
+        load_config(None, ["zoo.referees=[{kind: clip, views: 100000}]"])
+    with pytest.raises(ConfigError, match=f"augment.num_views must be <= {MAX_VIEWS}"):
+        load_config(None, ["augment.num_views=100000"])
+    assert load_config(None, [f"zoo.referees=[{{kind: clip, views: {MAX_VIEWS}}}]"]).zoo.referees[0].views == MAX_VIEWS

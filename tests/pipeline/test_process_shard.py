@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -38,6 +40,7 @@ def _process(cfg, generator_models, vqa_models, out) -> list[dict]:
     fs.create_dir(f"{root}/shards", recursive=True)
     processor = ShardProcessor(cfg, generator_models, vqa_models, {"vqa": "tiny"})
     processor.process(ShardSpec(0, _rows(cfg)), fs, root)
+    (Path(root) / "run.json").write_text(json.dumps({"config_hash": cfg.hash()}))  # as the driver writes it
     return pq.read_table(shard_paths(root, 0)["parquet"]).to_pylist()
 
 

@@ -116,3 +116,21 @@ def test_non_finite_latents_restart_with_a_new_seed(engine, batch_of_3, monkeypa
     monkeypatch.setenv(INJECT_NAN_ENV, "p1:1")  # every attempt: failed after max_restarts + 1
     out = engine.run([_req(0), _req(1)])
     assert out[1].image is None and "gave up after 3 attempts" in out[1].error and out[0].error is None
+
+
+@pytest.mark.parametrize(("scheduler", "steps"), [("ddim", 1000), ("pndm", 1000), ("pndm", 1), ("dpmsolver", 1000)])
+def test_a_schedule_the_scheduler_cannot_run_is_a_config_error_before_any_work(generator_models, tiny_cfg,
+                                                                                 scheduler, steps) -> None:
+    """Issue 33, class 11: inside the config's ranges, but the scheduler cannot run it: one line at start."""
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"sampling.scheduler {scheduler} .*sampling.steps={steps}"):
+        SamplingEngine(generator_models, _cfg(tiny_cfg, sampling__scheduler=scheduler, sampling__steps=steps))
+
+
+def test_the_schedule_check_leaves_the_pipelines_scheduler_untouched(engine) -> None:
+    from pipeline.engine.sample_sd import check_schedule
+
+    before = list(engine.pipe.scheduler.timesteps)
+    check_schedule(engine.pipe.scheduler, "ddim", 999)
+    assert list(engine.pipe.scheduler.timesteps) == before

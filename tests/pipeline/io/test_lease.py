@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.io.lease import LEASE_NAME, RunLease
+from pipeline.io.lease import LEASE_NAME, LeaseFence, LeaseLost, RunLease
 
 
 def _lease(out: Path, heartbeat_s: float = 10.0, stale_s: float = 120.0) -> RunLease:
@@ -105,3 +105,122 @@ def test_of_drivers_started_together_exactly_one_wins(tmp_path) -> None:
         p.join(timeout=60)
     outcomes = sorted(results.get(timeout=5) for _ in procs)
     assert outcomes == ["refused", "refused", "refused", "won"]
+
+
+# ---- issue 33: a lost lease is lost for good; odd lease files are one line ------------------------------------
+
+def _wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+@pytest.mark.parametrize("how", ["taken over", "removed"])
+def test_a_driver_that_lost_its_lease_never_writes_it_again(tmp_path, how) -> None:
+    lease = _lease(tmp_path, heartbeat_s=0.05, stale_s=1.0).acquire()
+    try:
+        lease.verify()  # ours: no error
+        if how == "taken over":
+            _write_holder(tmp_path, host="node-b", token="driver-b")
+        else:
+            (tmp_path / LEASE_NAME).unlink()
+        assert _wait_for(lambda: lease.lost is not None)
+        with pytest.raises(LeaseLost, match=how):
+            lease.ensure_held()
+        with pytest.raises(LeaseLost):
+            lease.verify()
+        time.sleep(0.3)  # several beat periods: the old holder must not come back
+        if how == "taken over":
+            assert json.loads((tmp_path / LEASE_NAME).read_text())["token"] == "driver-b"
+        else:
+            assert not (tmp_path / LEASE_NAME).exists()
+    finally:
+        lease.release()
+    if how == "taken over":  # release leaves the new holder's lease alone
+        assert json.loads((tmp_path / LEASE_NAME).read_text())["token"] == "driver-b"
+
+
+def test_the_fence_refuses_once_the_lease_names_another_token(tmp_path) -> None:
+    lease = _lease(tmp_path).acquire()
+    try:
+        fence = LeaseFence.for_run(pafs.LocalFileSystem(), str(tmp_path), lease.me.token)
+        fence.check()
+        _write_holder(tmp_path, token="driver-b")
+        with pytest.raises(LeaseLost, match="not this driver's"):
+            fence.check()
+        (tmp_path / LEASE_NAME).unlink()
+        with pytest.raises(LeaseLost, match="no lease"):
+            fence.check()
+    finally:
+        lease.release()
+
+
+def test_a_fifo_or_folder_as_the_lease_is_one_line_never_a_hang(tmp_path) -> None:
+    os.mkfifo(tmp_path / LEASE_NAME)  # any open of it would block until a writer comes
+    outcome: list[BaseException | None] = []
+
+    def take() -> None:
+        try:
+            _lease(tmp_path).acquire().release()
+            outcome.append(None)
+        except BaseException as err:  # noqa: BLE001 - the test inspects it
+            outcome.append(err)
+
+    import threading
+
+    worker = threading.Thread(target=take, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "acquire blocked on a FIFO lease"
+    assert isinstance(outcome[0], UserError) and "not a regular file" in str(outcome[0])
+    (tmp_path / LEASE_NAME).unlink()
+    (tmp_path / LEASE_NAME).mkdir()
+    lease = _lease(tmp_path)
+    with pytest.raises(UserError, match="not a regular file; remove it"):
+        lease.acquire()
+    lease.release()  # no second error from the clean-up
+
+
+@pytest.mark.parametrize("fields", [{"pid": "abc"}, {"pid": 2**70}, {"pid": -5}, {"heartbeat": None},
+                                    {"heartbeat": "soon"}, {"heartbeat": True}, {"host": 7}])
+def test_a_lease_with_fields_of_the_wrong_type_counts_as_torn(tmp_path, fields, capsys) -> None:
+    _write_holder(tmp_path, **fields)
+    lease = _lease(tmp_path).acquire()  # no TypeError / OverflowError: a record nobody wrote whole
+    try:
+        assert json.loads((tmp_path / LEASE_NAME).read_text())["token"] == lease.me.token
+        assert "malformed" in capsys.readouterr().err
+    finally:
+        lease.release()
+
+
+@pytest.mark.parametrize("heartbeat", [time.time() + 10_000, float("nan"), float("inf")])
+def test_a_heartbeat_off_this_hosts_clock_is_aged_by_the_lease_files_last_change(tmp_path, heartbeat) -> None:
+    _write_holder(tmp_path, host="node-ahead", pid=4242, heartbeat=heartbeat)
+    with pytest.raises(UserError, match="not on this host's clock") as err:  # just written: a live holder
+        _lease(tmp_path, stale_s=60).acquire()
+    assert "\n" not in str(err.value)
+    old = time.time() - 120
+    os.utime(tmp_path / LEASE_NAME, (old, old))  # unchanged for two minutes on the storage's clock
+    lease = _lease(tmp_path, stale_s=60).acquire()
+    lease.release()
+
+
+def test_a_full_disk_at_start_leaves_no_temporary_lease(tmp_path) -> None:
+    code = (
+        "import resource, signal, sys\n"
+        "import pyarrow.fs as pafs\n"
+        "from pipeline.io.lease import RunLease\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (16, 16))  # writes past 16 bytes fail (EFBIG), as on a full disk\n"
+        "try:\n"
+        f"    RunLease(pafs.LocalFileSystem(), {str(tmp_path)!r}, 'out', 10.0, 120.0).acquire()\n"
+        "except OSError as err:\n"
+        "    sys.exit(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3])))
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -65,3 +65,10 @@ def test_brace_pattern_only_for_contiguous_shards() -> None:
     assert brace_pattern("/r", "/r", [0, 1, 2]) == "/r/shards/{000000..000002}.tar"
     assert brace_pattern("s3://b/r", "b/r", [3, 4]) == "s3://b/r/shards/{000003..000004}.tar"
     assert brace_pattern("/r", "/r", [0, 2]) is None and brace_pattern("/r", "/r", [5]) is None
+
+
+@pytest.mark.parametrize("name", ["ru{a,b}n", "r,un", "r{un", "run}"])
+def test_no_brace_pattern_for_a_folder_whose_name_webdataset_would_expand(name) -> None:
+    """Issue 33, class 15: the pattern would expand the folder's own braces; the URL lines are enough."""
+    assert brace_pattern(f"/x/{name}", f"/x/{name}", [0, 1, 2]) is None
+    assert brace_pattern("/x/ünï", "/x/ünï", [0, 1]) == "/x/ünï/shards/{000000..000001}.tar"

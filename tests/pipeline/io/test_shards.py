@@ -129,3 +129,26 @@ def test_accepted_record_without_image_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError):
         w.add(_rec(0, 0, 0, "accepted"))
     w.close()
+
+
+def test_a_writer_whose_driver_lost_the_lease_publishes_nothing(tmp_path) -> None:
+    """Issue 33, class 1: the fence is checked before each publish; the marker carries the holder's token."""
+    from pipeline.io.lease import LEASE_NAME, LeaseFence, LeaseLost
+
+    fs, out = filesystem_for(str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    lease_file = tmp_path / "run" / LEASE_NAME
+    lease_file.write_text(json.dumps({"host": "h", "pid": 1, "started_at": "t", "heartbeat": 1.0, "token": "mine"}))
+    fence = LeaseFence.for_run(fs, out, "mine")
+    w = ShardWriter(fs, out, 0, "png", keep_rejected=False, fence=fence)
+    w.add(_rec(0, 0, 0, "accepted"), encode_image(torch.rand(3, 16, 16), "png"))
+    stats = w.finish(rows=1, seconds=0.0, config_hash="h")
+    assert stats.lease_token == "mine"
+    assert json.loads((tmp_path / "run" / "shards" / "000000.stats.json").read_text())["lease_token"] == "mine"
+
+    lease_file.write_text(lease_file.read_text().replace('"mine"', '"driver-b"'))  # taken over
+    w = ShardWriter(fs, out, 1, "png", keep_rejected=False, fence=fence)
+    w.add(_rec(1, 0, 0, "accepted"), encode_image(torch.rand(3, 16, 16), "png"))
+    with pytest.raises(LeaseLost):
+        w.finish(rows=1, seconds=0.0, config_hash="h")
+    assert not [p.name for p in (tmp_path / "run" / "shards").iterdir() if p.name.startswith("000001")]

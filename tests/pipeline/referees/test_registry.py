@@ -77,3 +77,17 @@ def test_blip2_referee_wraps_the_engines_referee_with_its_numbers(generator_mode
     assert torch.equal(got.total, want.total) and torch.equal(got.parts["itm"], want.itm)
     assert torch.equal(got.parts["caption"], want.caption)
     assert torch.equal(wrapper.match(got), want.match_probability)
+
+
+def test_coverage_warns_of_a_category_typo_and_of_prompts_no_referee_judges() -> None:
+    """Issue 33, class 16: both are said before the run, not only in each record's referee_skipped."""
+    specs = [RefereeSpec(kind="blip2", categories=["colour"]), RefereeSpec(kind="detector", categories=["spatial"])]
+    lines = registry.coverage_warnings(specs, {"color": 3, "spatial": 2})
+    assert len(lines) == 2
+    assert "zoo.referees[0] (blip2) lists categories no prompt has: 'colour' (a typo?)" == lines[0]
+    assert lines[1] == "3 prompts are judged by no zoo referee (SDS alone): categories color (3)"
+    every = [RefereeSpec(kind="blip2"), RefereeSpec(kind="detector", categories=["spatial"])]
+    assert registry.coverage_warnings(every, {"color": 3, "spatial": 2}) == []
+    muted = [RefereeSpec(kind="blip2", weight=0.0), RefereeSpec(kind="clip", categories=["color"])]
+    assert registry.coverage_warnings(muted, {"color": 1, None: 2}) == [
+        "2 prompts are judged by no zoo referee (SDS alone): categories (none) (2)"]
