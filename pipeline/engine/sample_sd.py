@@ -64,12 +64,29 @@ def build_pipeline(models: GeneratorModels, scheduler_name: str) -> Any:
     return pipe
 
 
+def load_lora(pipe: Any, folder: str) -> None:
+    """A ``referee-synth finetune`` LoRA (sampling.lora) into the pipeline's UNet and text encoder, scale 1."""
+    import tempfile
+
+    from pipeline.errors import ModelLoadError
+    from pipeline.finetune.lora_files import local_lora_folder
+
+    with tempfile.TemporaryDirectory(prefix="lora-") as tmp:
+        try:
+            pipe.load_lora_weights(local_lora_folder(folder, tmp))
+        except (OSError, ValueError, RuntimeError) as err:
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise ModelLoadError(f"sampling.lora {folder!r} does not load into the base model ({reason})") from None
+
+
 class SamplingEngine:
     def __init__(self, models: GeneratorModels, cfg: Config) -> None:
         self.models = models
         self.cfg = cfg
         self.device = models.device
         self.pipe = build_pipeline(models, cfg.sampling.scheduler)
+        if cfg.sampling.lora:
+            load_lora(self.pipe, cfg.sampling.lora)
 
     @property
     def image_size(self) -> int:

@@ -29,6 +29,21 @@ def lora_digest(folder: str) -> str:
     return hashlib.sha256(_read(folder, LORA_FILE)).hexdigest()
 
 
+def local_lora_folder(folder: str, dest: str) -> str:
+    """A local folder with the LoRA's weights: ``folder`` itself, or a copy in ``dest`` of an object-store one."""
+    if "://" not in folder:
+        return folder
+    from pathlib import Path
+
+    (Path(dest) / LORA_FILE).write_bytes(_read(folder, LORA_FILE))
+    return dest
+
+
+def lora_label(folder: str) -> str:
+    """How samples record the LoRA: its folder and the digest of its weights."""
+    return f"{folder}#sha256={lora_digest(folder)[:16]}"
+
+
 def lora_card(folder: str) -> dict[str, Any]:
     """The folder's finetune.json ({} when it has none, e.g. a LoRA made elsewhere)."""
     try:
