@@ -149,7 +149,8 @@ class RunStream:
                  epoch: int = 0, taken: int = 0) -> None:
         self.inv, self.seed, self.rank, self.world = inv, seed, rank, world
         self.shuffle_buffer = shuffle_buffer
-        self.by_shard = len(inv.shards) >= world
+        # one process reads the stream the sample split reads: 1 and N processes share the global batches
+        self.by_shard = world > 1 and len(inv.shards) >= world
         self.epoch, self.taken = epoch, 0
         self.dropped = 0  # accepted samples GORS's rule would not select
         self._it = self._epoch_iter()
