@@ -79,6 +79,15 @@ def test_killed_after_a_checkpoint_then_rerun_ends_with_the_uninterrupted_weight
     assert other.returncode == 2 and "checkpoints of another setup" in other.stderr
 
 
+def test_misuse_is_one_line_and_exit_2(tmp_path, tiny_cache) -> None:
+    for args, needle in [(["--run", str(tmp_path / "nope")], "not a run folder"),
+                         (["--run", f"{tmp_path}:-1"], "positive"),
+                         (["--run", str(tmp_path), "--set", "finetune.rank=0"], "finetune.rank must be >= 1")]:
+        proc = _finetune([*args, "--output", str(tmp_path / "out")], _env(tiny_cache))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert needle in proc.stderr
+
+
 def _first_step_gradients(trainer_pt: Path) -> list[torch.Tensor]:
     """AdamW's first moment after one step is (1 - beta1) x the (clipped) gradient."""
     state = torch.load(trainer_pt, map_location="cpu", weights_only=True)
