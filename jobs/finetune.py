@@ -33,6 +33,7 @@ from pipeline.errors import UserError  # noqa: E402
 # Test hook: exit abruptly right after the checkpoint of this step is stored (the kill-and-resume test).
 EXIT_AFTER_ENV = "REFEREE_SYNTH_FINETUNE_EXIT_AFTER"
 PLAN_FILE = "plan.json"
+RAY_NAME = "finetune"  # the Ray Train experiment under --storage-path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,9 +138,13 @@ def _ray(spec: Any, args: argparse.Namespace) -> int:
     storage_path = args.storage_path or storage.join(args.output, "ray")
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).resolve())
+    if args.force:  # Ray Train would resume from this experiment's newest checkpoint
+        fs, root = storage.filesystem_for(storage_path)
+        if storage.exists(fs, storage.join(root, RAY_NAME)):
+            fs.delete_dir(storage.join(root, RAY_NAME))
     started = start_ray(dashboard=False)
     try:
-        result = fit(spec, args.output, args.num_workers, args.gpu, storage_path, "finetune")
+        result = fit(spec, args.output, args.num_workers, args.gpu, storage_path, RAY_NAME)
     finally:
         if started:
             ray.shutdown()
