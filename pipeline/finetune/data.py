@@ -35,7 +35,7 @@ from pipeline.io.shards import SHARDS_DIR, read_stats
 
 try:  # the benchmark's reward format and selection rule (schemas/gors.py), where this tree has it
     from schemas.gors import reward_answer, selects
-except ImportError:  # pragma: no cover - the same rule from the filter
+except ImportError:  # a tree without it: the filter's rule, and the benchmark's answer format written out here
     from pipeline.scoring.filter import passes as selects
 
     def reward_answer(scorer: str | None, score: float, digits: int = 4) -> str | float:
