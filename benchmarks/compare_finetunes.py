@@ -126,6 +126,13 @@ def markdown(t: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _disconnect_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     from jobs import evaluate, finetune
 
@@ -143,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         if done.exists():
             continue
         code = (finetune.main if job == "finetune" else evaluate.main)(cmd)
+        _disconnect_ray()  # a job on a cluster (RAY_ADDRESS) stays connected; the next job connects anew
         if code != EXIT_OK:
             return code
     t = table(args)
