@@ -118,6 +118,21 @@ def test_ray_train_two_workers_give_the_first_step_gradients_of_one_process(run_
     card = json.loads((two / "finetune.json").read_text())
     assert card["processes"] == 2 and card["global_batch"] == 4
 
+    # A rerun with more steps resumes from the newest checkpoint: Ray Train's (same storage path and name) and
+    # the single process's; both then end with the same weights.
+    first = (two / "loss.csv").read_text().splitlines()
+    for out, extra in ((one, ["--set", "finetune.batch_size=4"]),
+                       (two, ["--num-workers", "2", "--set", "finetune.batch_size=2"])):
+        args = ["--run", str(run_folder), "--steps", "2", "--set", "finetune.checkpoint_every=1", "--output", str(out)]
+        proc = _finetune([*args, *extra], _env(tiny_cache, **(shared_ray if out == two else {})))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (two / "loss.csv").read_text().splitlines()
+    assert lines[:2] == first and len(lines) == 3
+    assert json.loads((two / "finetune.json").read_text())["steps"] == 2
+    a, b = _weights(one), _weights(two)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
 
 def test_sd_sampling_with_the_lora_records_it_in_every_sample(uninterrupted, tmp_path, tiny_cache, shared_ray) -> None:
     path = _prompts(tmp_path / "p.parquet", ["a red car", "a blue cup"])
