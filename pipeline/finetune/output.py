@@ -18,6 +18,7 @@ from pipeline.finetune.record import objective_record
 from pipeline.io import storage
 
 LOSS_CSV = "loss.csv"
+LOSS_PNG = "loss.png"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
 
@@ -65,6 +66,7 @@ def _markdown(c: dict[str, Any]) -> str:
         f"UNet {c['adapted_layers']['unet']}, text encoder {c['adapted_layers']['text_encoder']}.\n\n"
         f"## Data\n\n| run | weight | config hash | generator | accepted |\n|---|---|---|---|---|\n{runs}\n\n"
         f"## Objective\n\n{c['objective']['objective']}.\n\nSelection: {c['objective']['selection']}.\n\n"
+        f"## Loss\n\n![loss curve]({LOSS_PNG})\n\n"
         f"## Where this differs from GORS as shipped\n\n{devs}\n\nMachine-readable: `{CARD_JSON}`; loss curve: "
         f"`{LOSS_CSV}`.\n"
     )
@@ -76,6 +78,29 @@ def write_loss_csv(path: Path, history: list[list[float]]) -> None:
         w.writerow(["step", "loss"])
         for step, loss in history:
             w.writerow([int(step), f"{loss:.6g}"])
+
+
+def plot_loss(path: Path, history: list[list[float]]) -> None:
+    """The loss curve (each step's loss and a running mean over 1% of the steps) for the card."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [int(h[0]) for h in history]
+    losses = [float(h[1]) for h in history]
+    window = max(1, len(losses) // 100)
+    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+              for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot(steps, losses, lw=0.6, alpha=0.4, label="loss")
+    ax.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward-weighted MSE")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def write_output(output: str, cfg: Config, base_model: str, runs: list[tuple[RunInventory, float]],
@@ -90,7 +115,8 @@ def write_output(output: str, cfg: Config, base_model: str, runs: list[tuple[Run
         (local / CARD_JSON).write_text(json.dumps(c, indent=1, default=str))
         (local / CARD_MD).write_text(_markdown(c))
         write_loss_csv(local / LOSS_CSV, loop.history)
-        for name in (LORA_FILE, LOSS_CSV, CARD_MD, CARD_JSON):  # the card last: its presence means complete
+        plot_loss(local / LOSS_PNG, loop.history)
+        for name in (LORA_FILE, LOSS_CSV, LOSS_PNG, CARD_MD, CARD_JSON):  # the card last: its presence means complete
             storage.upload_file_atomic(fs, str(local / name), storage.join(out, name))
     return c
 

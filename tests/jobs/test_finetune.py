@@ -56,6 +56,7 @@ def test_output_is_a_lora_with_card_and_loss_curve(uninterrupted, run_folder) ->
     lines = (uninterrupted / "loss.csv").read_text().splitlines()
     assert lines[0] == "step,loss" and [int(x.split(",")[0]) for x in lines[1:]] == [1, 2, 3, 4]
     assert "load_lora_weights" in (uninterrupted / "README.md").read_text()
+    assert (uninterrupted / "loss.png").read_bytes().startswith(b"\x89PNG")
     weights = _weights(uninterrupted)
     assert any(k.startswith("unet.") for k in weights) and any(k.startswith("text_encoder.") for k in weights)
 
