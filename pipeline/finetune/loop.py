@@ -38,6 +38,7 @@ class FinetuneLoop:
         self.optimizer = torch.optim.AdamW(groups, betas=tuple(fcfg.betas), weight_decay=fcfg.weight_decay,
                                            eps=fcfg.eps)
         self.step = 0
+        self.seconds = 0.0  # wall time of the steps so far, over every resume (the card's training cost)
         self.history: list[list[float]] = []  # [step, loss (mean over all processes)]
         parts.unet.train()
         parts.text_encoder.train(fcfg.train_text_encoder)
@@ -88,11 +89,13 @@ class FinetuneLoop:
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "history": self.history,
+        return {"step": self.step, "seconds": self.seconds, "optimizer": self.optimizer.state_dict(),
+                "history": self.history,
                 "lora": lora_state(self.parts.unet, self.parts.text_encoder, self.fcfg.train_text_encoder)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_into(self.parts.unet, self.parts.text_encoder, state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        self.seconds = float(state.get("seconds", 0.0))
         self.history = [list(h) for h in state["history"]]

@@ -34,9 +34,12 @@ def card(cfg: Config, base_model: str, runs: list[tuple[RunInventory, float]], l
         "global_batch": fcfg.batch_size * world,
         "samples_seen": samples,
         "device": device,
-        "training_seconds": round(seconds, 3),
-        # device-hours of this training (processes x wall time): the table's training cost
-        "training_device_hours": round(seconds * world / 3600, 6),
+        # wall time of the training steps over every resume (model loading excluded) and of this invocation
+        "training_seconds": round(loop.seconds, 3),
+        "invocation_seconds": round(seconds, 3),
+        "samples_per_s": round(samples / max(loop.seconds, 1e-9), 4),
+        # device-hours of the training (processes x step time): the table's training cost
+        "training_device_hours": round(loop.seconds * world / 3600, 6),
         "runs": [{"uri": inv.uri, "weight": w, "config_hash": inv.config_hash, "generator": inv.generator,
                   "accepted": inv.accepted, "data_device_hours": round(inv.gpu_seconds / 3600, 6)} for inv, w in runs],
         "adapted_layers": {"unet": adapted_layers(loop.parts.unet),

@@ -123,8 +123,10 @@ def train_worker(spec: FinetuneSpec, resume: str | None, publish: Publish,
     bar = _progress(spec.progress and rank == 0, loop.step, fcfg.max_steps)
     t0, done0 = time.perf_counter(), loop.step
     while loop.step < fcfg.max_steps:
+        t_step = time.perf_counter()
         images, captions, rewards = stream.batch(loop.step, fcfg.batch_size)
         loss = loop.train_step(images, captions, rewards)
+        loop.seconds += time.perf_counter() - t_step
         if bar is not None:
             rate = (loop.step - done0) * fcfg.batch_size * world / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.2f}")
