@@ -51,6 +51,8 @@ def test_output_is_a_lora_with_card_and_loss_curve(uninterrupted, run_folder) ->
     card = json.loads((uninterrupted / "finetune.json").read_text())
     assert card["steps"] == 4 and card["runs"][0]["uri"] == str(run_folder) and card["runs"][0]["config_hash"] == "h"
     assert card["runs"][0]["accepted"] == 4 and card["adapted_layers"] == {"unet": 32, "text_encoder": 8}
+    assert card["samples_seen"] == 8 and card["samples_per_s"] > 0 and card["training_device_hours"] > 0
+    assert card["runs"][0]["data_device_hours"] == pytest.approx(3.0 / 3600, abs=1e-6)  # its marker says 3 s
     points = {d["point"] for d in card["objective"]["deviations"]}
     assert {"base model", "per-process randomness", "precision", "prompt list", "inference with the LoRA"} <= points
     lines = (uninterrupted / "loss.csv").read_text().splitlines()
