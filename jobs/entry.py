@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export-gors": ("jobs.export_gors", "a run's accepted samples in GORS's finetuning layout"),
     "report": ("jobs.report", "a run's HTML report (totals, histograms, contact sheets)"),
     "evaluate": ("jobs.evaluate", "the T2I-CompBench protocol through the job, as the paper's Table 3"),
+    "finetune": ("jobs.finetune", "GORS-style LoRA finetuning of SD on runs' accepted samples"),
     "convert": ("jobs.convert_checkpoints", "original Salesforce checkpoints -> model folders"),
     "models": ("jobs.models", "`models fetch`: download, verify and convert every model a preset loads"),
     "doctor": ("jobs.doctor", "what a run of a config needs and what is missing (models, GPUs, Ray, disk)"),

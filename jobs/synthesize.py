@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generator", choices=GENERATORS,
                    help="what makes the images: inversion (default) or sd_sampling (plain SD 1.5 sampling); "
                         "the same as --set engine.generator=...")
+    p.add_argument("--lora", metavar="DIR", help="with --generator sd_sampling: a LoRA from `referee-synth finetune` "
+                   "(the same as --set sampling.lora=DIR)")
     p.add_argument("--target-accepted", type=int, metavar="K",
                    help="accepted images wanted per prompt: keep sampling until K are accepted (or --max-samples)")
     p.add_argument("--max-samples", type=int, metavar="M", help="with --target-accepted: attempts per prompt at most")
@@ -87,6 +89,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "job.samples_per_prompt": args.samples_per_prompt, "job.seed": args.seed,
         "job.target_accepted": args.target_accepted, "job.max_samples_per_prompt": args.max_samples,
         "cost.gpu_hour_price": args.gpu_hour_price, "engine.generator": args.generator,
+        "sampling.lora": args.lora,
     }
     sets += [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.threshold is not None:
@@ -444,9 +447,19 @@ def _model_ids(cfg: Config) -> dict[str, str]:
 
         layout = TINY_LAYOUT_VERSION if m.tiny else SMALL_LAYOUT_VERSION
         ids = {k: f"{layout}-seed{m.tiny_seed}/{k}" for k in MODEL_KEYS}
-        return ids | {f"referee:{name}": f"{layout}-seed{m.tiny_seed}/{kind}" for name, kind, _ in _zoo_models(cfg)}
+        zoo = {f"referee:{name}": f"{layout}-seed{m.tiny_seed}/{kind}" for name, kind, _ in _zoo_models(cfg)}
+        return ids | zoo | _lora_id(cfg)
     ids = {k: f"{getattr(m, k)}@{m.revision}" for k in MODEL_KEYS}
-    return ids | {f"referee:{name}": f"{model}@{m.revision}" for name, _, model in _zoo_models(cfg)}
+    return ids | {f"referee:{name}": f"{model}@{m.revision}" for name, _, model in _zoo_models(cfg)} | _lora_id(cfg)
+
+
+def _lora_id(cfg: Config) -> dict[str, str]:
+    """sampling.lora, in every sample's model_ids (its weights' digest is in the config hash too)."""
+    if not cfg.sampling.lora:
+        return {}
+    from pipeline.finetune.lora_files import lora_label
+
+    return {"lora": lora_label(cfg.sampling.lora)}
 
 
 def _zoo_models(cfg: Config) -> list[tuple[str, str, str]]:

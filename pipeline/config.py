@@ -266,6 +266,9 @@ class SamplingConfig:
     scheduler: str = _f("ddim", choices=list(SAMPLING_SCHEDULERS))
     steps: int = _f(30, 1, 1000)
     guidance_scale: float = _f(7.5, 0.0)
+    # A LoRA folder written by `referee-synth finetune` (local or s3://), loaded with diffusers'
+    # load_lora_weights; "" = the base model. The hash holds its weights' digest, not its path.
+    lora: str = ""
 
 
 @dataclass
@@ -390,6 +393,41 @@ class CostConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """``referee-synth finetune``: GORS's reward-weighted LoRA finetuning (pipeline/finetune/).
+
+    Defaults are T2I-CompBench's GORS_finetune/train_text_to_image.py as shipped (its script defaults and
+    the launcher: docs/FINETUNE.md cites each); the base model is ours (SD 1.5, models.stable_diffusion)
+    unless ``base_model`` names another (configs/gors-sd2.yaml: GORS's stabilityai/stable-diffusion-2-base).
+    Never part of a synthesis run's config hash: it changes no generated image.
+    """
+
+    base_model: str = ""  # "" -> models.stable_diffusion (at models.revision); the tiny/small sets replace it
+    rank: int = _f(4, 1)
+    alpha: float = _f(4.0, 1e-6)  # alpha == rank: cloneofsimo's scale 1 (diffusers assumes it when loading)
+    init: str = _f("gaussian", choices=["gaussian"])  # A ~ N(0, 1/rank), B = 0 (cloneofsimo's init)
+    unet_targets: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"])
+    text_targets: list[str] = _f(["q_proj", "k_proj", "v_proj", "out_proj"])
+    train_text_encoder: bool = True
+    lr_unet: float = _f(1e-4, 0.0)
+    lr_text: float = _f(5e-6, 0.0)
+    betas: list[float] = _f([0.9, 0.999], 0.0, 1.0, length=2)
+    weight_decay: float = _f(1e-2, 0.0)
+    eps: float = _f(1e-8, 0.0)
+    max_grad_norm: float = _f(1.0, 0.0)  # 0 = no clipping
+    lr_schedule: str = _f("constant", choices=["constant"])  # diffusers' constant ignores the warmup
+    resolution: int = _f(512, 8)  # shorter side resized (bilinear) then centre-cropped; no flip
+    batch_size: int = _f(2, 1)  # per process
+    mixed_precision: str = _f("no", choices=["no", "bf16"])  # "no": fp32, what the shipped script runs
+    gradient_checkpointing: bool = False
+    max_steps: int = _f(15000, 1)
+    seed: int = _f(42, 0)
+    checkpoint_every: int = _f(500, 1)
+    checkpoints_kept: int = _f(2, 1)
+    shuffle_buffer: int = _f(256, 1)
+
+
+@dataclass
 class Config:
     version: int = CONFIG_VERSION
     models: ModelsConfig = field(default_factory=ModelsConfig)
@@ -406,6 +444,7 @@ class Config:
     job: JobConfig = field(default_factory=JobConfig)
     cost: CostConfig = field(default_factory=CostConfig)
     zoo: ZooConfig = field(default_factory=ZooConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -424,6 +463,7 @@ class Config:
         if not self.job.target_accepted:  # off: the hash of a run made before these keys existed
             data["job"] = {k: v for k, v in data["job"].items() if k not in _TARGET_JOB_KEYS}
         del data["cost"]
+        del data["finetune"]  # training settings: no generated image depends on them
         if not self.zoo.referees:  # the single BLIP-2 referee: the hash of a run made before the zoo existed
             del data["zoo"]
         data["engine"] = {k: v for k, v in data["engine"].items() if k not in _RUN_ONLY_ENGINE_KEYS}
@@ -453,6 +493,12 @@ def _generator_hash_keys(data: dict[str, Any], generator: str) -> None:
     sections = _INVERSION_ONLY_SECTIONS if generator == "sd_sampling" else ("sampling",)
     for name in sections:
         data.pop(name, None)
+    if "sampling" in data:
+        lora = data["sampling"].pop("lora", "")
+        if lora:  # no LoRA: the hash of a run made before sampling.lora existed
+            from pipeline.finetune.lora_files import lora_digest
+
+            data["sampling"]["lora_sha256"] = lora_digest(lora)
     if generator == "inversion":
         data["engine"].pop("generator", None)
 
@@ -596,6 +642,8 @@ def _check_cross_fields(cfg: Config) -> None:
     if lo > hi:
         raise ConfigError(f"config: augment.erasing_scale must be [low, high] with low <= high, got {[lo, hi]}")
     _check_zoo(cfg.zoo)
+    if cfg.sampling.lora and cfg.engine.generator != "sd_sampling":
+        raise ConfigError("config: sampling.lora needs engine.generator sd_sampling (--generator sd_sampling)")
 
 
 def _check_zoo(zoo: ZooConfig) -> None:

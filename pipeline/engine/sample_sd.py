@@ -91,6 +91,21 @@ def check_schedule(scheduler: Any, name: str, steps: int) -> None:
                           "choose fewer steps")
 
 
+def load_lora(pipe: Any, folder: str) -> None:
+    """A ``referee-synth finetune`` LoRA (sampling.lora) into the pipeline's UNet and text encoder, scale 1."""
+    import tempfile
+
+    from pipeline.errors import ModelLoadError
+    from pipeline.finetune.lora_files import local_lora_folder
+
+    with tempfile.TemporaryDirectory(prefix="lora-") as tmp:
+        try:
+            pipe.load_lora_weights(local_lora_folder(folder, tmp))
+        except (OSError, ValueError, RuntimeError) as err:
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise ModelLoadError(f"sampling.lora {folder!r} does not load into the base model ({reason})") from None
+
+
 class SamplingEngine:
     def __init__(self, models: GeneratorModels, cfg: Config) -> None:
         self.models = models
@@ -98,6 +113,8 @@ class SamplingEngine:
         self.device = models.device
         self.pipe = build_pipeline(models, cfg.sampling.scheduler)
         check_schedule(self.pipe.scheduler, cfg.sampling.scheduler, cfg.sampling.steps)
+        if cfg.sampling.lora:
+            load_lora(self.pipe, cfg.sampling.lora)
 
     @property
     def image_size(self) -> int:

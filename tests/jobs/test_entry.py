@@ -23,14 +23,15 @@ def test_help_lists_every_subcommand() -> None:
     assert SCRIPT.is_file(), f"{SCRIPT} missing: install the project with `pip install -e .`"
     proc = _cli("--help")
     assert proc.returncode == 0
-    for name in ("synthesize", "prompts", "score", "export-gors", "report", "evaluate", "convert", "models", "doctor"):
+    for name in ("synthesize", "prompts", "score", "export-gors", "report", "evaluate", "convert", "models", "doctor",
+                 "finetune"):
         assert name in SUBCOMMANDS and f"  {name} " in proc.stdout
 
 
 def test_each_subcommand_shows_its_own_arguments() -> None:
     for name, flag in [("synthesize", "--prompts"), ("convert", "blip2"), ("score", "--shards"),
                        ("export-gors", "--run"), ("report", "--run"), ("evaluate", "--category"),
-                       ("models", "fetch"), ("doctor", "--ray-timeout")]:
+                       ("models", "fetch"), ("doctor", "--ray-timeout"), ("finetune", "--num-workers")]:
         proc = _cli(name, "--help")
         assert proc.returncode == 0, (name, proc.stderr)
         assert flag in proc.stdout, (name, proc.stdout[:500])
