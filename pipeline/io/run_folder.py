@@ -17,6 +17,7 @@ from pipeline.io import storage
 from pipeline.io.shards import REJECTED_DIR, SHARDS_DIR, read_stats
 from pipeline.versions import OUTPUT_LIBRARIES, code_version, library_versions
 from schemas.run import COUNT_FIELDS, RunInfo, ShardStats, Summary
+from schemas.samples import card_features
 
 
 def now() -> str:
@@ -182,7 +183,9 @@ def write_index(fs: pafs.FileSystem, out: str, output_uri: str, stats: list[Shar
 
 def write_card(fs: pafs.FileSystem, out: str, info: RunInfo, summary: Summary, stats: list[ShardStats]) -> None:
     """``README.md``, a dataset card: its ``configs`` list the accepted tars of complete shards (the ones
-    with accepted samples), so ``datasets.load_dataset(RUN_DIR)`` and the Hub read exactly those."""
+    with accepted samples), so ``datasets.load_dataset(RUN_DIR)`` and the Hub read exactly those; its
+    ``dataset_info.features`` declare the columns' types (schemas/samples.py), so a reader never infers them
+    from the first shard's samples (a field null there and a number later, or a scorer's own keys)."""
     files = [f"{SHARDS_DIR}/{s.shard:06d}.tar" for s in stats if s.accepted > 0]
     card = {
         "pretty_name": "referee-synth run",
@@ -192,6 +195,8 @@ def write_card(fs: pafs.FileSystem, out: str, info: RunInfo, summary: Summary, s
     }
     if files:
         card["configs"] = [{"config_name": "default", "data_files": [{"split": "train", "path": files}]}]
+        image_format = info.config.get("job", {}).get("image_format", "png")
+        card["dataset_info"] = {"config_name": "default", "features": card_features(image_format)}
     front = yaml.safe_dump(card, sort_keys=False).rstrip()
     libs = ", ".join(f"{k} {v}" for k, v in info.libraries.items())
     body = f"""# referee-synth run
