@@ -11,6 +11,9 @@ from pipeline.config import load_config, preset_path
 from pipeline.errors import UserError
 from pipeline.scoring.vqa import SpecialIds, VqaScorer, combine, format_score, round_answer, yes_ratio
 
+# Float results that depend on the CPU's kernels: `make test-numerics` runs them on other kernel paths.
+pytestmark = pytest.mark.numerics
+
 
 @pytest.fixture(scope="module")
 def scorer(vqa_models, tiny_cfg) -> VqaScorer:
