@@ -29,20 +29,16 @@ REQUESTS = [
 MAIN_DIGESTS = {
     # ATen AVX512, oneDNN native: an AVX-512 CPU
     "2.13.0+cpu 1 7c0354594882": "927c4dfa6dcad9c102acfdb14d6d8317e3c6a7db62f43cbe11e2c2b3a3ec3a83",
-    "2.13.0+cpu 2 7c0354594882": "ZOO_NATIVE_2",
     # ATen AVX2, oneDNN AVX2: an AVX2 CPU (1 thread measured there too, an AMD EPYC without AVX-512: 64da140b)
     "2.13.0+cpu 1 abd20a562756": "64da140b4a3cbebb8583065ff6d87dd333af06b348ef246306cc80f95f1ffe65",
-    "2.13.0+cpu 2 abd20a562756": "ZOO_AVX2CPU_2",
     # ATen AVX2 on an AVX-512 CPU (ATEN_CPU_CAPABILITY=avx2)
     "2.13.0+cpu 1 03a7491983ae": "e4883408ed22efacd8a714299bd5599c68d61e33c04b94f1b401f68ed0147e70",
-    "2.13.0+cpu 2 03a7491983ae": "ZOO_AVX2_2",
     # ATen DEFAULT (ATEN_CPU_CAPABILITY=default) with oneDNN AVX-512, AVX2, SSE4.1; its probe depends on threads
     "2.13.0+cpu 1 fad0555ff92d": "e14ce247d7694a8fd2f3385136b6c1340eee93b9f4a715190929a74a5cc138e9",
     "2.13.0+cpu 2 9ffc0a1d0903": "33d76cf29df5528fc447270e2c3b489b9b45693727d459c1aeba9a5692296c81",
     "2.13.0+cpu 1 c65c6e84d830": "9de30612f9d08c80d43ee256012a092c897d3939e995449e165d4fd95eefe90e",
     "2.13.0+cpu 2 0f9363560822": "0ca7de84dcd78a909f5ae532a56536a932cad9160491ee06e19449839c1bce70",
     "2.13.0+cpu 1 b2808c6307ad": "7df2f7b454ff5d8e43446c43a1762369f823d7fbfce6eac94fc88b46936cd65a",
-    "2.13.0+cpu 2 cccb475c4059": "ZOO_SSE41_2",
 }
 
 
