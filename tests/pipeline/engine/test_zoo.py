@@ -29,6 +29,7 @@ REQUESTS = [
 MAIN_DIGESTS = {
     # ATen AVX512, oneDNN native: an AVX-512 CPU
     "2.13.0+cpu 1 7c0354594882": "927c4dfa6dcad9c102acfdb14d6d8317e3c6a7db62f43cbe11e2c2b3a3ec3a83",
+    "2.13.0+cpu 2 7c0354594882": "45cc2ab997263d35e689b51bb685eeb378c69353e62974e44f83922744713fcb",
     # ATen AVX2, oneDNN AVX2: an AVX2 CPU (1 thread measured there too, an AMD EPYC without AVX-512: 64da140b)
     "2.13.0+cpu 1 abd20a562756": "64da140b4a3cbebb8583065ff6d87dd333af06b348ef246306cc80f95f1ffe65",
     # ATen AVX2 on an AVX-512 CPU (ATEN_CPU_CAPABILITY=avx2)
