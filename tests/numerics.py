@@ -53,11 +53,11 @@ def kernels() -> str:
             f"{torch.get_num_threads()} thread(s), probe {kernel_probe()}")
 
 
-def recorded_digest(table: dict[str, str], what: str) -> str:
+def recorded_digest(table: dict[str, str], what: str, got: str) -> str:
     """The digest ``table`` (``"<torch version> <threads> <probe>" -> sha256``) holds for this process's
-    kernels; skips, naming them, where none was recorded."""
+    kernels; skips, naming them and the digest ``got`` here (to record it), where none was recorded."""
     key = f"{torch.__version__} {torch.get_num_threads()} {kernel_probe()}"
     if key not in table:
         pytest.skip(f"{what}: no digest recorded for these kernels ({kernels()}); recorded for "
-                    f"{len(table)} kernel paths, see docs/REPRODUCIBILITY.md")
+                    f"{len(table)} kernel paths, see docs/REPRODUCIBILITY.md; here {key!r}: {got!r}")
     return table[key]

@@ -67,7 +67,7 @@ def test_inversion_images_are_byte_identical_to_before(tiny_cfg, generator_model
     side, digest = _run(tiny_cfg, generator_models, vqa_models, tmp_path)
     assert {r["generator"] for r in side} == {"inversion"} and len(side) == 6
     assert all(r["itm_score"] is not None for r in side)
-    assert digest == recorded_digest(INVERSION_DIGESTS_AT_43FCEC6, "the inversion path at 43fcec6")
+    assert digest == recorded_digest(INVERSION_DIGESTS_AT_43FCEC6, "the inversion path at 43fcec6", digest)
 
 
 def test_sd_sampling_records_say_so(tiny_cfg, generator_models, vqa_models, tmp_path) -> None:
