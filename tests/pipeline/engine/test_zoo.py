@@ -34,6 +34,7 @@ MAIN_DIGESTS = {
     "2.13.0+cpu 1 abd20a562756": "64da140b4a3cbebb8583065ff6d87dd333af06b348ef246306cc80f95f1ffe65",
     # ATen AVX2 on an AVX-512 CPU (ATEN_CPU_CAPABILITY=avx2)
     "2.13.0+cpu 1 03a7491983ae": "e4883408ed22efacd8a714299bd5599c68d61e33c04b94f1b401f68ed0147e70",
+    "2.13.0+cpu 2 03a7491983ae": "360d7b071adb74ab93d6b8fb43ce25bd7c75b85e7b486c10ea4bee44fb30c8bd",
     # ATen DEFAULT (ATEN_CPU_CAPABILITY=default) with oneDNN AVX-512, AVX2, SSE4.1; its probe depends on threads
     "2.13.0+cpu 1 fad0555ff92d": "e14ce247d7694a8fd2f3385136b6c1340eee93b9f4a715190929a74a5cc138e9",
     "2.13.0+cpu 2 9ffc0a1d0903": "33d76cf29df5528fc447270e2c3b489b9b45693727d459c1aeba9a5692296c81",
