@@ -13,7 +13,7 @@ UV_VERSION := 0.13.9
 LOCK_FLAGS := pyproject.toml --extra test --constraint requirements-torch.txt --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" --quiet
 
-.PHONY: setup test lint demo demo-zoo clean chromium lock parity
+.PHONY: setup test test-numerics lint demo demo-zoo clean chromium lock parity
 
 $(VENV)/.installed: pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,16 @@ lint: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The numerically sensitive tests (marker `numerics`) on torch's other CPU kernel paths, as other CPUs run them
+# (docs/REPRODUCIBILITY.md): each leg is ATEN_CPU_CAPABILITY (native: unset) and OMP_NUM_THREADS.
+NUMERICS_LEGS ?= native:1 native:2 avx2:1 avx2:2 default:1 default:2
+test-numerics: setup
+	@set -e; for leg in $(NUMERICS_LEGS); do cap=$${leg%%:*}; t=$${leg##*:}; \
+		echo "numerics: ATEN_CPU_CAPABILITY=$$cap OMP_NUM_THREADS=$$t"; \
+		if [ "$$cap" = native ]; then kernels="-u ATEN_CPU_CAPABILITY"; else kernels="ATEN_CPU_CAPABILITY=$$cap"; fi; \
+		env $$kernels OMP_NUM_THREADS=$$t $(PY) -m pytest -q -m numerics -p no:cacheprovider $(NUMERICS_ARGS); \
+	done
 
 parity: setup
 	$(PY) tests/parity/reference_env.py $(PARITY_ENV)

@@ -1,7 +1,15 @@
-"""One record per (prompt row, sample): the tar's ``KEY.json`` and the shard's Parquet sidecar row."""
+"""One record per (prompt row, sample): the tar's ``KEY.json`` and the shard's Parquet sidecar row.
+
+``SIDECAR_SCHEMA`` is the one declaration of the fields' types: the sidecar is written with it, every
+``KEY.json`` is typed by it (one JSON type per field in every shard), and the dataset card's
+``dataset_info.features`` are derived from it. A new field goes into ``SampleRecord`` and ``SIDECAR_SCHEMA``
+(a test checks that the two agree), and nothing else.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -73,9 +81,14 @@ class SampleRecord:
     version: int = SAMPLE_SCHEMA_VERSION
 
     def to_json_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """``KEY.json``: every value as ``SIDECAR_SCHEMA`` types it (an int threshold is a float, a map an
+        object, ``extra`` an object), non-finite floats as null, so readers that infer one schema from the
+        first shard (``datasets``, pyarrow) agree with every later shard."""
+        row = sidecar_table([self]).to_pylist()[0]
+        return {f.name: _json_value(f, row[f.name]) for f in SIDECAR_SCHEMA}
 
 
+JSON_TEXT = {"encoding": "json"}  # a sidecar string column that holds JSON; an object in KEY.json
 _STR_MAP = pa.map_(pa.string(), pa.string())
 _REFEREE_SCORE = pa.struct([("kind", pa.string()), ("score", pa.float64()), ("loss", pa.float64()),
                             ("weight", pa.float64())])
@@ -107,25 +120,66 @@ SIDECAR_SCHEMA = pa.schema([
     ("score_parts", pa.map_(pa.string(), pa.float64())),
     ("referee_scores", pa.map_(pa.string(), _REFEREE_SCORE)),
     ("referee_skipped", _STR_MAP),
-    ("extra", pa.string()),  # JSON of the input's extra columns
+    pa.field("extra", pa.string(), metadata=JSON_TEXT),  # the input's extra columns (an object in KEY.json)
     ("generator", pa.string()),
     ("night", pa.int32()),
     ("version", pa.int32()),
 ], metadata={"referee_synth_sample_schema": str(SAMPLE_SCHEMA_VERSION)})
 
 
-def sidecar_table(records: list[SampleRecord]) -> pa.Table:
-    import json
+def _is_json_text(f: pa.Field) -> bool:
+    return (f.metadata or {}).get(b"encoding") == b"json"
 
-    cols: dict[str, list[Any]] = {name: [] for name in SIDECAR_SCHEMA.names}
-    for rec in records:
-        d = rec.to_json_dict()
-        d["final_losses"] = list(d["final_losses"].items())
-        d["score_parts"] = list(d["score_parts"].items())
-        d["model_ids"] = list(d["model_ids"].items())
-        d["referee_scores"] = list(d["referee_scores"].items())
-        d["referee_skipped"] = list(d["referee_skipped"].items())
-        d["extra"] = json.dumps(d["extra"], ensure_ascii=False)
-        for name in cols:
-            cols[name].append(d[name])
+
+def sidecar_table(records: list[SampleRecord]) -> pa.Table:
+    """The records as ``SIDECAR_SCHEMA`` types them (maps from dicts; JSON-text columns encoded here)."""
+    rows = [asdict(rec) for rec in records]
+    cols = {f.name: [json.dumps(r[f.name], ensure_ascii=False) if _is_json_text(f) else r[f.name] for r in rows]
+            for f in SIDECAR_SCHEMA}
     return pa.table(cols, schema=SIDECAR_SCHEMA)
+
+
+def _json_value(f: pa.Field | pa.DataType, value: Any) -> Any:
+    """A sidecar value (``Table.to_pylist``) as ``KEY.json`` holds it."""
+    t = f.type if isinstance(f, pa.Field) else f
+    if value is None:
+        return None
+    if isinstance(f, pa.Field) and _is_json_text(f):
+        return json.loads(value)
+    if pa.types.is_map(t):
+        return {k: _json_value(t.item_type, v) for k, v in value}
+    if pa.types.is_list(t):
+        return [_json_value(t.value_type, v) for v in value]
+    if pa.types.is_struct(t):
+        return {c.name: _json_value(c, value[c.name]) for c in t}
+    if pa.types.is_floating(t) and not math.isfinite(value):
+        return None  # JSON has no NaN; null is "no value", as for a sample no referee judged
+    return value
+
+
+# Arrow type -> the ``dtype`` the Hugging Face dataset card (``dataset_info.features``) writes for it.
+_CARD_DTYPES = {pa.string(): "string", pa.bool_(): "bool", pa.int32(): "int32", pa.int64(): "int64",
+                pa.float32(): "float32", pa.float64(): "float64"}
+
+
+def _card_feature(f: pa.Field | pa.DataType) -> dict[str, Any]:
+    t = f.type if isinstance(f, pa.Field) else f
+    if pa.types.is_map(t) or (isinstance(f, pa.Field) and _is_json_text(f)):
+        return {"dtype": "json"}  # keys differ by scorer, referee and input: an object, not a struct
+    if pa.types.is_list(t):
+        inner = _card_feature(t.value_type)
+        return {"list": inner.get("dtype", inner.get("struct"))}
+    if pa.types.is_struct(t):
+        return {"struct": [{"name": c.name, **_card_feature(c)} for c in t]}
+    if t not in _CARD_DTYPES:
+        raise TypeError(f"sidecar field {getattr(f, 'name', t)}: no dataset-card dtype for {t}")
+    return {"dtype": _CARD_DTYPES[t]}
+
+
+def card_features(image_format: str) -> list[dict[str, Any]]:
+    """``dataset_info.features`` of a run folder's card: the WebDataset columns a reader of ``shards/*.tar``
+    gets (image, caption, ``KEY.json``, key, url), the JSON's from ``SIDECAR_SCHEMA``."""
+    meta = [{"name": f.name, **_card_feature(f)} for f in SIDECAR_SCHEMA]
+    return [{"name": image_format, "dtype": "image"}, {"name": "txt", "dtype": "string"},
+            {"name": "json", "struct": meta}, {"name": "__key__", "dtype": "string"},
+            {"name": "__url__", "dtype": "string"}]

@@ -20,6 +20,7 @@ from pipeline.io.retired import FILTERED_DIR, ListedShard
 from pipeline.io.shards import REJECTED_DIR, SHARDS_DIR
 from pipeline.versions import OUTPUT_LIBRARIES, code_version, library_versions
 from schemas.run import COUNT_FIELDS, RunInfo, ShardStats, Summary
+from schemas.samples import card_features
 
 
 def now() -> str:
@@ -240,7 +241,9 @@ def write_index(fs: pafs.FileSystem, out: str, output_uri: str, listed: list[Lis
 
 def write_card(fs: pafs.FileSystem, out: str, info: RunInfo, summary: Summary, listed: list[ListedShard]) -> None:
     """``README.md``, a dataset card: its ``configs`` list the listed tars that hold accepted samples, so
-    ``datasets.load_dataset(RUN_DIR)`` and the Hub read exactly those (every night's, none of a retired prompt)."""
+    ``datasets.load_dataset(RUN_DIR)`` and the Hub read exactly those (every night's, none of a retired prompt);
+    its ``dataset_info.features`` declare the columns' types (schemas/samples.py), so a reader never infers them
+    from the first shard's samples (a field null there and a number later, or a scorer's own keys)."""
     files = [x.path for x in listed if x.accepted > 0]
     accepted = sum(x.accepted for x in listed)
     card = {
@@ -251,6 +254,8 @@ def write_card(fs: pafs.FileSystem, out: str, info: RunInfo, summary: Summary, l
     }
     if files:
         card["configs"] = [{"config_name": "default", "data_files": [{"split": "train", "path": files}]}]
+        image_format = info.config.get("job", {}).get("image_format", "png")
+        card["dataset_info"] = {"config_name": "default", "features": card_features(image_format)}
     front = yaml.safe_dump(card, sort_keys=False).rstrip()
     libs = ", ".join(f"{k} {v}" for k, v in info.libraries.items())
     nights = len(info.history) or 1

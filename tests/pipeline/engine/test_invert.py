@@ -21,6 +21,9 @@ from pipeline.engine.invert import (
 )
 from tests.conftest import compbench_prompts
 
+# Float results that depend on the CPU's kernels: `make test-numerics` runs them on other kernel paths.
+pytestmark = pytest.mark.numerics
+
 PROMPTS = compbench_prompts("color_val", 3)
 
 
@@ -171,8 +174,10 @@ def test_view_chunks_do_not_change_the_math(generator_models, tiny_cfg) -> None:
     short = dict(optim__iterations=3, optim__tail_iterations=1, optim__warmup=1)
     whole = InversionEngine(generator_models, _cfg(tiny_cfg, **short)).run(_requests(2))
     chunked = InversionEngine(generator_models, _cfg(tiny_cfg, engine__view_chunk=3, **short)).run(_requests(2))
+    # Chunks change the ViT's batch, hence rounding: measured <= 3.9e-6 on the image over ATen AVX512 / AVX2 /
+    # default and 1 and 2 threads; views dropped or weighted wrongly move it by ~1e-2.
     for a, b in zip(whole, chunked):
-        torch.testing.assert_close(a.image, b.image, rtol=0, atol=1e-5)
+        torch.testing.assert_close(a.image, b.image, rtol=0, atol=1e-4)
 
 
 def test_referee_gradient_equals_plain_autograd(engine) -> None:

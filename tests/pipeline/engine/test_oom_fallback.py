@@ -10,6 +10,9 @@ import torch
 from pipeline.engine.invert import INJECT_OOM_ENV, InversionEngine, SampleRequest
 from tests.conftest import compbench_prompts
 
+# Float results that depend on the CPU's kernels: `make test-numerics` runs them on other kernel paths.
+pytestmark = pytest.mark.numerics
+
 PROMPTS = compbench_prompts("color_val", 2)
 
 

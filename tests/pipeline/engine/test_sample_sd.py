@@ -11,6 +11,9 @@ from pipeline.engine.invert import INJECT_NAN_ENV, InversionEngine, SampleReques
 from pipeline.engine.sample_sd import SamplingEngine
 from tests.conftest import compbench_prompts
 
+# Float results that depend on the CPU's kernels: `make test-numerics` runs them on other kernel paths.
+pytestmark = pytest.mark.numerics
+
 PROMPTS = compbench_prompts("color_val", 5)
 STEPS = 4  # a short schedule keeps the CPU tests fast; the code path is the full one
 

@@ -10,6 +10,9 @@ import torch
 from pipeline.engine.rng import generator
 from pipeline.engine.sds import SdsGuidance, cosine_schedule
 
+# Float results that depend on the CPU's kernels: `make test-numerics` runs them on other kernel paths.
+pytestmark = pytest.mark.numerics
+
 
 @pytest.fixture(scope="module")
 def sds(generator_models, tiny_cfg) -> SdsGuidance:

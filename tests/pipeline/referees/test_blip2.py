@@ -11,6 +11,9 @@ import torch.nn.functional as F
 
 from pipeline.referees.blip2 import Referee, TextBatch, unilm_mask
 
+# Float results that depend on the CPU's kernels: `make test-numerics` runs them on other kernel paths.
+pytestmark = pytest.mark.numerics
+
 PROMPTS = ["a red car", "a blue cube and a green bowl on the table"]
 
 
@@ -73,9 +76,11 @@ def test_caption_loss_equals_reference_computation(referee) -> None:
     assert text.mask.sum(1).tolist()[0] < text.mask.sum(1).tolist()[1]  # one row is padded
     pixels = _pixels(referee, 2)
     want = _reference_caption_terms(referee, pixels, text, referee.cfg.label_smoothing)
-    torch.testing.assert_close(referee.caption_token_losses(pixels, text), want, rtol=0, atol=2e-6)
+    # Two summation orders of the same float32 terms (losses ~5): measured <= 9.6e-7 over ATen AVX512 / AVX2 /
+    # default and 1 and 2 threads; a wrong mask, shift or smoothing moves them by more than 1e-3.
+    torch.testing.assert_close(referee.caption_token_losses(pixels, text), want, rtol=0, atol=1e-5)
     mean = want.sum(1) / text.mask[:, 1:].sum(1)
-    torch.testing.assert_close(referee.losses(pixels, text).caption, mean, rtol=0, atol=2e-6)
+    torch.testing.assert_close(referee.losses(pixels, text).caption, mean, rtol=0, atol=1e-5)
 
 
 @torch.no_grad()

@@ -11,6 +11,9 @@ from pipeline.config import RefereeSpec
 from pipeline.referees.base import RefereeContext
 from pipeline.referees.clip import ClipReferee
 
+# Float results that depend on the CPU's kernels: `make test-numerics` runs them on other kernel paths.
+pytestmark = pytest.mark.numerics
+
 PROMPTS = ["a red car", "a blue cube and a green bowl on the table"]
 
 

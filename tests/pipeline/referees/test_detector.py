@@ -19,6 +19,9 @@ from pipeline.referees.detector import (
     soft_detections,
 )
 
+# Float results that depend on the CPU's kernels: `make test-numerics` runs them on other kernel paths.
+pytestmark = pytest.mark.numerics
+
 ZC = ZooConfig()
 
 

@@ -19,6 +19,9 @@ from pipeline.scoring.clipscore import (
     without_adjectives,
 )
 
+# Float results that depend on the CPU's kernels: `make test-numerics` runs them on other kernel paths.
+pytestmark = pytest.mark.numerics
+
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
 

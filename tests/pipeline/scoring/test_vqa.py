@@ -108,6 +108,7 @@ def _manual_probs(scorer: VqaScorer, image: torch.Tensor, question: str, first: 
         return p[:, scorer.ids.yes] / (p[:, scorer.ids.yes] + p[:, scorer.ids.no])
 
 
+@pytest.mark.numerics  # float results that depend on the CPU's kernels
 def test_scores_equal_the_protocol_and_depend_on_enc_and_dec(scorer, vqa_models):
     image, question = _images(1)[0], "a blue bowl?"
     with torch.no_grad():
@@ -131,6 +132,7 @@ PROMPTS = [
 ]
 
 
+@pytest.mark.numerics  # float results that depend on the CPU's kernels
 def test_image_alone_equals_image_in_batch(scorer):
     images = _images(len(PROMPTS))
     batch = scorer.score(images, PROMPTS)
@@ -144,6 +146,7 @@ def test_image_alone_equals_image_in_batch(scorer):
             assert torch.allclose(raw, raw_batch[k], atol=1e-6, rtol=0)
 
 
+@pytest.mark.numerics  # float results that depend on the CPU's kernels
 def test_small_batch_sizes_give_the_same_scores(vqa_models, tiny_cache):
     cfg = load_config(
         preset_path("tiny"),
@@ -189,6 +192,7 @@ def test_mismatched_lengths_rejected(scorer):
 # --- image path -----------------------------------------------------------------------------
 
 
+@pytest.mark.numerics  # float results that depend on the CPU's kernels
 def test_preprocess_resizes_and_normalises(scorer, tiny_cfg):
     size = tiny_cfg.vqa.image_size
     grey = torch.full((3, 40, 70), 0.5)
