@@ -47,6 +47,8 @@ class ShardStats(SampleCounts):
     device_seconds: float = 0.0
     categories: dict[str, dict[str, Any]] = field(default_factory=dict)
     short: list[dict[str, Any]] = field(default_factory=list)
+    # monitor.enabled: per category what monitoring saved (pipeline/budget/accounting.py monitor_accounting)
+    monitor: dict[str, dict[str, Any]] = field(default_factory=dict)
     version: int = STATS_SCHEMA_VERSION
 
     @classmethod
@@ -102,4 +104,6 @@ class Summary(SampleCounts):
     categories: dict[str, dict[str, Any]] = field(default_factory=dict)
     short_prompts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     short_prompts_total: int = 0
+    # monitor.enabled: iterations saved, monitor overhead, seconds per accepted with and (estimated) without
+    monitor: dict[str, Any] = field(default_factory=dict)
     version: int = SUMMARY_SCHEMA_VERSION

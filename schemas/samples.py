@@ -7,8 +7,8 @@ from typing import Any
 
 import pyarrow as pa
 
-SAMPLE_SCHEMA_VERSION = 4  # 2: benchmark_index, template; 3: score_seconds; 4: scorer, score_parts,
-# generator, referee_scores, referee_skipped
+SAMPLE_SCHEMA_VERSION = 5  # 2: benchmark_index, template; 3: score_seconds; 4: scorer, score_parts,
+# generator, referee_scores, referee_skipped; 5: exit_reason, monitor_trace, best_iteration, monitor_seconds
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
@@ -60,6 +60,11 @@ class SampleRecord:
     referee_skipped: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     generator: str = "inversion"  # engine.generator that made the image: inversion | sd_sampling
+    # With monitor.enabled (pipeline/engine/monitor.py); None / empty / 0 otherwise. `iterations` is what ran.
+    exit_reason: str | None = None  # completed | early_exit | failed
+    monitor_trace: list[dict[str, float]] = field(default_factory=list)  # {iteration: int, score: float} per check
+    best_iteration: int | None = None  # monitor.best_iterate: referee iterations of the stored iterate
+    monitor_seconds: float = 0.0  # of `seconds`, its share of the in-loop checks (decode + score)
     version: int = SAMPLE_SCHEMA_VERSION
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -69,6 +74,7 @@ class SampleRecord:
 _STR_MAP = pa.map_(pa.string(), pa.string())
 _REFEREE_SCORE = pa.struct([("kind", pa.string()), ("score", pa.float64()), ("loss", pa.float64()),
                             ("weight", pa.float64())])
+_MONITOR_CHECK = pa.struct([("iteration", pa.int32()), ("score", pa.float64())])
 SIDECAR_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("shard", pa.int32()),
@@ -99,6 +105,10 @@ SIDECAR_SCHEMA = pa.schema([
     ("referee_skipped", _STR_MAP),
     ("extra", pa.string()),  # JSON of the input's extra columns
     ("generator", pa.string()),
+    ("exit_reason", pa.string()),
+    ("monitor_trace", pa.list_(_MONITOR_CHECK)),
+    ("best_iteration", pa.int32()),
+    ("monitor_seconds", pa.float64()),
     ("version", pa.int32()),
 ], metadata={"referee_synth_sample_schema": str(SAMPLE_SCHEMA_VERSION)})
 
