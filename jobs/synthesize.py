@@ -348,6 +348,7 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
 
     from pipeline.budget.run_plan import (
         compare_generators,
+        exit_fractions,
         format_plan,
         make_plan,
         rates_by_generator,
@@ -362,7 +363,7 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
     if not rows:
         raise UserError(f"prompts: {args.prompts}: no prompt rows")
     by_generator = rates_by_generator(args.from_run or [])
-    rates = by_generator.get(cfg.engine.generator) or rates_from_floor(cfg)
+    rates = by_generator.get(cfg.engine.generator) or rates_from_floor(cfg, rows, exit_fractions(args.from_run or []))
     shards = len(plan_shards(rows, cfg.job.shard_size))
     result = make_plan(rows, shards, cfg, rates)
     if by_generator:

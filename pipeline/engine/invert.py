@@ -237,15 +237,19 @@ class InversionEngine:
             self._compile()
 
     def _compile(self) -> None:
-        """torch.compile the two big differentiable passes (the ViT and the VAE decoder).
+        """torch.compile the big differentiable passes: the VAE decoder, the BLIP-2 ViT and, with a zoo, every
+        referee's vision tower (CLIP's ViT, OWLv2's image encoder).
 
-        Not exercised by the CPU tests. The ViT's forward is patched on the shared model once.
+        Not exercised by the CPU tests. A vision tower's forward is patched on the shared model once.
         """
         self._decode_fn = torch.compile(self.models.vae.decode)
-        vit = self.models.referee.vision_model
-        if not getattr(vit, "_referee_synth_compiled", False):
-            vit.forward = torch.compile(vit.forward)
-            vit._referee_synth_compiled = True
+        towers = [self.models.referee.vision_model]
+        for ref in self.zoo.referees if self.zoo is not None else []:
+            towers += vision_towers(getattr(ref, "model", None))
+        for vit in towers:
+            if not getattr(vit, "_referee_synth_compiled", False):
+                vit.forward = torch.compile(vit.forward)
+                vit._referee_synth_compiled = True
 
     # ---- public API -------------------------------------------------------------------------
     def run(
@@ -549,6 +553,16 @@ class InversionEngine:
         nan = torch.full_like(losses.total, math.nan)
         out = RefereeLosses(blip2.get("itm", nan), blip2.get("caption", nan), losses.total.float().cpu())
         return _Outcome(images.float().cpu(), out, list(batch.errors), iterations, traces, scores, text.skipped)
+
+
+def vision_towers(model) -> list[torch.nn.Module]:
+    """The vision encoders of a zoo referee's model (CLIP: vision_model; OWLv2: owlv2.vision_model)."""
+    out = []
+    for holder in (model, getattr(model, "owlv2", None)):
+        tower = getattr(holder, "vision_model", None)
+        if isinstance(tower, torch.nn.Module):
+            out.append(tower)
+    return out
 
 
 def _append_trace(traces: list[list[dict]], info: dict, iteration: int, errors: list[str | None]) -> None:
