@@ -284,16 +284,29 @@ def analytic_vit_flops(vision_config: Any, backward: bool) -> float:
     return 2 * (patch + linear) + 3 * attention
 
 
-def count(cfg: Config, tflops: float = H100_BF16_DENSE_TFLOPS, a: Assumptions | None = None,
-          category: str | None = None) -> dict[str, Any]:
-    a = a or Assumptions()
-    models = build_real_models("meta")
+def per_call_flops(models: RealModels, zoo, cfg: Config, a: Assumptions) -> dict[str, int]:
+    """FLOPs of one call of every counted pass of these models (meta-device modules: nothing runs)."""
     per_call: dict[str, int] = {}
     per_call.update(referee_counts(models, a.text_tokens))
     per_call.update(sd_counts(models, cfg))
     per_call.update(vqa_counts(models, cfg, a.question_tokens))
     per_call["vae_decoder_bwd"] = per_call["vae_decoder_fwd_bwd"] - per_call["vae_decoder_fwd"]
-    per_call.update(zoo_counts(build_zoo_models("meta")))
+    per_call.update(zoo_counts(zoo))
+    return per_call
+
+
+def on_meta(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a loaded module on the meta device (to count its passes with the functions above)."""
+    import copy
+
+    return copy.deepcopy(module).to("meta")
+
+
+def count(cfg: Config, tflops: float = H100_BF16_DENSE_TFLOPS, a: Assumptions | None = None,
+          category: str | None = None) -> dict[str, Any]:
+    a = a or Assumptions()
+    models = build_real_models("meta")
+    per_call = per_call_flops(models, build_zoo_models("meta"), cfg, a)
     calls = calls_per_image(cfg, a, category)
     components = {}
     total = 0
