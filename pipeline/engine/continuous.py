@@ -222,8 +222,8 @@ class ContinuousBatch:
         if not due or self.score is None:
             return
         t0 = time.perf_counter()
-        with self.e._autocast():
-            images = self.e._decode(torch.cat([s.z.detach() for s in due])).float().cpu()
+        # decoded as the final image is (no autocast): a check's image is the image a stop there gives
+        images = self.e._decode(torch.cat([s.z.detach() for s in due])).float().cpu()
         checks: list[MonitorScore] = self.score(images, [s.slot.request for s in due])
         share = (time.perf_counter() - t0) / len(due)
         for s, image, check in zip(due, images, checks):
@@ -247,8 +247,7 @@ class ContinuousBatch:
         if all(s.checked is not None and s.checked[0] == s.it for s in done):
             images = torch.stack([s.checked[1] for s in done]).to(e.device)
         else:
-            with e._autocast():
-                images = e._decode(z)
+            images = e._decode(z)  # as the lockstep engine's _finish: no autocast
         prompts = [s.slot.request.prompt for s in done]
         zoo_scores = zoo_skipped = None
         if e.zoo is None:
