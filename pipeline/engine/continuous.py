@@ -206,6 +206,7 @@ class ContinuousBatch:
                 slot.attempt += 1
                 slot.seed = restart_seed(slot.seed, slot.attempt)
                 live[j] = self._start(slot)
+                live[j].monitor_seconds = s.monitor_seconds  # earlier attempts' checks stay counted
                 continue
             tries = slot.attempt + 1
             error = f"{s.error} (seed {slot.seed}); gave up after {tries} attempt{'s' if tries > 1 else ''}"
