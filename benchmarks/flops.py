@@ -9,7 +9,10 @@ are counted (2 FLOPs per multiply-add); elementwise work (norms, activations, au
 optimiser) is not. Backward passes are counted as the engine runs them: weights are frozen, so
 only input gradients are computed (about 1x the forward for linear layers, not 2x).
 
-Multiplicities per image come from the config (``pipeline/engine/flop_floor.py``; DESIGN.md section 6).
+Multiplicities per image come from the config and ``--category`` (``pipeline/engine/flop_floor.py``; DESIGN.md
+section 6): with ``zoo.referees`` (``--config configs/zoo.yaml``) each referee that judges the category adds its
+views (CLIP ViT-L/14, OWLv2 B/16 at 960 px: counted here at their real sizes); the category's scorer is counted
+(BLIP-VQA, CLIPScore, the spatial rule's detection); ``monitor.enabled`` adds a decode and a scoring per check.
 Inversion (``engine.generator: inversion``): ``optim.iterations`` joint
 iterations, each with one VAE-decoder fwd+bwd, one referee fwd+bwd per kept view (``augment.top_k``
 of ``num_views``, or all) plus a no-grad pass over all views when 0 < top_k < num_views, and one
@@ -39,7 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from benchmarks.real_models import RealModels, build_real_models, parameter_counts  # noqa: E402
+from benchmarks.real_models import RealModels, build_real_models, build_zoo_models, parameter_counts  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.engine.flop_floor import (  # noqa: E402 - Assumptions and calls_per_image: shared with --plan
     DEFAULT_QUESTION_TOKENS,
@@ -193,6 +196,52 @@ def vqa_counts(models: RealModels, cfg: Config, question_tokens: int) -> dict[st
     return {"vqa_vision_fwd": count_flops(vision), "vqa_question_fwd": count_flops(question)}
 
 
+# ---- the zoo referees and the other scorers ----------------------------------------------------
+
+
+def zoo_counts(zoo) -> dict[str, int]:
+    """Per view: the CLIP referee (image features of one view; its text features are computed once per
+    prompt) and the detector referee (OWLv2's image embedder, class head on the two queries, box head:
+    ``pipeline/referees/detector.py`` ``detections``); per scored image: CLIPScore (ViT-B/32 image + 77-token
+    text) and the spatial rule's OWLv2 detection (image embedder, two 16-token queries, both heads)."""
+    clip, owl = zoo.clip_large, zoo.owlv2
+    clip_px = (1, 3, clip.config.vision_config.image_size, clip.config.vision_config.image_size)
+    owl_size = owl.config.vision_config.image_size
+    owl_px = (1, 3, owl_size, owl_size)
+
+    def clip_view(px: torch.Tensor) -> torch.Tensor:
+        return clip.get_image_features(pixel_values=px).pooler_output
+
+    def owl_view(px: torch.Tensor, text: bool = False) -> torch.Tensor:
+        feature_map, _ = owl.image_embedder(pixel_values=px)
+        n, h, w, d = feature_map.shape
+        feats = feature_map.reshape(n, h * w, d)
+        queries = torch.zeros(n, 2, owl.config.projection_dim, device=px.device)
+        if text:
+            ids = torch.zeros(2, owl.config.text_config.max_position_embeddings, dtype=torch.long, device=META)
+            owl.owlv2.get_text_features(input_ids=ids)
+        logits, _ = owl.class_predictor(feats, queries, None)
+        boxes = owl.box_predictor(feats, feature_map)
+        return logits.sum() + boxes.sum()
+
+    def clipscore() -> None:
+        with torch.no_grad():
+            score = zoo.clip_score
+            size = score.config.vision_config.image_size
+            score.get_image_features(pixel_values=torch.zeros(1, 3, size, size, device=META))
+            score.get_text_features(input_ids=torch.zeros(1, 77, dtype=torch.long, device=META))
+
+    def detect() -> None:
+        with torch.no_grad():
+            owl_view(torch.zeros(owl_px, device=META), text=True)
+
+    return {
+        "clip_referee_fwd_bwd": _fwd_bwd(clip_view, clip_px), "clip_referee_fwd": _fwd(clip_view, clip_px),
+        "detector_referee_fwd_bwd": _fwd_bwd(owl_view, owl_px), "detector_referee_fwd": _fwd(owl_view, owl_px),
+        "clipscore_fwd": count_flops(clipscore), "spatial_detect_fwd": count_flops(detect),
+    }
+
+
 # ---- per image ---------------------------------------------------------------------------------
 
 
@@ -210,6 +259,13 @@ DESCRIPTIONS = {
     "clip_text_fwd": "CLIP-L text encoder fwd, 77 tokens",
     "vqa_vision_fwd": "BLIP ViT-B/16 fwd at the VQA size",
     "vqa_question_fwd": "BLIP text encoder + first decoder step, one question",
+    "vae_decoder_bwd": "SD VAE decoder bwd alone (each further zoo referee, per_referee balance)",
+    "clip_referee_fwd_bwd": "zoo CLIP ViT-L/14 image features fwd+bwd, one view",
+    "clip_referee_fwd": "zoo CLIP ViT-L/14 image features fwd (no grad), one view",
+    "detector_referee_fwd_bwd": "zoo OWLv2 B/16 960 px embedder + heads fwd+bwd, one view",
+    "detector_referee_fwd": "zoo OWLv2 B/16 960 px embedder + heads fwd (no grad), one view",
+    "clipscore_fwd": "CLIPScore ViT-B/32 image + 77-token text fwd",
+    "spatial_detect_fwd": "spatial rule: OWLv2 B/16 detection at 960 px, two queries",
 }
 
 
@@ -228,14 +284,30 @@ def analytic_vit_flops(vision_config: Any, backward: bool) -> float:
     return 2 * (patch + linear) + 3 * attention
 
 
-def count(cfg: Config, tflops: float = H100_BF16_DENSE_TFLOPS, a: Assumptions | None = None) -> dict[str, Any]:
-    a = a or Assumptions()
-    models = build_real_models("meta")
+def per_call_flops(models: RealModels, zoo, cfg: Config, a: Assumptions) -> dict[str, int]:
+    """FLOPs of one call of every counted pass of these models (meta-device modules: nothing runs)."""
     per_call: dict[str, int] = {}
     per_call.update(referee_counts(models, a.text_tokens))
     per_call.update(sd_counts(models, cfg))
     per_call.update(vqa_counts(models, cfg, a.question_tokens))
-    calls = calls_per_image(cfg, a)
+    per_call["vae_decoder_bwd"] = per_call["vae_decoder_fwd_bwd"] - per_call["vae_decoder_fwd"]
+    per_call.update(zoo_counts(zoo))
+    return per_call
+
+
+def on_meta(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a loaded module on the meta device (to count its passes with the functions above)."""
+    import copy
+
+    return copy.deepcopy(module).to("meta")
+
+
+def count(cfg: Config, tflops: float = H100_BF16_DENSE_TFLOPS, a: Assumptions | None = None,
+          category: str | None = None) -> dict[str, Any]:
+    a = a or Assumptions()
+    models = build_real_models("meta")
+    per_call = per_call_flops(models, build_zoo_models("meta"), cfg, a)
+    calls = calls_per_image(cfg, a, category)
     components = {}
     total = 0
     for name, flops in per_call.items():
@@ -268,6 +340,8 @@ def count(cfg: Config, tflops: float = H100_BF16_DENSE_TFLOPS, a: Assumptions | 
             "num_views": cfg.augment.num_views, "top_k": cfg.augment.top_k, "latent_size": cfg.latent.size,
             "vqa_image_size": cfg.vqa.image_size, "generator": cfg.engine.generator,
             "sampling_steps": cfg.sampling.steps, "guidance_scale": cfg.sampling.guidance_scale,
+            "category": category, "zoo_referees": [r.kind for r in cfg.zoo.referees],
+            "monitor_every": cfg.monitor.every if cfg.monitor.enabled else None,
         },
         "parameters": parameter_counts(models),
     }
@@ -275,6 +349,7 @@ def count(cfg: Config, tflops: float = H100_BF16_DENSE_TFLOPS, a: Assumptions | 
 
 def _groups(components: dict[str, dict[str, Any]], total: int) -> dict[str, dict[str, float]]:
     groups = {"referee_vit": ("referee_vit_",), "qformer": ("qformer_",), "vae_decoder": ("vae_decoder_",),
+              "zoo_referees": ("clip_referee_", "detector_referee_"), "other_scorers": ("clipscore_", "spatial_"),
               "unet": ("unet_",), "text_encoder": ("clip_text_",), "vqa": ("vqa_",)}
     out = {}
     for g, prefixes in groups.items():
@@ -286,7 +361,7 @@ def _groups(components: dict[str, dict[str, Any]], total: int) -> dict[str, dict
 def format_table(result: dict[str, Any]) -> str:
     rows = [f"{'component':26s} {'GFLOP/call':>12s} {'calls/img':>10s} {'TFLOP/img':>11s} {'share':>7s}"]
     for name, c in result["components"].items():
-        rows.append(f"{name:26s} {c['flops_per_call'] / 1e9:12.2f} {c['calls_per_image']:10d} "
+        rows.append(f"{name:26s} {c['flops_per_call'] / 1e9:12.2f} {c['calls_per_image']:10g} "
                     f"{c['flops_per_image'] / 1e12:11.2f} {100 * c['share']:6.2f}%")
     rows.append("-" * 70)
     for g, c in result["groups"].items():
@@ -313,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS, help="referee text length incl. specials")
     p.add_argument("--questions", type=int, default=DEFAULT_QUESTIONS, help="VQA questions per image")
     p.add_argument("--question-tokens", type=int, default=DEFAULT_QUESTION_TOKENS)
+    p.add_argument("--category", default=None,
+                   help="prompt category: picks the zoo referees that judge it and its scorer (default: none)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
@@ -320,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.set)
-    result = count(cfg, args.tflops, Assumptions(args.text_tokens, args.questions, args.question_tokens))
+    result = count(cfg, args.tflops, Assumptions(args.text_tokens, args.questions, args.question_tokens), args.category)
     result["config"] = args.config or "defaults"
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0

@@ -2,6 +2,7 @@
 
     python3 benchmarks/gpu.py --out results.json [--batches 1,2,3,4,5,6,7,8] [--view-chunks 0,120,60,30]
     python benchmarks/gpu.py --dry-run --out /tmp/gpu.json      # tiny models on the CPU: plumbing only
+    python3 benchmarks/gpu.py --out ee.json --batches 4 --view-chunks 0 --skip-reference --early-exit
 
 Real-size architectures (``benchmarks/real_models.py``) with random weights, built on the GPU; the
 paper preset (bf16 autocast, float32 weights, 30 views, 150 + 10 iterations). For every batch size
@@ -16,6 +17,9 @@ the OOM fallback off (so a chunk that does not fit says so); one extra run shows
 Then the reference loop (``benchmarks/reference.py``: one prompt, all views, float32; also under
 bf16 autocast) in the same process. Results are written to ``--out`` after every configuration, so a run stopped
 by its time limit keeps what it measured; ``--budget`` (seconds) stops starting new ones.
+``--early-exit``: at the best batch, the monitored engine (continuous batching) on a short schedule with and
+without early exit, exits driven by a stub score trajectory (random weights score noise) while every check
+pays the real BLIP-VQA cost: seconds per sample, the iteration ratio, the monitor's overhead.
 
 The GPU image lacks diffusers, kornia (and kornia_rs) and spaCy; ``benchmarks/prepare_gpu_site.py``
 copies the first two from this environment into a folder to carry (see benchmarks/README.md).
@@ -305,6 +309,62 @@ def vqa_seconds_per_image(scorer: Any, device: torch.device, batch: int, size: i
     return (time.perf_counter() - t0) / batch
 
 
+def early_exit_run(gen: Any, cfg: Config, scorer: Any, batch: int, chunk: int, iterations: int, every: int,
+                   samples: int) -> dict[str, Any]:
+    """Early exit at this size: ``samples`` requests through the monitored engine (continuous batching),
+    ``iterations`` + 2 tail, a check every ``every``, once with exits and once without. Scores are a stub
+    trajectory (benchmarks/early_exit.py ``Trajectory``: random weights give noise scores), but each check
+    also runs the real BLIP-VQA scorer on the checked images, so its cost is the product's. Sample j crosses
+    the threshold at check 1 + j mod (checks + 1): the last class never exits."""
+    from benchmarks.score_trajectory import Trajectory
+    from pipeline.engine.invert import InversionEngine
+
+    device = gen.device
+    c = short_schedule(cfg, 0, iterations)
+    c.optim.tail_iterations = min(2, cfg.optim.tail_iterations)
+    c.engine.batch_size, c.engine.view_chunk, c.engine.max_restarts = batch, chunk, 0
+    c.monitor.enabled, c.monitor.every, c.monitor.patience, c.monitor.margin = True, every, 1, 0.0
+    checks = (iterations - 1) // every
+    reqs = requests(samples)
+    crossing = {f"{r.prompt_id}/{r.sample_index}": 1 + j % (checks + 1) for j, r in enumerate(reqs)}
+    out: dict[str, Any] = {"status": "ok", "batch": batch, "view_chunk": chunk, "iterations": iterations,
+                           "tail": c.optim.tail_iterations, "every": every, "samples": samples}
+    for name in ("no_exit", "early_exit"):
+        c.monitor.early_exit = name == "early_exit"
+        engine = InversionEngine(gen, c)
+        stub = Trajectory(crossing, 0.5, 0.0)
+        check_seconds: list[float] = []
+
+        def monitor(images, reqs_, _stub=stub, _bucket=check_seconds):
+            sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                scorer.answer_probs([im.to(device) for im in images], QUESTIONS[: len(images)])
+            sync(device)
+            _bucket.append(time.perf_counter() - t0)
+            return _stub(images, reqs_)
+
+        engine.monitor_score = monitor
+        sync(device)
+        reset_peak(device)
+        t0 = time.perf_counter()
+        results = engine.run(copy.deepcopy(reqs))
+        sync(device)
+        wall = time.perf_counter() - t0
+        out[name] = {
+            "wall_seconds": wall, "seconds_per_sample": wall / samples,
+            "iterations": sum(r.iterations for r in results),
+            "early_exits": sum(r.exit_reason == "early_exit" for r in results),
+            "monitor_seconds": sum(r.monitor_seconds for r in results), "vqa_check_seconds": sum(check_seconds),
+            "peak_gib": peak_gib(device), "failed_samples": sum(r.error is not None for r in results),
+        }
+    a, b = out["no_exit"], out["early_exit"]
+    out["iteration_ratio"] = a["iterations"] / b["iterations"]
+    out["seconds_ratio"] = a["wall_seconds"] / b["wall_seconds"]
+    out["monitor_overhead_no_exit"] = a["monitor_seconds"] / a["wall_seconds"]
+    return out
+
+
 # ---- main -----------------------------------------------------------------------------------------
 
 
@@ -328,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the best configuration with weights stored in bf16 (no per-pass casts)")
     p.add_argument("--compile", action="store_true", help="also run the best configuration with engine.compile")
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--early-exit", action="store_true",
+                   help="also measure early exit at the best batch (monitored engine, stub score trajectory, real "
+                        "VQA cost per check): seconds per sample with and without exits")
+    p.add_argument("--early-exit-iterations", type=int, default=20, help="referee iterations of that run (8 dry-run)")
+    p.add_argument("--early-exit-every", type=int, default=5, help="check interval of that run (2 dry-run)")
     p.add_argument("--tflops", type=float, default=NOMINAL_TFLOPS, help="nominal rate for the floor")
     p.add_argument("--budget", type=float, default=420.0,
                    help="seconds after which no new configuration starts (default 420: the run ends under 8 min)")
@@ -469,6 +534,19 @@ def main(argv: list[str] | None = None) -> int:
         result["bf16_weights_run"] = r
         print("bf16 weights: " + _describe(r), flush=True)
         save()
+    if args.early_exit and not over_budget():
+        b, chunk = (best["batch"], best["view_chunk"]) if best else (batches[0], 0)
+        iters = 8 if args.dry_run and args.early_exit_iterations == 20 else args.early_exit_iterations
+        every = 2 if args.dry_run and args.early_exit_every == 5 else args.early_exit_every
+        r = attempt("early exit", lambda: early_exit_run(gen, cfg, scorer, b, chunk, iters, every, 2 * b))
+        result["early_exit_run"] = r
+        if r.get("status") == "ok":
+            print(f"early exit b={b}: {r['no_exit']['seconds_per_sample']:.2f} -> "
+                  f"{r['early_exit']['seconds_per_sample']:.2f} s/sample ({r['seconds_ratio']:.2f}x; iterations "
+                  f"{r['iteration_ratio']:.2f}x), monitor overhead {r['monitor_overhead_no_exit']:.1%}", flush=True)
+        else:
+            print(f"early exit: {r.get('status')} {r.get('error', '')[:200]}", flush=True)
+        save()
     # Last: engine.compile patches the shared ViT's forward for good.
     if best and args.compile and not over_budget():
         c2 = copy.deepcopy(cfg)
@@ -502,6 +580,10 @@ def summarize(result: dict[str, Any]) -> None:
                  best_seconds_per_image=best["seconds_per_image"], best_engine_tflops=best["engine_tflops"],
                  times_floor=best["seconds_per_image"] / floor["seconds_per_image_nominal"],
                  within_2x_floor=best["seconds_per_image"] <= 2 * floor["seconds_per_image_nominal"])
+    ee = result.get("early_exit_run") or {}
+    if ee.get("status") == "ok":
+        s.update(early_exit_seconds_ratio=ee["seconds_ratio"], early_exit_iteration_ratio=ee["iteration_ratio"],
+                 monitor_overhead=ee["monitor_overhead_no_exit"])
     ref = [r for r in result["reference"] if r.get("status") == "ok"]
     if best:
         for r in ref:

@@ -138,3 +138,57 @@ def parameter_counts(models: RealModels) -> dict[str, int]:
         "referee_qformer": sum(p.numel() for p in r.qformer.parameters()),
         "vqa": sum(p.numel() for p in models.vqa.parameters()),
     }
+
+
+# ---- the zoo referees and the non-VQA scorers (configs/zoo.yaml, scoring.clip_model, scoring.detector_model) ----
+
+
+def clip_config(large: bool):
+    """``openai/clip-vit-large-patch14`` (the zoo's CLIP referee: ViT-L/14 at 224, 1024 wide, 24 layers,
+    projection 768) or ``openai/clip-vit-base-patch32`` (CLIPScore: ViT-B/32, 768 wide, 12 layers, 512)."""
+    from transformers import CLIPConfig
+
+    text = dict(vocab_size=49408, hidden_size=768 if large else 512, intermediate_size=3072 if large else 2048,
+                num_hidden_layers=12, num_attention_heads=12 if large else 8, max_position_embeddings=77,
+                hidden_act="quick_gelu")
+    vision = dict(hidden_size=1024 if large else 768, intermediate_size=4096 if large else 3072,
+                  num_hidden_layers=24 if large else 12, num_attention_heads=16 if large else 12, image_size=224,
+                  patch_size=14 if large else 32, hidden_act="quick_gelu")
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=768 if large else 512)
+
+
+def owlv2_config():
+    """``google/owlv2-base-patch16-ensemble``: ViT-B/16 at 960 px (3,600 patches), 512-wide text tower with
+    16 positions, projection 512; class and box heads on every patch token."""
+    from transformers import Owlv2Config
+
+    return Owlv2Config(
+        text_config=dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                         num_attention_heads=8, max_position_embeddings=16),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=960, patch_size=16),
+        projection_dim=512,
+    )
+
+
+@dataclass
+class ZooRealModels:
+    clip_large: Any  # CLIPModel, the zoo's CLIP referee
+    clip_score: Any  # CLIPModel, CLIPScore's ViT-B/32
+    owlv2: Any  # Owlv2ForObjectDetection: the zoo's detector referee and the spatial scorer
+
+
+def build_zoo_models(device: str | torch.device = "meta", dtype: torch.dtype = torch.float32) -> ZooRealModels:
+    from transformers import CLIPModel, Owlv2ForObjectDetection
+
+    from pipeline.models.quiet import quiet_library_logs
+
+    quiet_library_logs()
+    with torch.device(device):
+        models = ZooRealModels(CLIPModel(clip_config(True)), CLIPModel(clip_config(False)),
+                               Owlv2ForObjectDetection(owlv2_config()))
+    for m in (models.clip_large, models.clip_score, models.owlv2):
+        m.to(dtype=dtype)
+        m.eval()
+        m.requires_grad_(False)
+    return models

@@ -392,6 +392,7 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
 
     from pipeline.budget.run_plan import (
         compare_generators,
+        exit_fractions,
         format_plan,
         make_plan,
         rates_by_generator,
@@ -408,7 +409,7 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
     if not rows:
         raise UserError(f"prompts: {args.prompts}: no prompt rows")
     by_generator = rates_by_generator(args.from_run or [])
-    rates = by_generator.get(cfg.engine.generator) or rates_from_floor(cfg)
+    rates = by_generator.get(cfg.engine.generator) or rates_from_floor(cfg, rows, exit_fractions(args.from_run or []))
     shards = len(plan_shards(rows, cfg.job.shard_size))
     pending = pending_work(*storage.filesystem_for(args.output), rows, cfg.job.shard_size)
     if pending is not None:  # a grown table on a placed folder: estimate tonight's work only

@@ -255,6 +255,26 @@ class OptimConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """In-loop monitoring (pipeline/engine/monitor.py): every ``every`` iterations the current image is scored
+    by the run's own scorer for the sample's category. Off (the paper): the engine's original code path.
+
+    early_exit: a sample whose monitored score is above its threshold + ``margin`` at ``patience``
+    consecutive checks ends its referee phase there, runs the optim.tail_iterations SDS-only tail, and
+    leaves the batch; the batch refills from the shard's queue. best_iterate: the stored image is the
+    best-scored one among the checks and the final image, not always the final one.
+    """
+
+    enabled: bool = False
+    every: int = _f(10, 1)  # the authors' code scores with BLIP-VQA every 10 iterations
+    early_exit: bool = True
+    best_iterate: bool = False
+    margin: float = _f(0.05, -1.0, 1.0)  # score must exceed threshold + margin (a monitored score is noisy)
+    patience: int = _f(2, 1)  # consecutive clearing checks before the sample exits
+    min_iterations: int = _f(0, 0)  # no exit before this iteration
+
+
+@dataclass
 class SamplingConfig:
     """engine.generator sd_sampling: diffusers' StableDiffusionPipeline on the loaded SD 1.5 parts.
 
@@ -445,6 +465,7 @@ class Config:
     cost: CostConfig = field(default_factory=CostConfig)
     zoo: ZooConfig = field(default_factory=ZooConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -466,6 +487,8 @@ class Config:
         del data["finetune"]  # training settings: no generated image depends on them
         if not self.zoo.referees:  # the single BLIP-2 referee: the hash of a run made before the zoo existed
             del data["zoo"]
+        if not self.monitor.enabled:  # off: the hash of a run made before monitoring existed
+            del data["monitor"]
         data["engine"] = {k: v for k, v in data["engine"].items() if k not in _RUN_ONLY_ENGINE_KEYS}
         data["models"] = {k: v for k, v in data["models"].items() if k not in _RUN_ONLY_MODEL_KEYS}
         _generator_hash_keys(data, self.engine.generator)
@@ -503,7 +526,7 @@ def _generator_hash_keys(data: dict[str, Any], generator: str) -> None:
         data["engine"].pop("generator", None)
 
 
-_INVERSION_ONLY_SECTIONS = ("augment", "referee", "sds", "optim", "zoo")
+_INVERSION_ONLY_SECTIONS = ("augment", "referee", "sds", "optim", "zoo", "monitor")
 
 
 def _type_name(tp: Any) -> str:
@@ -644,6 +667,10 @@ def _check_cross_fields(cfg: Config) -> None:
     _check_zoo(cfg.zoo)
     if cfg.sampling.lora and cfg.engine.generator != "sd_sampling":
         raise ConfigError("config: sampling.lora needs engine.generator sd_sampling (--generator sd_sampling)")
+    if cfg.monitor.enabled and cfg.engine.generator != "inversion":
+        raise ConfigError(
+            f"config: monitor.enabled needs engine.generator inversion (it watches the optimisation), "
+            f"got {cfg.engine.generator!r}")
 
 
 def _check_zoo(zoo: ZooConfig) -> None:

@@ -26,6 +26,7 @@ from pipeline.budget.accounting import shard_accounting
 from pipeline.budget.refill import AttemptQueue
 from pipeline.config import Config
 from pipeline.engine.invert import InversionEngine, SampleRequest, sample_seed
+from pipeline.engine.monitor import MonitorScore
 from pipeline.engine.sample_sd import SamplingEngine
 from pipeline.io.lease import LeaseFence
 from pipeline.io.shards import PublishRetry, ShardSpec, ShardWriter, encode_image
@@ -126,34 +127,90 @@ class ShardProcessor:
         """Invert one batch, score each image, write one record per sample (in batch order)."""
         results = self.engine.run([p.request for p in batch])
         self.scorers.prepare({self.scorers.scorer_name(p.row.category) for p in batch})  # untimed model loads
+        return [self._result_record(spec, p, r, writer) for r, p in zip(results, batch)]
+
+    def _result_record(self, spec: ShardSpec, p: _Pending, r, writer: ShardWriter) -> SampleRecord:
+        """Score one engine result's image as stored, decide, write its record (and image)."""
+        data, s, score_s = (None, None, 0.0)
+        if r.error is None and r.image is not None:
+            data, s, score_s = self._encode_and_score(r.image, p)
+        monitored = {}
+        if r.exit_reason is not None:  # monitor.enabled (pipeline/engine/monitor.py)
+            best = r.best
+            won = r.iterations
+            if best is not None and not isinstance(s, Exception) and s is not None and best.score > s.score:
+                data, s = best.payload  # the best-scored checked iterate is the one stored
+                won = best.iteration
+            monitored = dict(exit_reason=r.exit_reason, monitor_trace=[dict(t) for t in r.monitor_trace],
+                             monitor_seconds=round(r.monitor_seconds, 3),
+                             best_iteration=won if self.cfg.monitor.best_iterate and r.error is None else None)
+        common = dict(
+            itm_score=r.itm_score, final_losses=dict(r.final_losses), iterations=r.iterations,
+            seconds=round(r.seconds + score_s, 3), score_seconds=round(score_s, 3),
+            referee_scores=dict(r.referee_scores), referee_skipped=dict(r.referee_skipped), **monitored,
+        )
+        p.request.seed = r.seed  # a restarted sample records the seed it finally used
+        if s is None or isinstance(s, Exception):
+            reason = r.error or f"scoring failed: {type(s).__name__}: {s}"
+            rec = self._record(spec, p, FAILED, error=reason[:500], **common)
+            writer.add(rec)
+            return rec
+        scorable = s.scorable
+        decision = decide(s.score, p.row.category, self.cfg.filter, p.row.template, scorable, s.scorer)
+        rec = self._record(
+            spec, p, ACCEPTED if decision.accepted else REJECTED, vqa_score=s.score,
+            error=None if scorable or decision.accepted else f"{s.note}; {_UNSCORABLE}",
+            vqa_questions=list(s.questions), vqa_answers=list(s.answers), threshold=decision.threshold,
+            scorer=s.scorer, score_parts=dict(s.parts),
+            **common,
+        )
+        writer.add(rec, data)
+        return rec
+
+    # ---- monitored runs (monitor.enabled): continuous batching, early exit, best iterate ----------
+    def _monitor_scores(self, images, requests: list[SampleRequest], pending: dict) -> list[MonitorScore]:
+        """The run's own scorer on each current image as it would be stored, with the sample's threshold.
+
+        The payload (stored bytes, judgement) is what best-iterate stores if this check wins."""
+        from PIL import Image
+
         out = []
-        for r, p in zip(results, batch):
-            data, s, score_s = (None, None, 0.0)
-            if r.error is None and r.image is not None:
-                data, s, score_s = self._encode_and_score(r.image, p)
-            common = dict(
-                itm_score=r.itm_score, final_losses=dict(r.final_losses), iterations=r.iterations,
-                seconds=round(r.seconds + score_s, 3), score_seconds=round(score_s, 3),
-                referee_scores=dict(r.referee_scores), referee_skipped=dict(r.referee_skipped),
-            )
-            p.request.seed = r.seed  # a restarted sample records the seed it finally used
-            if s is None or isinstance(s, Exception):
-                reason = r.error or f"scoring failed: {type(s).__name__}: {s}"
-                rec = self._record(spec, p, FAILED, error=reason[:500], **common)
-                writer.add(rec)
-            else:
-                scorable = s.scorable
-                decision = decide(s.score, p.row.category, self.cfg.filter, p.row.template, scorable, s.scorer)
-                rec = self._record(
-                    spec, p, ACCEPTED if decision.accepted else REJECTED, vqa_score=s.score,
-                    error=None if scorable or decision.accepted else f"{s.note}; {_UNSCORABLE}",
-                    vqa_questions=list(s.questions), vqa_answers=list(s.answers), threshold=decision.threshold,
-                    scorer=s.scorer, score_parts=dict(s.parts),
-                    **common,
-                )
-                writer.add(rec, data)
-            out.append(rec)
+        for image, req in zip(images, requests):
+            p = pending[(req.prompt_id, req.sample_index)]
+            data = encode_image(image, self.cfg.job.image_format)
+            try:
+                with Image.open(io.BytesIO(data)) as stored:
+                    j = self.scorers.judge(stored, p.row.prompt or "", p.row.category)
+            except Exception:  # noqa: BLE001 - a check that cannot score never exits the sample
+                out.append(MonitorScore(float("-inf"), None))
+                continue
+            threshold = decide(j.score, p.row.category, self.cfg.filter, p.row.template, j.scorable,
+                               j.scorer).threshold
+            out.append(MonitorScore(j.score, threshold if j.scorable else None, (data, j)))
         return out
+
+    def _stream_records(self, spec: ShardSpec, queue: AttemptQueue, writer: ShardWriter,
+                        progress: ProgressFn | None) -> None:
+        """Samples leave as they finish; each free slot takes the queue's next attempt, and a finished sample
+        resolves and refills the queue at once (the same order on every run: it depends only on scores)."""
+        pending: dict[tuple[str, int], _Pending] = {}
+
+        def feed(n: int) -> list[SampleRequest]:
+            batch = [self._pending(spec, i, k) for i, k in queue.next_batch(n)]
+            for p in batch:
+                pending[(p.request.prompt_id, p.request.sample_index)] = p
+            return [p.request for p in batch]
+
+        categories = {self.scorers.scorer_name(row.category) for row in spec.rows if row.status == "ok"}
+        self.scorers.prepare(categories)  # untimed model loads
+        self.engine.monitor_score = lambda images, reqs: self._monitor_scores(images, reqs, pending)
+        for r in self.engine.stream(feed):
+            p = pending.pop((r.request.prompt_id, r.request.sample_index))
+            rec = self._result_record(spec, p, r, writer)
+            queue.resolve(p.row_in_shard, rec.status == ACCEPTED)
+            queue.refill()
+            if progress:
+                progress(_counts([rec]))
 
     def process(self, spec: ShardSpec, fs: pafs.FileSystem, out: str, progress: ProgressFn | None = None,
                 fence: LeaseFence | None = None) -> ShardStats:
@@ -171,6 +228,8 @@ class ShardProcessor:
             if invalid and progress:
                 progress({INVALID_INPUT: len(invalid)})
             queue = self._queue(spec)
+            if self.cfg.monitor.enabled and isinstance(self.engine, InversionEngine):
+                self._stream_records(spec, queue, writer, progress)
             while len(queue):
                 batch = [self._pending(spec, i, k) for i, k in queue.next_batch(self.cfg.engine.batch_size)]
                 records = self._batch_records(spec, batch, writer)
@@ -180,11 +239,18 @@ class ShardProcessor:
                 if progress:
                     progress(_counts(records))
             writer.records.sort(key=lambda r: r.key)
-            accounting = shard_accounting(writer.records, spec.rows, queue.prompts)
+            accounting = shard_accounting(writer.records, spec.rows, queue.prompts, self._full_iterations())
             return writer.finish(len(spec.rows), time.perf_counter() - t0, self.config_hash, accounting,
                                  night=spec.night)
         finally:
             writer.close()
+
+
+    def _full_iterations(self) -> int | None:
+        """Iterations of a sample that runs them all (monitored runs' savings are counted against it)."""
+        if not self.cfg.monitor.enabled:
+            return None
+        return self.cfg.optim.iterations + self.cfg.optim.tail_iterations
 
 
 def _counts(records: list[SampleRecord]) -> dict[str, int]:

@@ -50,6 +50,8 @@ class ShardStats(SampleCounts):
     night: int = 0  # the invocation (run.json history entry) that made the shard; 0: before history existed
     # The run lease's token of the driver whose actor wrote the shard ("" before fencing existed).
     lease_token: str = ""
+    # monitor.enabled: per category what monitoring saved (pipeline/budget/accounting.py monitor_accounting)
+    monitor: dict[str, dict[str, Any]] = field(default_factory=dict)
     version: int = STATS_SCHEMA_VERSION
 
     @classmethod
@@ -112,4 +114,6 @@ class Summary(SampleCounts):
     nights: dict[str, dict[str, int]] = field(default_factory=dict)
     retired_prompts: int = 0  # --drop-removed: prompts left out of shards.txt, the card and the exports
     retired_accepted: int = 0  # their accepted samples (still in shards/*.tar, not listed)
+    # monitor.enabled: iterations saved, monitor overhead, seconds per accepted with and (estimated) without
+    monitor: dict[str, Any] = field(default_factory=dict)
     version: int = SUMMARY_SCHEMA_VERSION

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 SAMPLE_SCHEMA_VERSION = 5  # 2: benchmark_index, template; 3: score_seconds; 4: scorer, score_parts,
-# generator, referee_scores, referee_skipped; 5: night
+# generator, referee_scores, referee_skipped; 5: night, exit_reason, monitor_trace, best_iteration, monitor_seconds
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
@@ -78,6 +78,11 @@ class SampleRecord:
     extra: dict[str, Any] = field(default_factory=dict)
     generator: str = "inversion"  # engine.generator that made the image: inversion | sd_sampling
     night: int = 0  # the invocation of the run folder that made it (run.json history; 0: before history)
+    # With monitor.enabled (pipeline/engine/monitor.py); None / empty / 0 otherwise. `iterations` is what ran.
+    exit_reason: str | None = None  # completed | early_exit | failed
+    monitor_trace: list[dict[str, float]] = field(default_factory=list)  # {iteration: int, score: float} per check
+    best_iteration: int | None = None  # monitor.best_iterate: referee iterations of the stored iterate
+    monitor_seconds: float = 0.0  # of `seconds`, its share of the in-loop checks (decode + score)
     version: int = SAMPLE_SCHEMA_VERSION
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -92,6 +97,7 @@ JSON_TEXT = {"encoding": "json"}  # a sidecar string column that holds JSON; an 
 _STR_MAP = pa.map_(pa.string(), pa.string())
 _REFEREE_SCORE = pa.struct([("kind", pa.string()), ("score", pa.float64()), ("loss", pa.float64()),
                             ("weight", pa.float64())])
+_MONITOR_CHECK = pa.struct([("iteration", pa.int32()), ("score", pa.float64())])
 SIDECAR_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("shard", pa.int32()),
@@ -123,6 +129,10 @@ SIDECAR_SCHEMA = pa.schema([
     pa.field("extra", pa.string(), metadata=JSON_TEXT),  # the input's extra columns (an object in KEY.json)
     ("generator", pa.string()),
     ("night", pa.int32()),
+    ("exit_reason", pa.string()),
+    ("monitor_trace", pa.list_(_MONITOR_CHECK)),
+    ("best_iteration", pa.int32()),
+    ("monitor_seconds", pa.float64()),
     ("version", pa.int32()),
 ], metadata={"referee_synth_sample_schema": str(SAMPLE_SCHEMA_VERSION)})
 

@@ -29,9 +29,12 @@ def _empty() -> dict[str, Any]:
 
 
 def shard_accounting(
-    records: Iterable[SampleRecord], rows: list[PromptRow], prompts: list[PromptAttempts]
+    records: Iterable[SampleRecord], rows: list[PromptRow], prompts: list[PromptAttempts],
+    full_iterations: int | None = None,
 ) -> dict[str, Any]:
-    """The stats-marker fields: ``device_seconds``, ``categories`` and ``short`` (prompts short of target)."""
+    """The stats-marker fields: ``device_seconds``, ``categories`` and ``short`` (prompts short of target);
+    with ``full_iterations`` (a monitored run) also ``monitor`` (``monitor_accounting``)."""
+    records = list(records)
     cats: dict[str, dict[str, Any]] = {}
     for p in prompts:
         cats.setdefault(category_of(rows[p.row_in_shard].category), _empty())["prompts"] += 1
@@ -51,7 +54,67 @@ def shard_accounting(
          "row": rows[p.row_in_shard].row, "accepted": p.accepted, "tried": p.issued, "short_by": p.short_by}
         for p in prompts if p.short_by
     ]
-    return {"device_seconds": round(total, 3), "categories": cats, "short": short}
+    out = {"device_seconds": round(total, 3), "categories": cats, "short": short}
+    if full_iterations:
+        out["monitor"] = monitor_accounting(records, full_iterations)
+    return out
+
+
+_MONITOR_SUMS = ("samples", "accepted", "early_exits", "iterations_run", "iterations_full", "seconds",
+                 "monitor_seconds", "seconds_without")
+
+
+def monitor_accounting(records: Iterable[SampleRecord], full_iterations: int) -> dict[str, dict[str, float]]:
+    """Per category: what in-loop monitoring saved (``pipeline/engine/monitor.py``).
+
+    ``seconds_without`` estimates each sample's device time had it run all ``full_iterations``: its
+    optimisation time (less the checks) scaled by full / run iterations, plus its own final scoring. It
+    assumes the same samples accepted; the measured comparison at equal acceptance is benchmarks/early_exit.py.
+    """
+    cats: dict[str, dict[str, float]] = {}
+    for rec in records:
+        if rec.status not in _COUNTED or rec.exit_reason is None:
+            continue
+        c = cats.setdefault(category_of(rec.category), dict.fromkeys(_MONITOR_SUMS, 0))
+        optimise = max(rec.seconds - rec.score_seconds - rec.monitor_seconds, 0.0)
+        c["samples"] += 1
+        c["accepted"] += rec.status == ACCEPTED
+        c["early_exits"] += rec.exit_reason == "early_exit"
+        c["iterations_run"] += rec.iterations
+        c["iterations_full"] += full_iterations
+        c["seconds"] += rec.seconds
+        c["monitor_seconds"] += rec.monitor_seconds
+        c["seconds_without"] += rec.score_seconds + optimise * full_iterations / max(rec.iterations, 1)
+    return {name: {k: round(v, 3) if isinstance(v, float) else v for k, v in c.items()} for name, c in cats.items()}
+
+
+def _monitor_rates(c: dict[str, float]) -> dict[str, Any]:
+    acc = c["accepted"]
+    return {
+        **{k: round(v, 3) for k, v in c.items()},
+        "iterations_saved": round(c["iterations_full"] - c["iterations_run"], 3),
+        "iterations_saved_fraction": round(1 - c["iterations_run"] / c["iterations_full"], 4)
+        if c["iterations_full"] else None,
+        "monitor_overhead": round(c["monitor_seconds"] / c["seconds"], 4) if c["seconds"] else None,
+        "seconds_per_accepted": round(c["seconds"] / acc, 4) if acc else None,
+        "seconds_per_accepted_without": round(c["seconds_without"] / acc, 4) if acc else None,
+    }
+
+
+def run_monitor_accounting(stats: Iterable[Any]) -> dict[str, Any]:
+    """summary.json's ``monitor``: the markers' per-category sums, overall and per category, with the
+    iterations saved and seconds per accepted image with and (estimated) without monitoring. Empty when
+    no shard was monitored."""
+    cats: dict[str, dict[str, float]] = {}
+    for s in stats:
+        for name, c in (getattr(s, "monitor", None) or {}).items():
+            into = cats.setdefault(name, dict.fromkeys(_MONITOR_SUMS, 0))
+            for k in _MONITOR_SUMS:
+                into[k] += c.get(k, 0)
+    if not cats:
+        return {}
+    overall = {k: sum(c[k] for c in cats.values()) for k in _MONITOR_SUMS}
+    return {**_monitor_rates(overall), "categories": {n: _monitor_rates(c) for n, c in sorted(cats.items())}}
 
 
 def _rates(c: dict[str, Any], price: float) -> dict[str, Any]:
@@ -69,6 +132,7 @@ def _rates(c: dict[str, Any], price: float) -> dict[str, Any]:
 
 def run_accounting(stats: Iterable[Any], price: float, target: int, max_samples: int) -> dict[str, Any]:
     """The summary.json fields, from the complete shards' markers (``ShardStats``)."""
+    stats = list(stats)
     cats: dict[str, dict[str, Any]] = {}
     short: dict[str, list[dict[str, Any]]] = {}
     for s in stats:
@@ -92,4 +156,5 @@ def run_accounting(stats: Iterable[Any], price: float, target: int, max_samples:
         "categories": {name: _rates(c, price) for name, c in sorted(cats.items())},
         "short_prompts": {name: sorted(items, key=lambda i: i["row"]) for name, items in sorted(short.items())},
         "short_prompts_total": sum(len(v) for v in short.values()),
+        "monitor": run_monitor_accounting(stats),
     }

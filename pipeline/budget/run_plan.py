@@ -20,7 +20,7 @@ from collections import defaultdict
 from math import comb
 from typing import Any
 
-from pipeline.budget.accounting import category_of
+from pipeline.budget.accounting import NO_CATEGORY, category_of
 from pipeline.config import Config
 from pipeline.engine.flop_floor import floor_per_image
 from pipeline.errors import UserError
@@ -164,16 +164,59 @@ def compare_generators(rows: list[PromptRow], num_shards: int, cfg: Config,
     return out
 
 
-def rates_from_floor(cfg: Config) -> dict[str, Any]:
+def exit_fractions(runs: list[str], flag: str = "--from-run") -> dict[str, float]:
+    """Per category, the share of its full iterations a monitored earlier run's samples ran (summary.json's
+    ``monitor``: iterations run / iterations full, early exits included); categories of runs made without
+    monitoring are absent. Several runs are pooled."""
+    run_sum: dict[str, float] = defaultdict(float)
+    full_sum: dict[str, float] = defaultdict(float)
+    for run in runs:
+        fs, out = storage.filesystem_for(run)
+        path = storage.join(out, "summary.json")
+        if not storage.exists(fs, path):
+            raise UserError(f"{flag} {run}: no summary.json (not a finished run folder)")
+        try:
+            monitor = json.loads(storage.read_bytes(fs, path)).get("monitor") or {}
+        except ValueError:
+            raise UserError(f"{flag} {run}: summary.json is not valid JSON") from None
+        for name, c in (monitor.get("categories") or {}).items():
+            run_sum[name] += c.get("iterations_run", 0)
+            full_sum[name] += c.get("iterations_full", 0)
+    return {name: run_sum[name] / full_sum[name] for name in full_sum if full_sum[name] > 0}
+
+
+def rates_from_floor(cfg: Config, rows: list[PromptRow] | None = None,
+                     exits: dict[str, float] | None = None) -> dict[str, Any]:
+    """Seconds per sample from the FLOP floor, per category of ``rows``: its zoo referees, its scorer, the
+    monitor's checks and, with ``exits`` (``exit_fractions``), the iterations early exit leaves out."""
     c = cfg.cost
     floor = floor_per_image(cfg, c.plan_tflops, c.plan_efficiency)
+    per_category, flops = {}, {}
+    for name in sorted({category_of(r.category) for r in rows or [] if r.status == STATUS_OK}):
+        category = None if name == NO_CATEGORY else name
+        f = floor_per_image(cfg, c.plan_tflops, c.plan_efficiency, category, _joint_iterations(cfg, exits, name))
+        per_category[name] = (c.plan_acceptance_rate, f["seconds_per_image"])
+        flops[name] = f["flops_per_image"]
+    used = sorted(set(exits or {}) & set(per_category))
     source = {
-        "kind": "flop_floor", **floor, "acceptance_rate": c.plan_acceptance_rate,
+        "kind": "flop_floor", **floor, "acceptance_rate": c.plan_acceptance_rate, "flops_per_image_by_category": flops,
+        "exit_fractions": {k: round((exits or {})[k], 4) for k in used},
         "note": (f"FLOP floor of one image at the real model sizes ({floor['flops_per_image'] / 1e15:.2f} PFLOP) "
                  f"at {c.plan_tflops:g} TFLOP/s x efficiency {c.plan_efficiency:g}; acceptance rate "
-                 f"{c.plan_acceptance_rate:g} assumed (no --from-run)"),
+                 f"{c.plan_acceptance_rate:g} assumed (no --from-run)"
+                 + (f"; early exit as measured in --from-run for {', '.join(used)}" if used else "")),
     }
-    return {"source": source, "per_category": {}, "overall": (c.plan_acceptance_rate, floor["seconds_per_image"])}
+    overall = (c.plan_acceptance_rate, floor["seconds_per_image"])
+    return {"source": source, "per_category": per_category, "overall": overall}
+
+
+def _joint_iterations(cfg: Config, exits: dict[str, float] | None, name: str) -> float | None:
+    """Mean referee iterations per sample when early exit ran a fraction of a sample's iterations (the SDS tail
+    is always run); None: all of them."""
+    if not exits or name not in exits or not cfg.monitor.enabled or not cfg.monitor.early_exit:
+        return None
+    full = cfg.optim.iterations + cfg.optim.tail_iterations
+    return max(1.0, exits[name] * full - cfg.optim.tail_iterations)
 
 
 def _category_plan(rows: list[PromptRow], p: float, secs: float, cfg: Config) -> dict[str, Any]:

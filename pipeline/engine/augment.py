@@ -92,13 +92,15 @@ class ViewAugmenter(nn.Module):
         views = views + stds * torch.randn(views.shape, generator=gen, device=views.device)
         return views + self.cfg.noise_std * torch.randn(views.shape, generator=gen, device=views.device)
 
-    def forward(self, images: torch.Tensor, seeds: Sequence[int], iteration: int) -> torch.Tensor:
-        """[B, 3, H, W] images in [0, 1] -> [B, N, 3, S, S] CLIP-normalised views (float32)."""
+    def forward(self, images: torch.Tensor, seeds: Sequence[int], iteration: int | Sequence[int]) -> torch.Tensor:
+        """[B, 3, H, W] images in [0, 1] -> [B, N, 3, S, S] CLIP-normalised views (float32); ``iteration``
+        for the batch or per sample."""
         with torch.autocast(images.device.type, enabled=False):
             pooled = self.resize(images.float())
             out = []
             for b, seed in enumerate(seeds):
                 views = pooled[b : b + 1].expand(self.num_views, -1, -1, -1).contiguous()
-                views = self._noise(self._kornia(views, seed, iteration), seed, iteration)
+                it = iteration if isinstance(iteration, int) else iteration[b]
+                views = self._noise(self._kornia(views, seed, it), seed, it)
                 out.append(views)
             return self.normalize(torch.stack(out))

@@ -32,7 +32,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -40,6 +40,7 @@ import torch
 
 from pipeline.config import Config, OptimConfig
 from pipeline.engine.augment import ViewAugmenter
+from pipeline.engine.monitor import MonitorBest, MonitorFn
 from pipeline.engine.passes import autocast_for, balance_gradients, per_sample_norm, view_chunks
 from pipeline.engine.rng import generator, initial_latents, stable_seed
 from pipeline.engine.sds import SdsGuidance, cosine_schedule
@@ -82,6 +83,11 @@ class SampleResult:
     # others gave this sample weight 0. Empty with the paper's single referee.
     referee_scores: dict[str, dict] = field(default_factory=dict)
     referee_skipped: dict[str, str] = field(default_factory=dict)
+    # With monitor.enabled (pipeline/engine/monitor.py); None / empty otherwise.
+    exit_reason: str | None = None  # completed | early_exit | failed
+    monitor_trace: list[dict[str, float]] = field(default_factory=list)  # {iteration, score} per check
+    best: MonitorBest | None = None  # monitor.best_iterate: the best-scored checked iterate
+    monitor_seconds: float = 0.0  # of `seconds`, its share of the checks' decoding and scoring
 
 
 def sample_seed(run_seed: int, prompt_id: str, sample_index: int) -> int:
@@ -223,21 +229,27 @@ class InversionEngine:
         self.view_chunk = cfg.engine.view_chunk  # views per referee pass now; the OOM fallback lowers it
         self.oom_fallbacks: list[dict] = []  # one record per halving (iteration, old and new chunk)
         self._oom_rows: int | None = None
+        # monitor.enabled: scores a batch of current images (the caller's scorer); None = no monitoring
+        self.monitor_score: MonitorFn | None = None
         if self.device.type == "cuda" and cfg.engine.channels_last:
             models.vae.to(memory_format=torch.channels_last)
         if cfg.engine.compile:
             self._compile()
 
     def _compile(self) -> None:
-        """torch.compile the two big differentiable passes (the ViT and the VAE decoder).
+        """torch.compile the big differentiable passes: the VAE decoder, the BLIP-2 ViT and, with a zoo, every
+        referee's vision tower (CLIP's ViT, OWLv2's image encoder).
 
-        Not exercised by the CPU tests. The ViT's forward is patched on the shared model once.
+        Not exercised by the CPU tests. A vision tower's forward is patched on the shared model once.
         """
         self._decode_fn = torch.compile(self.models.vae.decode)
-        vit = self.models.referee.vision_model
-        if not getattr(vit, "_referee_synth_compiled", False):
-            vit.forward = torch.compile(vit.forward)
-            vit._referee_synth_compiled = True
+        towers = [self.models.referee.vision_model]
+        for ref in self.zoo.referees if self.zoo is not None else []:
+            towers += vision_towers(getattr(ref, "model", None))
+        for vit in towers:
+            if not getattr(vit, "_referee_synth_compiled", False):
+                vit.forward = torch.compile(vit.forward)
+                vit._referee_synth_compiled = True
 
     # ---- public API -------------------------------------------------------------------------
     def run(
@@ -250,7 +262,34 @@ class InversionEngine:
         inject = parse_nan_injection(os.environ.get(INJECT_NAN_ENV))
         oom_rows = os.environ.get(INJECT_OOM_ENV)
         self._oom_rows = int(oom_rows) if oom_rows else None
+        if self.cfg.monitor.enabled and self.monitor_score is not None:
+            return self._run_monitored(requests, inject, progress)
         return run_in_batches(requests, self.cfg.engine.batch_size, lambda b: self._run_batch(b, inject), progress)
+
+    def stream(self, feed: Callable[[int], list[SampleRequest]]) -> Iterator[SampleResult]:
+        """Monitored run with continuous batching (pipeline/engine/continuous.py): ``feed(n)`` gives up to n
+        more requests whenever slots are free; results come as samples finish. Scores with
+        ``monitor_score`` (set by the caller: the engine knows no scorer)."""
+        from pipeline.engine.continuous import ContinuousBatch
+
+        inject = parse_nan_injection(os.environ.get(INJECT_NAN_ENV))
+        oom_rows = os.environ.get(INJECT_OOM_ENV)
+        self._oom_rows = int(oom_rows) if oom_rows else None
+        return ContinuousBatch(self, self.monitor_score).run(feed, inject)
+
+    def _run_monitored(self, requests, inject, progress) -> list[SampleResult]:
+        queue = list(requests)
+
+        def feed(n: int) -> list[SampleRequest]:
+            taken, queue[:n] = queue[:n], []
+            return taken
+
+        by_request = {}
+        for result in self.stream(feed):
+            by_request[id(result.request)] = result
+            if progress is not None:
+                progress(1)
+        return [by_request[id(r)] for r in requests]
 
     # ---- batches and restarts ---------------------------------------------------------------
     def _run_batch(self, requests: Sequence[SampleRequest], inject) -> list[SampleResult]:
@@ -514,6 +553,16 @@ class InversionEngine:
         nan = torch.full_like(losses.total, math.nan)
         out = RefereeLosses(blip2.get("itm", nan), blip2.get("caption", nan), losses.total.float().cpu())
         return _Outcome(images.float().cpu(), out, list(batch.errors), iterations, traces, scores, text.skipped)
+
+
+def vision_towers(model) -> list[torch.nn.Module]:
+    """The vision encoders of a zoo referee's model (CLIP: vision_model; OWLv2: owlv2.vision_model)."""
+    out = []
+    for holder in (model, getattr(model, "owlv2", None)):
+        tower = getattr(holder, "vision_model", None)
+        if isinstance(tower, torch.nn.Module):
+            out.append(tower)
+    return out
 
 
 def _append_trace(traces: list[list[dict]], info: dict, iteration: int, errors: list[str | None]) -> None:

@@ -62,11 +62,12 @@ class SdsGuidance:
     def condition(self, prompt: str) -> torch.Tensor:
         return self.text_embedding(self.cfg.prefix + prompt)
 
-    def _draws(self, z: torch.Tensor, seeds: Sequence[int], iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample timestep and noise, each from the sample's own generator."""
+    def _draws(self, z: torch.Tensor, seeds: Sequence[int], iteration: int | Sequence[int]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample timestep and noise, each from the sample's own generator (and own iteration)."""
         ts, eps = [], []
         for b, seed in enumerate(seeds):
-            gen = generator(seed, "sds", iteration, device=z.device)
+            gen = generator(seed, "sds", per_sample(iteration, b), device=z.device)
             t = torch.randint(self.cfg.t_min, self.cfg.t_max + 1, (1,), generator=gen, device=z.device)
             ts.append(t)
             eps.append(torch.randn(z[b].shape, generator=gen, device=z.device, dtype=torch.float32))
@@ -86,11 +87,14 @@ class SdsGuidance:
         z: torch.Tensor,
         prompts: Sequence[str],
         seeds: Sequence[int],
-        iteration: int,
-        weight: float,
+        iteration: int | Sequence[int],
+        weight: float | Sequence[float],
         autocast: AbstractContextManager | None = None,
     ) -> torch.Tensor:
-        """SDS gradient wrt z (float32, same shape), already weighted and normalised."""
+        """SDS gradient wrt z (float32, same shape), already weighted and normalised.
+
+        ``iteration`` and ``weight`` are one value for the batch, or one per sample (samples at different
+        iterations: monitored runs, where a batch refills as samples exit)."""
         z = z.detach().float()
         t, eps = self._draws(z, seeds, iteration)
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -102,4 +106,12 @@ class SdsGuidance:
         e_u, e_c = pred.chunk(2)
         e = e_u + self.cfg.guidance_scale * (e_c - e_u)
         g = torch.nan_to_num(self.cfg.grad_scale * (e - eps), nan=0.0, posinf=0.0, neginf=0.0)
-        return g * (weight / self.cfg.normalizer)
+        if isinstance(weight, (int, float)):
+            return g * (weight / self.cfg.normalizer)
+        scale = torch.tensor([w / self.cfg.normalizer for w in weight], device=g.device, dtype=g.dtype)
+        return g * scale.view(-1, 1, 1, 1)
+
+
+def per_sample(value: int | Sequence[int], b: int) -> int:
+    """Sample b's iteration: one for the whole batch, or one per sample."""
+    return value if isinstance(value, int) else value[b]

@@ -111,13 +111,16 @@ class RefereeZoo:
         return views[torch.arange(b, device=views.device)[:, None], idx]
 
     def _views(self, r: int, images: torch.Tensor, idx: list[int] | None, seeds: Sequence[int],
-               iteration: int) -> torch.Tensor:
+               iteration: int | Sequence[int]) -> torch.Tensor:
         sub = images if idx is None else images[idx]
         sub_seeds = seeds if idx is None else [seeds[i] for i in idx]
+        if idx is not None and not isinstance(iteration, int):  # one iteration per sample
+            iteration = [iteration[i] for i in idx]
         return self.augmenters[r](sub, sub_seeds, iteration)
 
     # ---- the combined gradient ----------------------------------------------------------------
-    def grad(self, z: torch.Tensor, images: torch.Tensor, text: ZooText, seeds: Sequence[int], iteration: int,
+    def grad(self, z: torch.Tensor, images: torch.Tensor, text: ZooText, seeds: Sequence[int],
+             iteration: int | Sequence[int],
              g_sds: torch.Tensor, ratio: float, chunk: int, autocast: Callable[[], AbstractContextManager],
              guard: GuardFn) -> tuple[torch.Tensor, torch.Tensor, ZooLosses]:
         """(balanced referee gradient, raw gradient, losses) for latents z decoded to ``images``."""

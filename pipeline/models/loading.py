@@ -68,7 +68,8 @@ def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
 
 @dataclass
 class GeneratorModels:
-    """What the inversion engine needs: SD-1.5 parts and the BLIP-2 referee."""
+    """What the inversion engine needs: SD-1.5 parts and the BLIP-2 referee (None for engine.generator
+    sd_sampling, which never uses it: only SD-1.5 and the scorer are loaded)."""
 
     vae: Any
     unet: Any
@@ -112,15 +113,19 @@ def load_generator_models(cfg: Config) -> GeneratorModels:
     )
     clip_tok = _load("the CLIP tokenizer", sd_key, CLIPTokenizer.from_pretrained, sd, subfolder="tokenizer", **rev)
     scheduler = _load("the noise scheduler", sd_key, DDPMScheduler.from_pretrained, sd, subfolder="scheduler", **rev)
-    referee = _load("the BLIP-2 referee", ref_key, Blip2ForImageTextRetrieval.from_pretrained, src["referee"], **rev)
-    apply_post_layernorm_eps(referee)  # a converted LAVIS referee: ln_vision's eps differs from the ViT's
-    head = _load_caption_head(src["referee"], rev)
-    ref_tok = _load("the BLIP-2 tokenizer", ref_key, AutoTokenizer.from_pretrained, src["referee"], **rev)
-    if ref_tok.bos_token != "[DEC]":
-        # LAVIS adds [DEC] as BOS on top of bert-base-uncased; a plain BERT tokenizer lacks it.
-        ref_tok.add_special_tokens({"bos_token": "[DEC]"})
+    referee = head = ref_tok = None
+    if cfg.engine.generator != "sd_sampling":  # plain sampling never calls the referee: no memory, no start-up
+        referee = _load("the BLIP-2 referee", ref_key, Blip2ForImageTextRetrieval.from_pretrained, src["referee"],
+                        **rev)
+        apply_post_layernorm_eps(referee)  # a converted LAVIS referee: ln_vision's eps differs from the ViT's
+        head = _load_caption_head(src["referee"], rev)
+        ref_tok = _load("the BLIP-2 tokenizer", ref_key, AutoTokenizer.from_pretrained, src["referee"], **rev)
+        if ref_tok.bos_token != "[DEC]":
+            # LAVIS adds [DEC] as BOS on top of bert-base-uncased; a plain BERT tokenizer lacks it.
+            ref_tok.add_special_tokens({"bos_token": "[DEC]"})
     for module in (vae, unet, text_encoder, referee, head):
-        _freeze(module, device, dtype)
+        if module is not None:
+            _freeze(module, device, dtype)
     return GeneratorModels(
         vae=vae, unet=unet, text_encoder=text_encoder, clip_tokenizer=clip_tok, scheduler=scheduler,
         referee=referee, caption_head=head, referee_tokenizer=ref_tok, device=device, dtype=dtype,
