@@ -67,10 +67,11 @@ def _mismatch(old: dict[str, Any], new: RunInfo, with_input: bool = True) -> str
     return None
 
 
-def check_run(fs: pafs.FileSystem, out: str, info: RunInfo, force: bool, output_uri: str) -> dict[str, Any] | None:
+def check_run(fs: pafs.FileSystem, out: str, info: RunInfo, force: bool, output_uri: str,
+              with_input: bool = False) -> dict[str, Any] | None:
     """The earlier run.json when this folder continues a run with the same configuration (resume or
-    append), None for a new run; a different configuration is refused unless ``force`` (which clears the
-    earlier run). Writes nothing else."""
+    append; with ``with_input``, the same input too), None for a new run; a different one is refused
+    unless ``force`` (which clears the earlier run). Writes nothing else."""
     path = storage.join(out, "run.json")
     fs.create_dir(storage.join(out, SHARDS_DIR), recursive=True)
     if not storage.exists(fs, path):
@@ -79,7 +80,7 @@ def check_run(fs: pafs.FileSystem, out: str, info: RunInfo, force: bool, output_
         old = json.loads(storage.read_bytes(fs, path))
     except ValueError:
         old = {}
-    problem = _mismatch(old, info, with_input=False)
+    problem = _mismatch(old, info, with_input=with_input)
     if problem and not force:
         raise UserError(
             f"output {output_uri} holds a run whose {problem.split(' ', 1)[1]}; "
@@ -97,27 +98,11 @@ def write_run_info(fs: pafs.FileSystem, out: str, info: RunInfo) -> None:
 
 def prepare_run(fs: pafs.FileSystem, out: str, info: RunInfo, force: bool, output_uri: str) -> bool:
     """Write or check ``run.json`` for a fixed input (no placement). Returns True when this resumes an earlier run."""
-    path = storage.join(out, "run.json")
-    fs.create_dir(storage.join(out, SHARDS_DIR), recursive=True)
-    resumed = False
-    if storage.exists(fs, path):
-        try:
-            old = json.loads(storage.read_bytes(fs, path))
-        except ValueError:
-            old = {}
-        problem = _mismatch(old, info)
-        if problem and not force:
-            raise UserError(
-                f"output {output_uri} holds a run whose {problem.split(' ', 1)[1]}; "
-                "use a new --output, or --force to redo every shard with the new settings"
-            )
-        if problem:
-            _clear_old_run(fs, out)
-        else:
-            info.created_at = old.get("created_at", info.created_at)
-            resumed = True
+    old = check_run(fs, out, info, force, output_uri, with_input=True)
+    if old is not None:
+        info.created_at = old.get("created_at", info.created_at)
     write_run_info(fs, out, info)
-    return resumed
+    return old is not None
 
 
 # Outputs of a whole run that readers find by name; --force removes them with the old shards.
