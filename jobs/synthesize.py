@@ -95,7 +95,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.threshold is not None:
         if not math.isfinite(args.threshold):  # NaN would pass no score and fail no range check
             raise UserError(f"--threshold must be a finite number, got {args.threshold}")
-        sets += [f"filter.default_threshold={args.threshold}", "filter.thresholds={}"]
+        sets += [f"filter.default_threshold={args.threshold}", "filter.thresholds={}", "filter.inferred={}"]
     cfg = load_config(args.config, sets)
     if args.max_samples is not None and not cfg.job.target_accepted:
         print("warning: --max-samples has no effect without --target-accepted (job.target_accepted is 0): "
