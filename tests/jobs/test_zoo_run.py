@@ -103,4 +103,5 @@ def test_the_run_still_loads_with_datasets(zoo_run, tmp_path, monkeypatch) -> No
     for row in ds:
         want = dict(rows[row["__key__"]]["referee_scores"])
         got = {k: v for k, v in row["json"]["referee_scores"].items() if v is not None}
-        assert set(got) == set(want) and got["blip2"]["score"] == want["blip2"]["score"]
+        # datasets' Json feature round-trips floats through ujson at about 10 significant digits.
+        assert set(got) == set(want) and got["blip2"]["score"] == pytest.approx(want["blip2"]["score"], rel=1e-9)

@@ -47,6 +47,7 @@ def _process(cfg, generator_models, vqa_models, out, n=2) -> tuple[list[dict], o
     fs.create_dir(f"{root}/shards", recursive=True)
     stats = ShardProcessor(cfg, generator_models, vqa_models, {"vqa": "tiny"}).process(ShardSpec(0, _rows(cfg, n)), fs,
                                                                                         root)
+    (Path(root) / "run.json").write_text(json.dumps({"config_hash": cfg.hash()}))  # as the driver writes it
     return pq.read_table(shard_paths(root, 0)["parquet"]).to_pylist(), stats
 
 
