@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -95,12 +96,12 @@ class _FileHandler(_Handler):
 
 
 @contextmanager
-def file_server(files: dict[str, bytes], faults: dict[str, list] | None = None) -> Iterator[tuple[str, Served]]:
-    """(base URL, record) of a server holding ``files`` (URL path -> bytes) with scripted ``faults``."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FileHandler)
+def _serving(handler: type, **state: Any) -> Iterator[tuple[str, Served]]:
+    """(base URL, record) of a threaded server on 127.0.0.1 whose handler reads ``state`` off the server."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
-    server.files = files
-    server.faults = {k: deque(v) for k, v in (faults or {}).items()}
+    for name, value in state.items():
+        setattr(server, name, value)
     server.served = Served()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -109,6 +110,13 @@ def file_server(files: dict[str, bytes], faults: dict[str, list] | None = None) 
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def file_server(files: dict[str, bytes], faults: dict[str, list] | None = None) -> Iterator[tuple[str, Served]]:
+    """(base URL, record) of a server holding ``files`` (URL path -> bytes) with scripted ``faults``."""
+    with _serving(_FileHandler, files=files, faults={k: deque(v) for k, v in (faults or {}).items()}) as served:
+        yield served
 
 
 # --- a stub Hugging Face hub --------------------------------------------------------------------------------
@@ -213,17 +221,8 @@ class _HubHandler(_Handler):
 @contextmanager
 def stub_hub(repos: dict[str, StubRepo]) -> Iterator[tuple[str, Served]]:
     """(HF_ENDPOINT, record) of a stub hub serving ``repos``."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _HubHandler)
-    server.daemon_threads = True
-    server.repos = repos
-    server.served = Served()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", server.served
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _serving(_HubHandler, repos=repos) as served:
+        yield served
 
 
 def folder_files(folder: Path, prefix: str = "") -> dict[str, bytes]:
