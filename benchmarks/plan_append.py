@@ -29,7 +29,8 @@ t0 = time.perf_counter()
 cpu = time.process_time
 from pipeline.io.nightly import NightOptions, commit_night, plan_night
 from pipeline.io.storage import filesystem_for
-from schemas.prompts import read_prompt_tables, validate_rows
+from pipeline.io.prompt_files import read_prompt_tables
+from schemas.prompts import validate_rows
 t_import, c_import = time.perf_counter(), cpu()
 files, tables = read_prompt_tables({prompts!r})
 rows = validate_rows(tables, 1, 1000, 200)

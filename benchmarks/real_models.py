@@ -107,8 +107,8 @@ def build_real_models(device: str | torch.device = "meta", dtype: torch.dtype = 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import Blip2ForImageTextRetrieval, BlipForQuestionAnswering, CLIPTextModel
 
+    from pipeline.models.caption_head import Blip2CaptionHead, Blip2CaptionHeadConfig
     from pipeline.models.quiet import quiet_library_logs
-    from pipeline.referees.caption_head import Blip2CaptionHead, Blip2CaptionHeadConfig
 
     quiet_library_logs()
     with torch.device(device):

@@ -53,9 +53,9 @@ def needs_of(cfg: Config) -> list[Need]:
     """The models a run of ``cfg`` can load, by the config key naming each (none for the tiny / small sets):
     the SD-1.5 parts and the referee; the VQA model, CLIP and the detector when a category the config routes is
     scored with them (every routed category: the prompts are not known here); the zoo's referees."""
+    from pipeline.models.sources import expand, is_local_path
     from pipeline.referees.registry import REFEREE_KINDS
     from pipeline.scoring.routing import models_needed
-    from pipeline.scoring.scorer_record import expand, is_local_path
 
     m, s = cfg.models, cfg.scoring
     if m.tiny or m.small:

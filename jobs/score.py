@@ -323,9 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_output(args.output)
     from pipeline.config import load_config
+    from pipeline.models.lora_files import resolve_lora
     from pipeline.scoring.scorer_record import check_vqa_source, describe
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = resolve_lora(load_config(args.config, args.overrides))
     check_vqa_source(cfg)
     if args.images is not None:
         samples, source = folder_samples(args.images, args.category, args.prompt_split), str(args.images)

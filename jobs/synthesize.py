@@ -38,6 +38,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 from jobs.cli import EXIT_FAILED, EXIT_OK, fail, run_main  # noqa: E402
 from pipeline.config import GENERATORS, MODEL_KEYS, Config, load_config  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
+from pipeline.models.lora_files import resolve_lora  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Environment the actors need to see as the driver does (debug hooks, model cache, hub settings).
@@ -96,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if not math.isfinite(args.threshold):  # NaN would pass no score and fail no range check
             raise UserError(f"--threshold must be a finite number, got {args.threshold}")
         sets += [f"filter.default_threshold={args.threshold}", "filter.thresholds={}", "filter.inferred={}"]
-    cfg = load_config(args.config, sets)
+    cfg = resolve_lora(load_config(args.config, sets))
     if args.max_samples is not None and not cfg.job.target_accepted:
         print("warning: --max-samples has no effect without --target-accepted (job.target_accepted is 0): "
               "each prompt makes exactly --samples-per-prompt samples", file=sys.stderr)
@@ -324,8 +325,9 @@ def check_paths(prompts: str, output: str) -> None:
 
 def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     from pipeline.io import storage
+    from pipeline.io.prompt_files import fingerprint, read_prompt_tables
     from pipeline.scoring.scorer_record import check_vqa_source
-    from schemas.prompts import fingerprint, read_prompt_tables, validate_rows
+    from schemas.prompts import validate_rows
 
     check_paths(args.prompts, args.output)
     storage.configure(cfg.job)
@@ -400,8 +402,9 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
     )
     from pipeline.io import storage
     from pipeline.io.nightly import pending_work
+    from pipeline.io.prompt_files import read_prompt_tables
     from pipeline.io.shards import plan_shards
-    from schemas.prompts import read_prompt_tables, validate_rows
+    from schemas.prompts import validate_rows
 
     _, tables = read_prompt_tables(args.prompts)
     rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars,
@@ -458,7 +461,7 @@ def _lora_id(cfg: Config) -> dict[str, str]:
     """sampling.lora, in every sample's model_ids (its weights' digest is in the config hash too)."""
     if not cfg.sampling.lora:
         return {}
-    from pipeline.finetune.lora_files import lora_label
+    from pipeline.models.lora_files import lora_label
 
     return {"lora": lora_label(cfg.sampling.lora)}
 
@@ -562,6 +565,7 @@ def _finish_held(plan: dict[str, Any], cfg: Config, failed: dict[int, str], retr
 
 
 def _finish(plan: dict[str, Any], cfg: Config, failed: dict[int, str], retries: int, wall: float) -> int:
+    from pipeline.budget.accounting import run_accounting
     from pipeline.io.nightly import finish_night
     from pipeline.io.retired import dataset_shards
     from pipeline.io.run_folder import complete_stats, summarize, write_card, write_index, write_summary
@@ -572,8 +576,10 @@ def _finish(plan: dict[str, Any], cfg: Config, failed: dict[int, str], retries: 
     stats = complete_stats(fs, out, list(range(num_shards)), info.config_hash)
     listed = dataset_shards(fs, out, stats, night.placement)
     retired = len(night.placement.retired_ids())
+    accounting = run_accounting(stats, cfg.cost.gpu_hour_price, cfg.job.target_accepted,
+                                cfg.job.max_samples_per_prompt)
     summary = summarize(fs, out, num_shards, list(failed), wall, retries, plan["skipped"], plan["scorer"],
-                        cfg, stats, listed, retired)
+                        accounting, stats, listed, retired)
     try:
         write_summary(fs, out, summary)
         write_index(fs, out, plan["output_uri"], listed)

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.referee_kinds import REFEREE_KINDS
+
 CONFIG_VERSION = 1
 
 
@@ -289,6 +291,7 @@ class SamplingConfig:
     # A LoRA folder written by `referee-synth finetune` (local or s3://), loaded with diffusers'
     # load_lora_weights; "" = the base model. The hash holds its weights' digest, not its path.
     lora: str = ""
+    lora_sha256: str = ""  # the weights' digest, filled by the job (pipeline.models.lora_files.resolve_lora)
 
 
 @dataclass
@@ -517,11 +520,12 @@ def _generator_hash_keys(data: dict[str, Any], generator: str) -> None:
     for name in sections:
         data.pop(name, None)
     if "sampling" in data:
-        lora = data["sampling"].pop("lora", "")
+        lora, digest = data["sampling"].pop("lora", ""), data["sampling"].pop("lora_sha256", "")
+        if lora and not digest:
+            raise ConfigError(f"config: sampling.lora {lora!r}: its weights' digest was not read "
+                              f"(pipeline.models.lora_files.resolve_lora)")
         if lora:  # no LoRA: the hash of a run made before sampling.lora existed
-            from pipeline.finetune.lora_files import lora_digest
-
-            data["sampling"]["lora_sha256"] = lora_digest(lora)
+            data["sampling"]["lora_sha256"] = digest
     if generator == "inversion":
         data["engine"].pop("generator", None)
 
@@ -674,8 +678,6 @@ def _check_cross_fields(cfg: Config) -> None:
 
 
 def _check_zoo(zoo: ZooConfig) -> None:
-    from pipeline.referees.registry import REFEREE_KINDS  # names only: no torch
-
     names = set()
     for i, spec in enumerate(zoo.referees):
         if spec.kind not in REFEREE_KINDS:

@@ -19,16 +19,11 @@ from collections.abc import Callable, Sequence
 
 import kornia.augmentation as K
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import AugmentConfig
 from pipeline.engine.rng import generator, seeded_global_cpu_rng
-
-
-def pool_to(images: torch.Tensor, size: int) -> torch.Tensor:
-    """(adaptive avg pool + adaptive max pool) / 2 of the whole image (the authors' cutouts)."""
-    return (F.adaptive_avg_pool2d(images, size) + F.adaptive_max_pool2d(images, size)) / 2
+from pipeline.pooling import pool_to
 
 
 class ViewAugmenter(nn.Module):

@@ -96,7 +96,7 @@ def load_lora(pipe: Any, folder: str) -> None:
     import tempfile
 
     from pipeline.errors import ModelLoadError
-    from pipeline.finetune.lora_files import local_lora_folder
+    from pipeline.models.lora_files import local_lora_folder
 
     with tempfile.TemporaryDirectory(prefix="lora-") as tmp:
         try:

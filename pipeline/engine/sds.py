@@ -9,6 +9,7 @@ are computed once per prompt and cached.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -16,7 +17,6 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 from pipeline.config import SdsConfig
-from pipeline.engine.lru import LruCache
 from pipeline.engine.rng import generator
 from pipeline.models.loading import GeneratorModels
 
@@ -41,7 +41,8 @@ class SdsGuidance:
         scheduler = models.scheduler
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.prediction_type = scheduler.config.prediction_type
-        self._cache: LruCache[torch.Tensor] = LruCache(_PROMPT_CACHE_SIZE)
+        # Per prompt, bounded: long-lived actors see unbounded streams of prompts.
+        self._cache = functools.lru_cache(maxsize=_PROMPT_CACHE_SIZE)(self._encode)
 
     def weight(self, iteration: int, total: int) -> float:
         """The SDS weight: cosine ``weight_start`` -> ``weight_end`` over the whole run."""
@@ -57,7 +58,7 @@ class SdsGuidance:
 
     def text_embedding(self, text: str) -> torch.Tensor:
         """[77, D] CLIP embedding of a text, cached (LRU)."""
-        return self._cache.get(text, self._encode)
+        return self._cache(text)
 
     def condition(self, prompt: str) -> torch.Tensor:
         return self.text_embedding(self.cfg.prefix + prompt)

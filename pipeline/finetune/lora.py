@@ -15,7 +15,7 @@ import torch
 
 from pipeline.config import FinetuneConfig
 from pipeline.engine.rng import seeded_global_cpu_rng
-from pipeline.finetune.lora_files import LORA_FILE
+from pipeline.models.lora_files import LORA_FILE
 
 ADAPTER = "gors"
 

@@ -13,9 +13,9 @@ from pipeline.config import Config
 from pipeline.finetune.data import RunInventory
 from pipeline.finetune.loop import FinetuneLoop
 from pipeline.finetune.lora import adapted_layers, save_lora
-from pipeline.finetune.lora_files import CARD_JSON, CARD_MD, LORA_FILE
 from pipeline.finetune.record import objective_record
 from pipeline.io import storage
+from pipeline.models.lora_files import CARD_JSON, CARD_MD, LORA_FILE
 
 LOSS_CSV = "loss.csv"
 LOSS_PNG = "loss.png"

@@ -42,7 +42,7 @@ class FinetuneSpec:
 def base_model_source(cfg: Config) -> tuple[str, dict[str, str]]:
     """(id or folder, from_pretrained revision kwargs) of the model to finetune."""
     from pipeline.models.loading import model_sources
-    from pipeline.scoring.scorer_record import expand
+    from pipeline.models.sources import expand
 
     m = cfg.models
     if m.tiny or m.small:  # the set's SD stand-in, whatever base_model says

@@ -10,7 +10,6 @@ from typing import Any
 import pyarrow.fs as pafs
 import yaml
 
-from pipeline.budget.accounting import run_accounting
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.io import storage
@@ -145,11 +144,12 @@ def complete_stats(fs: pafs.FileSystem, out: str, shards: list[int], config_hash
 
 def summarize(
     fs: pafs.FileSystem, out: str, num_shards: int, failed: list[int], wall: float, retries: int, skipped: int,
-    scorer: dict[str, Any] | None = None, cfg: Config | None = None, stats: list[ShardStats] | None = None,
-    listed: list[ListedShard] | None = None, retired_prompts: int = 0,
+    scorer: dict[str, Any] | None = None, accounting: dict[str, Any] | None = None,
+    stats: list[ShardStats] | None = None, listed: list[ListedShard] | None = None, retired_prompts: int = 0,
 ) -> Summary:
-    """Totals from the complete shards' markers (every night's); with ``cfg``, its target and device-hour
-    price; with ``listed`` (the dataset's tars after retirements), the accepted samples retired prompts hold."""
+    """Totals from the complete shards' markers (every night's); ``accounting``: the cost fields the caller
+    worked out from the same markers (``pipeline.budget.accounting.run_accounting``); with ``listed`` (the
+    dataset's tars after retirements), the accepted samples retired prompts hold."""
     if stats is None:
         stats = scan_shards(fs, out, run_config_hash(fs, out, out), list(range(num_shards))).complete
     done = {s.shard for s in stats}
@@ -159,7 +159,7 @@ def summarize(
         shards_total=num_shards, shards_completed=len(done), shards_failed=sorted(failed),
         wall_seconds=round(wall, 3), images_per_hour=round(3600 * generated / wall, 1) if wall > 0 else 0.0,
         finished_at=now(), retries=retries, skipped_shards=skipped, scorer=dict(scorer or {}), **total,
-        **_accounting(stats, cfg), nights=per_night(stats), retired_prompts=retired_prompts,
+        **(accounting or {}), nights=per_night(stats), retired_prompts=retired_prompts,
         retired_accepted=total["accepted"] - sum(x.accepted for x in listed) if listed is not None else 0,
     )
 
@@ -173,12 +173,6 @@ def per_night(stats: list[ShardStats]) -> dict[str, dict[str, int]]:
         for k in COUNT_FIELDS:
             acc[k] += getattr(s, k)
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
-
-
-def _accounting(stats: list[ShardStats], cfg: Config | None) -> dict[str, Any]:
-    price = cfg.cost.gpu_hour_price if cfg else 0.0
-    target, most = (cfg.job.target_accepted, cfg.job.max_samples_per_prompt) if cfg else (0, 0)
-    return run_accounting(stats, price, target, most)
 
 
 def write_summary(fs: pafs.FileSystem, out: str, summary: Summary) -> None:

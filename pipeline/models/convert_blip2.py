@@ -10,7 +10,7 @@ and separate query FFNs), ``Qformer.cls.predictions.*`` (the LM head), ``itm_hea
 apart by their keys, never by file names. The result is:
 
     OUT/config.json, OUT/model.safetensors   transformers Blip2ForImageTextRetrieval
-    OUT/caption_head/                         pipeline.referees.caption_head.Blip2CaptionHead
+    OUT/caption_head/                         pipeline.models.caption_head.Blip2CaptionHead
     OUT/tokenizer files                       bert-base-uncased + [DEC] as BOS (LAVIS's tokenizer)
 
 The architecture is read from the tensor shapes; attention heads, which shapes cannot tell,
@@ -269,7 +269,7 @@ def build_models(state: dict[str, torch.Tensor], path: Path, base: Any = None) -
     Under ``torch.device("meta")`` this checks a full-size key set without allocating memory."""
     from transformers import Blip2ForImageTextRetrieval
 
-    from pipeline.referees.caption_head import Blip2CaptionHead, Blip2CaptionHeadConfig
+    from pipeline.models.caption_head import Blip2CaptionHead, Blip2CaptionHeadConfig
 
     config = infer_config(state, path, base)
     referee_state, head_state = split_state(state, path)

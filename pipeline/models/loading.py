@@ -17,11 +17,11 @@ import torch
 
 from pipeline.config import MODEL_KEYS, Config, ModelsConfig
 from pipeline.errors import ModelLoadError
+from pipeline.models.caption_head import Blip2CaptionHead
 from pipeline.models.convert_blip2 import apply_post_layernorm_eps
 from pipeline.models.quiet import quiet_library_logs
+from pipeline.models.sources import expand
 from pipeline.models.tiny import small_sources, tiny_sources
-from pipeline.referees.caption_head import Blip2CaptionHead
-from pipeline.scoring.scorer_record import expand
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

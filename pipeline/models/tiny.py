@@ -172,7 +172,7 @@ def _build_referee(folder: Path, bert) -> None:
     import torch
     from transformers import Blip2ForImageTextRetrieval
 
-    from pipeline.referees.caption_head import Blip2CaptionHead, Blip2CaptionHeadConfig
+    from pipeline.models.caption_head import Blip2CaptionHead, Blip2CaptionHeadConfig
 
     # Draw the RNG exactly as tiny-v1 did, so every other tiny model keeps its tiny-v1 weights;
     # the tiny-v2 referee itself comes from a fork of the RNG.
@@ -367,7 +367,7 @@ def _build_small_sd(folder: Path, clip_tokenizer) -> None:
 def _build_small_referee(folder: Path, bert) -> None:
     from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
-    from pipeline.referees.caption_head import Blip2CaptionHead, Blip2CaptionHeadConfig
+    from pipeline.models.caption_head import Blip2CaptionHead, Blip2CaptionHeadConfig
 
     vit, qf = SMALL_SIZES["vit"], SMALL_SIZES["qformer"]
     cfg = Blip2Config(

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from pipeline.config import Config, RefereeSpec
-from pipeline.engine.augment import pool_to
+from pipeline.pooling import pool_to
 
 
 class Rows(Protocol):

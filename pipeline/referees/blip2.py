@@ -12,6 +12,7 @@ prompts in one batch stay independent.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import RefereeConfig
-from pipeline.engine.lru import LruCache
 from pipeline.models.loading import GeneratorModels
 from pipeline.referees.base import EncodedPrompts, RefereeContext, ViewLosses, ZooReferee
 
@@ -108,7 +108,7 @@ class Referee:
         self.bos_id: int = self.tokenizer.bos_token_id
         self.pad_id: int = self.tokenizer.pad_token_id
         self._strip = re.compile("[" + re.escape(cfg.strip_chars) + "]") if cfg.strip_chars else None
-        self._ids: LruCache[list[int]] = LruCache(_PROMPT_CACHE_SIZE)
+        self._ids = functools.lru_cache(maxsize=_PROMPT_CACHE_SIZE)(self._tokenize)  # bounded: endless prompts
 
     # ---- text -------------------------------------------------------------------------------
     def clean(self, text: str) -> str:
@@ -120,9 +120,10 @@ class Referee:
 
     def token_ids(self, prompt: str) -> list[int]:
         """``[CLS] ... [SEP]`` ids of a prompt, at most ``max_tokens``; computed once per prompt."""
-        return self._ids.get(
-            prompt, lambda p: self.tokenizer(self.clean(p), truncation=True, max_length=self.cfg.max_tokens).input_ids
-        )
+        return self._ids(prompt)
+
+    def _tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer(self.clean(prompt), truncation=True, max_length=self.cfg.max_tokens).input_ids
 
     def encode(self, prompts: Sequence[str]) -> TextBatch:
         """Ids of several prompts, padded to the longest of them (padding per batch)."""

@@ -8,12 +8,12 @@ The match score of the final image is max(cosine, 0) (CLIPScore with w = 1).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.engine.lru import LruCache
 from pipeline.models.loading import DTYPES, load_clip
 from pipeline.referees.base import EncodedPrompts, RefereeContext, TensorRows, ViewLosses, ZooReferee
 
@@ -26,7 +26,7 @@ class ClipReferee(ZooReferee):
     def __init__(self, ctx: RefereeContext) -> None:
         super().__init__(ctx)
         self._adopt(load_clip(ctx.cfg.models, ctx.model_id, DTYPES[ctx.cfg.models.dtype]))
-        self._cache: LruCache[torch.Tensor] = LruCache(_CACHE_SIZE)
+        self._cache = functools.lru_cache(maxsize=_CACHE_SIZE)(self._embed_text)  # bounded: endless prompts
 
     @torch.no_grad()
     def _embed_text(self, prompt: str) -> torch.Tensor:
@@ -35,7 +35,7 @@ class ClipReferee(ZooReferee):
         return F.normalize(out.float(), dim=-1)[0]
 
     def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
-        emb = torch.stack([self._cache.get(p, self._embed_text) for p in prompts])
+        emb = torch.stack([self._cache(p) for p in prompts])
         return EncodedPrompts(TensorRows({"text": emb}), [None] * len(prompts))
 
     def cosine(self, pixels: torch.Tensor, rows: TensorRows) -> torch.Tensor:

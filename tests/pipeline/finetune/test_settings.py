@@ -6,6 +6,7 @@ import pytest
 
 from pipeline.config import ConfigError, load_config, preset_path
 from pipeline.finetune.record import GORS_BASE, objective_record
+from pipeline.models.lora_files import resolve_lora
 
 
 def _gors(*extra: str, sd2: bool = False):
@@ -49,7 +50,7 @@ def test_sampling_lora_is_hashed_by_its_weights_and_needs_sd_sampling(tmp_path) 
 
     def h(lora: str) -> str:
         sets = ["engine.generator=sd_sampling"] + ([f"sampling.lora={lora}"] if lora else [])
-        return load_config(overrides=sets).hash()
+        return resolve_lora(load_config(overrides=sets)).hash()
 
     assert h(str(tmp_path / "a")) == h(str(tmp_path / "b")) != h(str(tmp_path / "c"))
     assert h("") not in (h(str(tmp_path / "a")), h(str(tmp_path / "c")))

@@ -44,7 +44,7 @@ def build_bert(folder: Path) -> Path:
 def _blip2(vocab: int) -> tuple[dict[str, bytes], torch.Tensor]:
     from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
-    from pipeline.referees.caption_head import Blip2CaptionHead, Blip2CaptionHeadConfig
+    from pipeline.models.caption_head import Blip2CaptionHead, Blip2CaptionHeadConfig
 
     cfg = Blip2Config(
         vision_config=dict(hidden_size=88, intermediate_size=96, num_hidden_layers=2, num_attention_heads=1,

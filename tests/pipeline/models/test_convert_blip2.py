@@ -115,7 +115,7 @@ def _save_bare(tmp_path: Path, state: dict[str, torch.Tensor], name: str) -> Pat
 def test_round_trip_through_the_lavis_layout(tmp_path, source, tiny_referee_dir, tiny_cfg) -> None:
     from transformers import AutoTokenizer, Blip2ForImageTextRetrieval
 
-    from pipeline.referees.caption_head import Blip2CaptionHead
+    from pipeline.models.caption_head import Blip2CaptionHead
 
     referee, head = source
     lavis = _to_lavis(referee, head)

@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Any
 
-from pipeline.config import ConfigError
+from pipeline.config import Config, ConfigError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes and loads
 CARD_JSON = "finetune.json"  # what made it: runs, config hashes, steps, the objective's record
@@ -50,3 +50,10 @@ def lora_card(folder: str) -> dict[str, Any]:
         return json.loads(_read(folder, CARD_JSON))
     except ConfigError:
         return {}
+
+
+def resolve_lora(cfg: Config) -> Config:
+    """Fill ``sampling.lora_sha256`` from the weights ``sampling.lora`` names (the config hash holds the digest,
+    not the path); the job resolves it once, so workers hash the same weights the driver read."""
+    cfg.sampling.lora_sha256 = lora_digest(cfg.sampling.lora) if cfg.sampling.lora else ""
+    return cfg
