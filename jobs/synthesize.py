@@ -155,7 +155,7 @@ def metrics_tag(output: str) -> str:
 
 class RunMetrics:
     """Prometheus metrics through ray.util.metrics, tagged with the run's output (Ray's metrics agent exports
-    them with a ``ray_`` prefix, e.g. ``ray_referee_synth_samples_accepted_total``; see the README)."""
+    them with a ``ray_`` prefix, e.g. ``ray_referee_synth_samples_accepted_total``; see docs/CLUSTER.md)."""
 
     STATUSES = ("accepted", "rejected", "failed")
 
