@@ -61,3 +61,16 @@ def test_the_runnable_commands_run_from_a_lone_clone(tmp_path: Path, tiny_cache:
     assert summary["samples"] == 4 and summary["shards_completed"] == summary["shards_total"] >= 1
     assert (repo / "demo-out" / "readme" / "plan" / "plan.json").is_file()
     assert (repo / "demo-out" / "readme" / "run" / "report" / "index.html").is_file()
+
+
+def test_nothing_is_said_twice_across_the_docs() -> None:
+    """No sentence (of some length) stands in two of README.md, docs/*.md and benchmarks/README.md: each fact has
+    one home, and the others link to it."""
+    homes: dict[str, set[str]] = {}
+    for doc in documents():
+        text = re.sub(r"\s+", " ", doc.read_text())
+        for sentence in re.split(r"(?<=[.!?])\s+", text):
+            if len(sentence.strip()) > 60:
+                homes.setdefault(sentence.strip(), set()).add(str(doc.relative_to(ROOT)))
+    twice = {s[:120]: sorted(docs) for s, docs in homes.items() if len(docs) > 1}
+    assert not twice, twice
