@@ -36,6 +36,7 @@ import gc
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -118,6 +119,93 @@ def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float 
     return 2 * n**3 / dt / 1e12
 
 
+PACKAGES = ("transformers", "huggingface_hub", "tokenizers", "diffusers", "kornia", "accelerate", "safetensors",
+            "numpy", "peft")
+# kornia 0.9's floor (its requirement torch>=2.5.1); the project tests the release in requirements-torch.txt.
+TORCH_NEEDED = "2.5.1"
+
+
+def tested_torch() -> str | None:
+    """The torch release CI tests (requirements-torch.txt), None when the file is not there."""
+    path = Path(__file__).resolve().parent.parent / "requirements-torch.txt"
+    if not path.exists():
+        return None
+    pins = [ln.split("==", 1)[1].strip() for ln in path.read_text().splitlines() if ln.startswith("torch==")]
+    return pins[0] if pins else None
+
+
+def _release(version: str) -> tuple[int, ...]:
+    head = version.split("+")[0]
+    return tuple(int(x) for x in head.split(".")[:3] if x.isdigit())
+
+
+def environment_report(device: torch.device) -> dict[str, Any]:
+    """Versions (and where each package was imported from), the device, its memory: printed before anything."""
+    import importlib.metadata as md
+    import importlib.util
+
+    packages = {}
+    for name in PACKAGES:
+        spec = importlib.util.find_spec(name)
+        try:
+            version = md.version(name)
+        except md.PackageNotFoundError:
+            version = None
+        packages[name] = {"version": version, "from": str(Path(spec.origin).parent.parent) if spec and spec.origin
+                          else None}
+    tested = tested_torch()
+    env: dict[str, Any] = {
+        "python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+        "torch_tested": tested, "torch_needed": TORCH_NEEDED, "packages": packages, "device": "cpu",
+    }
+    if tested and _release(torch.__version__) < _release(tested):
+        env["torch_note"] = (f"torch {torch.__version__} is older than the release CI tests ({tested}); the engine "
+                             f"needs >= {TORCH_NEEDED} (kornia's floor): results stand, the combination is untested")
+    if _release(torch.__version__) < _release(TORCH_NEEDED):
+        env["torch_note"] = f"torch {torch.__version__} is older than {TORCH_NEEDED}: kornia 0.9 does not support it"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        free_b, total_b = torch.cuda.mem_get_info(device)
+        env.update(device=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                   memory_gib=total_b / 2**30, free_gib=free_b / 2**30, cudnn=torch.backends.cudnn.version())
+    return env
+
+
+def describe_environment(env: dict[str, Any]) -> str:
+    pk = ", ".join(f"{k} {v['version']}" for k, v in env["packages"].items() if v["version"])
+    dev = env["device"] + (f" (sm {env['capability']}, {env['memory_gib']:.0f} GiB, {env['free_gib']:.0f} free)"
+                           if "capability" in env else "")
+    lines = [f"device {dev}; python {env['python']}, torch {env['torch']} (CUDA {env['torch_cuda']}); {pk}"]
+    if env.get("torch_note"):
+        lines.append("note: " + env["torch_note"])
+    return "\n".join(lines)
+
+
+class BudgetPlan:
+    """Starts a piece of work only when the time it is expected to take still fits the budget.
+
+    The estimate of a piece is the largest seconds-per-unit seen so far (units: images of a configuration)
+    times its units, plus a margin; with nothing seen yet, ``first_guess`` seconds."""
+
+    def __init__(self, budget_s: float, first_guess: float = 60.0, margin: float = 1.25) -> None:
+        self.budget_s, self.first_guess, self.margin = budget_s, first_guess, margin
+        self.t0 = time.perf_counter()
+        self.per_unit: float | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def estimate(self, units: float) -> float:
+        return self.first_guess if self.per_unit is None else self.margin * self.per_unit * units
+
+    def fits(self, units: float = 1.0) -> bool:
+        return self.elapsed() + self.estimate(units) <= self.budget_s
+
+    def record(self, seconds: float, units: float = 1.0) -> None:
+        rate = seconds / max(units, 1e-9)
+        self.per_unit = rate if self.per_unit is None else max(self.per_unit, rate)
+
+
 # ---- models ---------------------------------------------------------------------------------------
 
 
@@ -156,12 +244,14 @@ def make_scorer(vqa_models: Any, cfg: Config):
     try:
         return vqa_mod.VqaScorer(vqa_models, cfg)
     except Exception:  # noqa: BLE001 - spaCy or its model missing: score fixed questions instead
-        original = vqa_mod.warn_spacy_version
+        # Both lookups the scorer may make (real weights: spacy_model_info; tiny/small: warn_spacy_version).
+        saved = vqa_mod.spacy_model_info, vqa_mod.warn_spacy_version
+        vqa_mod.spacy_model_info = lambda name: {"name": "unavailable", "version": None}
         vqa_mod.warn_spacy_version = lambda vcfg: {"name": "unavailable", "version": None}
         try:
             return vqa_mod.VqaScorer(vqa_models, cfg)
         finally:
-            vqa_mod.warn_spacy_version = original
+            vqa_mod.spacy_model_info, vqa_mod.warn_spacy_version = saved
 
 
 # ---- measurements ---------------------------------------------------------------------------------
@@ -394,48 +484,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--early-exit-iterations", type=int, default=20, help="referee iterations of that run (8 dry-run)")
     p.add_argument("--early-exit-every", type=int, default=5, help="check interval of that run (2 dry-run)")
     p.add_argument("--tflops", type=float, default=NOMINAL_TFLOPS, help="nominal rate for the floor")
-    p.add_argument("--budget", type=float, default=420.0,
-                   help="seconds after which no new configuration starts (default 420: the run ends under 8 min)")
+    p.add_argument("--budget-s", "--budget", dest="budget", type=float, default=420.0,
+                   help="seconds the run plans for: a configuration starts only when its estimated time (from "
+                        "those measured so far) still fits (default 420: the run ends under 8 min)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    t_start = time.perf_counter()
+    plan = BudgetPlan(args.budget)
+    t_start = plan.t0
     out = Path(args.out)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = torch.device("cuda" if not args.dry_run and torch.cuda.is_available() else "cpu")
+    # First of all: what runs where (a run that dies later still says it), printed and written.
+    env = environment_report(device)
+    print(describe_environment(env), flush=True)
+    result: dict[str, Any] = {"dry_run": args.dry_run, "environment": env, "torch": env["torch"],
+                              "python": env["python"], "device": env["device"], "budget_seconds": args.budget,
+                              "configs": [], "reference": [], "errors": []}
+    write_json(out, result)
     if args.dry_run:
-        device = torch.device("cpu")
         cfg_path = Path(args.config) if args.config else preset_path("tiny")
         cache = os.environ.get("REFEREE_SYNTH_CACHE", "")
         cfg = load_config(cfg_path, ["models.device=cpu", *([f"models.tiny_cache_dir={cache}"] if cache else []),
                                      *args.set])
         batches, chunks = args.batches or [1, 2], args.view_chunks or [0, 2]
     else:
-        if not torch.cuda.is_available():
+        if device.type != "cuda":
             print("gpu.py: no CUDA device is visible; use --dry-run for the CPU check", file=sys.stderr)
             return 2
-        device = torch.device("cuda")
         cfg_path = Path(args.config) if args.config else preset_path("paper")
         cfg = load_config(cfg_path, args.set)
         batches, chunks = args.batches or list(range(1, 9)), args.view_chunks or [0, 120, 60, 30]
-    result: dict[str, Any] = {
-        "dry_run": args.dry_run, "config": str(cfg_path), "overrides": args.set, "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+    result.update({
+        "config": str(cfg_path), "overrides": args.set,
         "schedule": {"iterations": cfg.optim.iterations, "tail_iterations": cfg.optim.tail_iterations,
                      "num_views": cfg.augment.num_views, "top_k": cfg.augment.top_k},
-        "warmup": args.warmup, "timed": args.timed, "configs": [], "reference": [], "errors": [],
-    }
+        "warmup": args.warmup, "timed": args.timed,
+    })
 
     def save() -> None:
         result["elapsed_seconds"] = time.perf_counter() - t_start
         write_json(out, result)
 
-    def over_budget() -> bool:
-        return time.perf_counter() - t_start > args.budget
+    def on_term(signum: int, frame: Any) -> None:  # `timeout` sends SIGTERM: keep what was measured
+        result["interrupted"] = f"signal {signum} at {time.perf_counter() - t_start:.0f} s"
+        save()
+        sys.exit(124)
 
-    def attempt(what: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    signal.signal(signal.SIGTERM, on_term)
+
+    def over_budget(units: float = 1.0) -> bool:
+        return not plan.fits(units)
+
+    def attempt(what: str, fn: Callable[[], dict[str, Any]], units: float = 1.0) -> dict[str, Any]:
+        t0 = time.perf_counter()
         try:
             return fn()
         except torch.cuda.OutOfMemoryError as err:
@@ -445,9 +549,9 @@ def main(argv: list[str] | None = None) -> int:
                                      "traceback": traceback.format_exc()[-3000:]})
             return {"status": "error", "error": f"{type(err).__name__}: {err}"}
         finally:
+            plan.record(time.perf_counter() - t0, units)
             free(device)
 
-    print(f"device {result['device']}, torch {torch.__version__}", flush=True)
     result["matmul_bf16_tflops"] = matmul_tflops(device)
     from benchmarks.flops import count as count_flops_meta
 
@@ -485,11 +589,12 @@ def main(argv: list[str] | None = None) -> int:
         for chunk in chunks:
             if chunk and chunk >= b * n:
                 continue  # the same as all views at once
-            if over_budget():
-                result["configs"].append({"status": "skipped (budget)", "batch": b, "view_chunk": chunk})
+            if over_budget(b):
+                result["configs"].append({"status": "skipped (budget)", "batch": b, "view_chunk": chunk,
+                                          "estimated_seconds": plan.estimate(b)})
                 continue
             r = attempt(f"engine b={b} chunk={chunk}", lambda b=b, chunk=chunk: engine_config(
-                gen, cfg, b, chunk, args.warmup, args.timed, False, sf, vqa_s))
+                gen, cfg, b, chunk, args.warmup, args.timed, False, sf, vqa_s), units=b)
             r.setdefault("batch", b)
             r.setdefault("view_chunk", chunk)
             result["configs"].append(r)
@@ -500,9 +605,11 @@ def main(argv: list[str] | None = None) -> int:
     best = min(ok, key=lambda r: r["seconds_per_image"]) if ok else None
     result["best"] = best
     oomed = [r for r in result["configs"] if r.get("status") == "oom" and r.get("view_chunk") == 0]
-    if oomed and not over_budget():  # the fallback at work where all views at once did not fit
+    # The fallback at work where all views at once did not fit.
+    if oomed and not over_budget(max(r["batch"] for r in oomed)):
         b = max(r["batch"] for r in oomed)
-        r = attempt("oom fallback", lambda: engine_config(gen, cfg, b, 0, args.warmup, args.timed, True, sf, vqa_s))
+        r = attempt("oom fallback", lambda: engine_config(gen, cfg, b, 0, args.warmup, args.timed, True, sf, vqa_s),
+                    units=b)
         r.update(batch=b, view_chunk=0, note="oom_fallback on: view_chunk halves until the pass fits")
         result["oom_fallback_run"] = r
         print("fallback: " + _describe(r), flush=True)
@@ -521,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
             result["reference"].append(r)
             print(f"reference {style} bf16={autocast}: {r.get('seconds_per_image', r.get('status'))}", flush=True)
             save()
-    if best and args.bf16_weights and not over_budget():
+    if best and args.bf16_weights and not over_budget(best["batch"]):
         def bf16_run() -> dict[str, Any]:
             if args.dry_run:
                 gen_bf16 = tiny_model_sets(load_config(cfg_path, [*args.set, "models.dtype=bfloat16"]))[0]
@@ -530,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
             return engine_config(gen_bf16, cfg, best["batch"], best["view_chunk"], args.warmup, args.timed, False,
                                  sf, vqa_s)
 
-        r = attempt("bf16 weights", bf16_run)
+        r = attempt("bf16 weights", bf16_run, units=best["batch"])
         result["bf16_weights_run"] = r
         print("bf16 weights: " + _describe(r), flush=True)
         save()
@@ -548,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"early exit: {r.get('status')} {r.get('error', '')[:200]}", flush=True)
         save()
     # Last: engine.compile patches the shared ViT's forward for good.
-    if best and args.compile and not over_budget():
+    if best and args.compile and not over_budget(3 * best["batch"]):  # compilation: ~3 runs' time (a guess)
         c2 = copy.deepcopy(cfg)
         c2.engine.compile = True
         r = attempt("compile", lambda: engine_config(gen, c2, best["batch"], best["view_chunk"], args.warmup,
