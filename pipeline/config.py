@@ -148,6 +148,9 @@ class EngineConfig:
     # What makes the images: inversion (Algorithm 1, pipeline/engine/invert.py) or plain SD 1.5 sampling
     # with the same loaded components (pipeline/engine/sample_sd.py, settings in the sampling section).
     generator: str = _f("inversion", choices=list(GENERATORS))
+    # The host reads which samples failed every check_every iterations (the device freezes them at once, so
+    # the numbers do not depend on it): fewer host-device syncs; a batch whose samples all failed stops there.
+    check_every: int = _f(10, 1)
 
 
 @dataclass

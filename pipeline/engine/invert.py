@@ -177,31 +177,58 @@ class _Outcome:
 
 
 class _Batch:
-    """Mutable state of one optimisation: latents, optimiser, EMA, frozen (failed) samples."""
+    """Mutable state of one optimisation: latents, optimiser, EMA, frozen (failed) samples.
+
+    Which samples failed, where and why lives on the device (``alive``, ``fail_iteration``, ``fail_what``):
+    a step freezes a failing sample there without a host sync. The host's ``errors`` / ``stopped_at`` are
+    read from it by ``read_failures`` (every engine.check_every iterations, with a trace, and at the end)."""
 
     def __init__(self, z: torch.Tensor, ocfg: OptimConfig) -> None:
         self.z = z.requires_grad_(True)
         self.opt = _make_optimizer(z, ocfg)
         self.ema = LatentEma(z, ocfg.ema_decay)
-        self.errors: list[str | None] = [None] * z.shape[0]
-        self.stopped_at = [0] * z.shape[0]
+        n, dev = z.shape[0], z.device
+        self.errors: list[str | None] = [None] * n
+        self.stopped_at = [0] * n
+        self.alive_rows = torch.ones(n, dtype=torch.bool, device=dev)
+        self.fail_iteration = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.fail_what = torch.zeros(n, dtype=torch.long, device=dev)
+        self.what: list[str] = []  # names of the checked values; fail_what indexes it
+        self._what_base: dict[tuple[str, ...], int] = {}
+
+    def what_base(self, names: tuple[str, ...]) -> int:
+        """Index in ``what`` of the first of these names (registered together, in order)."""
+        if names not in self._what_base:
+            self._what_base[names] = len(self.what)
+            self.what.extend(names)
+        return self._what_base[names]
 
     @torch.no_grad()
-    def freeze(self, rows: list[int], reason: str, iteration: int) -> None:
-        """Stop a failed sample: zero its latents, EMA and optimiser state so they stay finite."""
-        for b in rows:
-            if self.errors[b] is None:
-                self.errors[b] = reason
-                self.stopped_at[b] = iteration
-            self.z[b].zero_()
-            self.ema.value[b].zero_()
-            for state in self.opt.state.values():
-                for t in state.values():
-                    if torch.is_tensor(t) and t.shape == self.z.shape:
-                        t[b].zero_()
+    def freeze(self, rows: torch.Tensor, what: torch.Tensor, iteration: int) -> None:
+        """Stop the samples flagged in ``rows`` ([B] bool, device) that are still alive: record where and why,
+        and zero their latents, EMA and optimiser state so they stay finite. No host sync."""
+        new = rows & self.alive_rows
+        self.alive_rows &= ~new
+        self.fail_iteration = torch.where(new, iteration, self.fail_iteration)
+        self.fail_what = torch.where(new, what, self.fail_what)
+        mask = new.view(-1, *([1] * (self.z.dim() - 1)))
+        self.z.masked_fill_(mask, 0.0)
+        self.ema.value.masked_fill_(mask, 0.0)
+        for state in self.opt.state.values():
+            for t in state.values():
+                if torch.is_tensor(t) and t.shape == self.z.shape:
+                    t.masked_fill_(mask, 0.0)
+
+    def read_failures(self) -> None:
+        """Bring the device's failure record to ``errors`` / ``stopped_at`` (one device sync)."""
+        its, whats = torch.stack([self.fail_iteration, self.fail_what]).tolist()
+        for b, (it, w) in enumerate(zip(its, whats)):
+            if it >= 0 and self.errors[b] is None:
+                self.errors[b] = f"non-finite {self.what[w].replace('_', ' ')} at iteration {it}"
+                self.stopped_at[b] = it
 
     def alive(self) -> torch.Tensor:
-        return torch.tensor([e is None for e in self.errors], device=self.z.device)
+        return self.alive_rows
 
 
 def _make_optimizer(z: torch.Tensor, ocfg: OptimConfig) -> torch.optim.Optimizer:
@@ -223,7 +250,7 @@ class InversionEngine:
         self.device = models.device
         self.referee = Referee(models, cfg.referee)
         self.sds = SdsGuidance(models, cfg.sds)
-        self.augmenter = ViewAugmenter(cfg.augment, self.referee.image_size)
+        self.augmenter = ViewAugmenter(cfg.augment, self.referee.image_size).to(self.device)
         self.zoo = RefereeZoo(cfg, models, self.referee) if cfg.zoo.referees else None
         self._decode_fn = models.vae.decode
         self.view_chunk = cfg.engine.view_chunk  # views per referee pass now; the OOM fallback lowers it
@@ -432,7 +459,7 @@ class InversionEngine:
         views = self._hardest(self.augmenter(images, seeds, iteration), text)
         b, n = views.shape[:2]
         leaf = views.detach().requires_grad_(True)
-        rows, owner = text.repeat_rows(n), torch.arange(b, device=z.device).repeat_interleave(n)
+        rows, owner = text.repeat_rows(n), self._owner(b, n, z.device)
         sums = {k: torch.zeros(b, device=z.device) for k in ("itm", "caption", "total")}
         for c in view_chunks(b * n, self.view_chunk):
             with self._autocast():
@@ -442,6 +469,14 @@ class InversionEngine:
                 sums[k].index_add_(0, owner[c], getattr(part, k).detach().float())
         (g,) = torch.autograd.grad(views, z, grad_outputs=leaf.grad)
         return g.float(), RefereeLosses(**{k: v / n for k, v in sums.items()})
+
+    def _owner(self, b: int, n: int, device: torch.device) -> torch.Tensor:
+        """[b * n]: the sample each view row belongs to (built once per shape)."""
+        key = (b, n, device)
+        cache = self.__dict__.setdefault("_owners", {})
+        if key not in cache:
+            cache[key] = torch.arange(b, device=device).repeat_interleave(n)
+        return cache[key]
 
     def _zoo_grad_once(self, z: torch.Tensor, text: ZooText, seeds: Sequence[int], iteration: int,
                        g_sds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ZooLosses]:
@@ -461,13 +496,11 @@ class InversionEngine:
                     batch.z[b].fill_(float("nan"))
 
     def _check(self, batch: _Batch, iteration: int, **tensors: torch.Tensor) -> None:
-        """Freeze the samples with a non-finite value in any of ``tensors`` (one device sync)."""
-        names = list(tensors)
-        flags = torch.stack([_nonfinite(t) for t in tensors.values()], dim=1).tolist()
-        for b, row in enumerate(flags):
-            if any(row) and batch.errors[b] is None:
-                what = names[row.index(True)].replace("_", " ")
-                batch.freeze([b], f"non-finite {what} at iteration {iteration}", iteration)
+        """Freeze the samples with a non-finite value in any of ``tensors`` (on the device: no sync; the reason
+        is the first of ``tensors`` that failed, read by ``_Batch.read_failures``)."""
+        flags = torch.stack([_nonfinite(t) for t in tensors.values()], dim=1)
+        what = batch.what_base(tuple(tensors)) + flags.to(torch.int32).argmax(dim=1)
+        batch.freeze(flags.any(dim=1), what, iteration)
 
     def _joint_step(self, batch: _Batch, slots, prompts, text, i: int, total: int) -> dict:
         """One referee + SDS iteration of Algorithm 1; returns per-batch trace values."""
@@ -517,6 +550,7 @@ class InversionEngine:
         batch = _Batch(self._initial_latents([s.seed for s in slots]), ocfg)
         total = ocfg.iterations + ocfg.tail_iterations
         traces: list[list[dict]] = [[] for _ in slots]
+        every = self.cfg.engine.check_every
         for i in range(total):
             if inject is not None:
                 self._inject(batch, slots, inject, i)
@@ -525,8 +559,13 @@ class InversionEngine:
                 info = self._joint_step(batch, slots, prompts, text, i, total)
             else:
                 info = self._tail_step(batch, slots, prompts, i, total)
-            if self.cfg.engine.trace:
+            if self.cfg.engine.trace:  # syncs anyway: the record needs the failures as of this iteration
+                batch.read_failures()
                 _append_trace(traces, info, i, batch.errors)
+            elif (i + 1) % every == 0:
+                batch.read_failures()
+                if all(e is not None for e in batch.errors):
+                    break  # every sample failed: their restarts need not wait for the schedule's end
         return self._finish(batch, text, traces, total)
 
     @torch.no_grad()
@@ -537,6 +576,7 @@ class InversionEngine:
             return self._finish_zoo(batch, images, text, traces, total)
         losses = self.referee.losses(self.augmenter.plain(images), text)
         self._check(batch, total, final_referee_loss=losses.total.view(-1, 1), image=images)
+        batch.read_failures()
         iterations = [total if e is None else s for e, s in zip(batch.errors, batch.stopped_at)]
         losses = RefereeLosses(losses.itm.float().cpu(), losses.caption.float().cpu(), losses.total.float().cpu())
         return _Outcome(images.float().cpu(), losses, list(batch.errors), iterations, traces)
@@ -548,6 +588,7 @@ class InversionEngine:
         assert self.zoo is not None
         scores, losses, parts = self.zoo.final(images, text)
         self._check(batch, total, final_referee_loss=losses.total.to(images.device).view(-1, 1), image=images)
+        batch.read_failures()
         iterations = [total if e is None else s for e, s in zip(batch.errors, batch.stopped_at)]
         blip2 = next((parts[r.name] for r in self.zoo.referees if r.kind == "blip2" and r.name in parts), {})
         nan = torch.full_like(losses.total, math.nan)
