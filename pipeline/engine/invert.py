@@ -33,18 +33,20 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from pipeline.config import Config, OptimConfig
 from pipeline.engine.augment import ViewAugmenter
+from pipeline.engine.gpu_plan import ChunkPlan, cast_frozen_weights, compile_blocks, plan_view_chunk
 from pipeline.engine.monitor import MonitorBest, MonitorFn
 from pipeline.engine.passes import autocast_for, balance_gradients, per_sample_norm, view_chunks
 from pipeline.engine.rng import generator, initial_latents, stable_seed
 from pipeline.engine.sds import SdsGuidance, cosine_schedule
 from pipeline.engine.zoo import RefereeZoo, ZooLosses, ZooText
+from pipeline.errors import UserError
 from pipeline.models.loading import GeneratorModels
 from pipeline.referees.blip2 import Referee, RefereeLosses, TextBatch
 
@@ -260,23 +262,57 @@ class InversionEngine:
         self.monitor_score: MonitorFn | None = None
         if self.device.type == "cuda" and cfg.engine.channels_last:
             models.vae.to(memory_format=torch.channels_last)
+        self.chunk_plan: ChunkPlan | None = None
+        if cfg.engine.auto_view_chunk and self.device.type == "cuda":
+            self._plan_chunk()
+        self.cast_weights = cfg.engine.cast_weights == "bf16"
+        if self.cast_weights:
+            self._cast_weights()
         if cfg.engine.compile:
             self._compile()
 
-    def _compile(self) -> None:
-        """torch.compile the big differentiable passes: the VAE decoder, the BLIP-2 ViT and, with a zoo, every
-        referee's vision tower (CLIP's ViT, OWLv2's image encoder).
+    def _plan_chunk(self) -> None:
+        """engine.auto_view_chunk: the view chunk from the device's free memory now (pipeline/engine/gpu_plan.py)."""
+        ec, ac = self.cfg.engine, self.cfg.augment
+        free, _ = torch.cuda.mem_get_info(self.device)
+        copies = 0.0 if ec.cast_weights == "bf16" else ec.memory_autocast_copies_gib
+        self.chunk_plan = plan_view_chunk(free / 2**30, ec.batch_size, ac.num_views, ac.top_k, ec.memory_per_view_gib,
+                                          ec.memory_per_image_gib, copies, ec.memory_headroom_gib)
+        self.view_chunk = self.chunk_plan.view_chunk
+        log.info("engine.auto_view_chunk: %s", self.chunk_plan.describe())
 
-        Not exercised by the CPU tests. A vision tower's forward is patched on the shared model once.
+    def _cast_weights(self) -> None:
+        """engine.cast_weights bf16: the frozen referee, caption head, UNet and VAE store bf16 weights (once: the
+        models are shared); every pass over them then runs under bf16 autocast, the final ones included."""
+        if not isinstance(self._autocast(), torch.autocast) or self._autocast().fast_dtype != torch.bfloat16:
+            raise UserError("engine.cast_weights: bf16 needs bf16 autocast (engine.autocast: bf16, or auto on CUDA)")
+        if self.zoo is not None or self.cfg.monitor.enabled:
+            raise UserError("engine.cast_weights: bf16 is for the paper's referee without monitoring "
+                            "(zoo.referees empty, monitor.enabled false)")
+        m = self.models
+        cast_frozen_weights([m.referee, m.caption_head, m.unet, m.vae], torch.bfloat16)
+
+    def _compile(self) -> None:
+        """torch.compile what pays (pipeline/engine/gpu_plan.py): every block of the BLIP-2 ViT (and, with a zoo,
+        of every referee's vision tower) on its own with static shapes, the VAE decode, optionally the SDS UNet
+        as CUDA graphs. The final pass (``_finish``) runs eager: its shapes differ from the loop's.
+
+        A vision tower's blocks are patched on the shared model once. The CPU tests trace it (backend eager).
         """
-        self._decode_fn = torch.compile(self.models.vae.decode)
+        ec = self.cfg.engine
+        self._decode_fn = torch.compile(self.models.vae.decode, dynamic=False, backend=ec.compile_backend)
         towers = [self.models.referee.vision_model]
         for ref in self.zoo.referees if self.zoo is not None else []:
             towers += vision_towers(getattr(ref, "model", None))
         for vit in towers:
-            if not getattr(vit, "_referee_synth_compiled", False):
-                vit.forward = torch.compile(vit.forward)
-                vit._referee_synth_compiled = True
+            compile_blocks(vit, ec.compile_backend)
+        if ec.compile_unet:
+            self.sds.unet = torch.compile(self.models.unet, mode="reduce-overhead", dynamic=False)
+
+    def _eager(self) -> AbstractContextManager:
+        """Compiled functions run eager inside (torch.compiler.set_stance; torch >= 2.6), when engine.compile."""
+        stance = getattr(torch.compiler, "set_stance", None)
+        return stance("force_eager") if self.cfg.engine.compile and stance is not None else nullcontext()
 
     # ---- public API -------------------------------------------------------------------------
     def run(
@@ -570,11 +606,19 @@ class InversionEngine:
 
     @torch.no_grad()
     def _finish(self, batch: _Batch, text, traces: list[list[dict]], total: int) -> _Outcome:
-        """Decode the final latents and score the un-augmented images with the referee."""
-        images = self._decode(batch.z.detach())
+        """Decode the final latents and score the un-augmented images with the referee (eager; under autocast
+        only with engine.cast_weights, whose bf16 weights need it)."""
+        with self._eager():
+            return self._finish_eager(batch, text, traces, total)
+
+    def _finish_eager(self, batch: _Batch, text, traces: list[list[dict]], total: int) -> _Outcome:
+        final_autocast = self._autocast() if self.cast_weights else nullcontext()
+        with final_autocast:
+            images = self._decode(batch.z.detach())
         if self.zoo is not None:
             return self._finish_zoo(batch, images, text, traces, total)
-        losses = self.referee.losses(self.augmenter.plain(images), text)
+        with final_autocast:
+            losses = self.referee.losses(self.augmenter.plain(images), text)
         self._check(batch, total, final_referee_loss=losses.total.view(-1, 1), image=images)
         batch.read_failures()
         iterations = [total if e is None else s for e, s in zip(batch.errors, batch.stopped_at)]
