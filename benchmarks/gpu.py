@@ -319,7 +319,8 @@ def engine_config(gen: Any, cfg: Config, batch: int, chunk: int, warmup: int, ti
 
     device = gen.device
     c = short_schedule(cfg, 0, timed)
-    c.engine.batch_size, c.engine.view_chunk, c.engine.max_restarts = batch, chunk, 0
+    c.engine.batch_size, c.engine.view_chunk, c.engine.max_restarts = batch, max(chunk, 0), 0
+    c.engine.auto_view_chunk = chunk == AUTO_CHUNK
     c.engine.oom_fallback = fallback
     engine = InversionEngine(gen, c)
     warm_cfg = short_schedule(c, 0, max(warmup, 1))
@@ -350,8 +351,108 @@ def engine_config(gen: Any, cfg: Config, batch: int, chunk: int, warmup: int, ti
         "joint_step_tflops": batch * step_flops["joint_step"] / tj / 1e12,
         "engine_tflops": batch * flops_image / optimise / 1e12,
         "peak_gib": peak_gib(device), "oom_fallbacks": engine.oom_fallbacks, "final_view_chunk": engine.view_chunk,
+        "chunk_plan": engine.chunk_plan.describe() if engine.chunk_plan else None,
+        "compile": c.engine.compile, "cast_weights": c.engine.cast_weights,
         "failed_samples": sum(r.error is not None for r in results),
     }
+
+
+COMPONENTS = ("sds", "decode", "augment", "referee_forward", "referee_backward", "optimizer")
+
+
+def _annotated(fn: Callable, name: str) -> Callable:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.profiler.record_function(name):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of [start, end) intervals (microseconds in, seconds out)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total / 1e6
+
+
+def profile_steps(gen: Any, cfg: Config, batch: int, chunk: int, steps: int, compile_: bool = False,
+                  cast: bool = False) -> dict[str, Any]:
+    """``steps`` joint steps (after one warm-up run) under torch.profiler: the time of each component (GPU kernel
+    time inside its annotation on CUDA, CPU time otherwise), the GPU busy share (union of kernel intervals over
+    the steps' wall time) and the launch count per step."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.engine.invert import InversionEngine
+
+    device = gen.device
+    c = short_schedule(cfg, 0, 1)
+    c.engine.batch_size, c.engine.view_chunk, c.engine.max_restarts = batch, max(chunk, 0), 0
+    c.engine.auto_view_chunk = chunk == AUTO_CHUNK
+    c.engine.compile, c.engine.oom_fallback = compile_, False
+    c.engine.cast_weights = "bf16" if cast else c.engine.cast_weights
+    engine = InversionEngine(gen, c)
+    engine.run(requests(batch))  # warm-up (and compilation)
+    engine.sds.grad = _annotated(engine.sds.grad, "sds")
+    engine._decode = _annotated(engine._decode, "decode")
+    engine.augmenter.forward = _annotated(engine.augmenter.forward, "augment")
+    engine._referee_losses = _annotated(engine._referee_losses, "referee_forward")
+    c_long = short_schedule(c, 0, steps)
+    c_long.optim.tail_iterations = 0
+    engine.cfg = c_long
+    original_backward = torch.Tensor.backward
+    step_marks: list[float] = []
+
+    def backward(self: torch.Tensor, *a: Any, **k: Any) -> None:
+        with torch.profiler.record_function("referee_backward"):
+            original_backward(self, *a, **k)
+
+    def joint(*a: Any, **k: Any) -> Any:
+        sync(device)
+        step_marks.append(time.perf_counter())
+        out = joint_step(*a, **k)
+        sync(device)
+        step_marks.append(time.perf_counter())
+        return out
+
+    joint_step = engine._joint_step
+    engine._joint_step = joint
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    torch.Tensor.backward = backward
+    try:
+        with profile(activities=activities) as prof:
+            engine.run(requests(batch))
+    finally:
+        torch.Tensor.backward = original_backward
+    events = prof.events()
+    cuda = device.type == "cuda"
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+               and e.name not in COMPONENTS] if cuda else []
+    wall = sum(b - a for a, b in zip(step_marks[::2], step_marks[1::2]))
+    out: dict[str, Any] = {"status": "ok", "batch": batch, "view_chunk": engine.view_chunk, "steps": steps,
+                           "compile": compile_, "cast_weights": c.engine.cast_weights,
+                           "joint_step_seconds": wall / max(steps, 1), "clock": "gpu kernels" if cuda else "cpu"}
+    per: dict[str, float] = {}
+    for name in COMPONENTS:
+        spans = [e for e in events if e.name == name]
+        if cuda:
+            inside = [(k.time_range.start, k.time_range.end) for k in kernels
+                      if any(s.time_range.start <= k.time_range.start < s.time_range.end for s in spans
+                             if s.device_type == DeviceType.CUDA)]
+            per[name] = _union_seconds(inside) / max(steps, 1)
+        else:
+            per[name] = sum(s.cpu_time_total for s in spans) / 1e6 / max(steps, 1)
+    out["component_seconds_per_step"] = per
+    if cuda:
+        busy = _union_seconds([(k.time_range.start, k.time_range.end) for k in kernels])
+        out["gpu_busy_share"] = busy / wall if wall else None
+        out["kernels_per_step"] = len(kernels) / max(steps, 1)
+        out["peak_gib"] = peak_gib(device)
+    return out
 
 
 def reference_run(gen: Any, cfg: Config, style: str, autocast: bool, warmup: int, timed: int) -> dict[str, Any]:
@@ -458,8 +559,11 @@ def early_exit_run(gen: Any, cfg: Config, scorer: Any, batch: int, chunk: int, i
 # ---- main -----------------------------------------------------------------------------------------
 
 
+AUTO_CHUNK = -1  # --view-chunks auto: engine.auto_view_chunk (from the device's free memory)
+
+
 def parse_ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    return [AUTO_CHUNK if x.strip() == "auto" else int(x) for x in text.split(",") if x.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -475,8 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per configuration")
     p.add_argument("--timed", type=int, default=2, help="timed iterations per configuration")
     p.add_argument("--bf16-weights", action="store_true",
-                   help="also run the best configuration with weights stored in bf16 (no per-pass casts)")
+                   help="also run the best configuration with engine.cast_weights bf16 (frozen Linear/Conv weights "
+                        "stored in bf16 once; with --compile, compiled too); runs last: it casts the shared models")
     p.add_argument("--compile", action="store_true", help="also run the best configuration with engine.compile")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler over --profile-steps joint steps at the best configuration (eager, and "
+                        "compiled with --compile): seconds per component, GPU busy share, kernels per step")
+    p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--early-exit", action="store_true",
                    help="also measure early exit at the best batch (monitored engine, stub score trajectory, real "
@@ -508,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg_path = Path(args.config) if args.config else preset_path("tiny")
         cache = os.environ.get("REFEREE_SYNTH_CACHE", "")
         cfg = load_config(cfg_path, ["models.device=cpu", *([f"models.tiny_cache_dir={cache}"] if cache else []),
-                                     *args.set])
+                                     "engine.compile_backend=eager", *args.set])  # tracing only: no C++ builds
         batches, chunks = args.batches or [1, 2], args.view_chunks or [0, 2]
     else:
         if device.type != "cuda":
@@ -628,19 +737,6 @@ def main(argv: list[str] | None = None) -> int:
             result["reference"].append(r)
             print(f"reference {style} bf16={autocast}: {r.get('seconds_per_image', r.get('status'))}", flush=True)
             save()
-    if best and args.bf16_weights and not over_budget(best["batch"]):
-        def bf16_run() -> dict[str, Any]:
-            if args.dry_run:
-                gen_bf16 = tiny_model_sets(load_config(cfg_path, [*args.set, "models.dtype=bfloat16"]))[0]
-            else:
-                gen_bf16 = real_model_sets(device, torch.bfloat16)[0]
-            return engine_config(gen_bf16, cfg, best["batch"], best["view_chunk"], args.warmup, args.timed, False,
-                                 sf, vqa_s)
-
-        r = attempt("bf16 weights", bf16_run, units=best["batch"])
-        result["bf16_weights_run"] = r
-        print("bf16 weights: " + _describe(r), flush=True)
-        save()
     if args.early_exit and not over_budget():
         b, chunk = (best["batch"], best["view_chunk"]) if best else (batches[0], 0)
         iters = 8 if args.dry_run and args.early_exit_iterations == 20 else args.early_exit_iterations
@@ -654,14 +750,43 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"early exit: {r.get('status')} {r.get('error', '')[:200]}", flush=True)
         save()
-    # Last: engine.compile patches the shared ViT's forward for good.
-    if best and args.compile and not over_budget(3 * best["batch"]):  # compilation: ~3 runs' time (a guess)
+    if best and args.profile and over_budget(best["batch"]):
+        result["profile_eager"] = {"status": "skipped (budget)"}
+    elif best and args.profile:
+        r = attempt("profile eager", lambda: profile_steps(gen, cfg, best["batch"], best["view_chunk"],
+                                                            args.profile_steps), units=best["batch"])
+        result["profile_eager"] = r
+        print("profile eager: " + _describe_profile(r), flush=True)
+        save()
+    # Last: engine.compile patches the shared ViT's blocks for good; cast_weights casts the shared weights.
+    if best and args.compile and over_budget(3 * best["batch"]):  # compilation: ~3 runs' time (a guess)
+        result["compile_run"] = {"status": "skipped (budget)"}
+    elif best and args.compile:
         c2 = copy.deepcopy(cfg)
         c2.engine.compile = True
         r = attempt("compile", lambda: engine_config(gen, c2, best["batch"], best["view_chunk"], args.warmup,
-                                                     args.timed, False, sf, vqa_s))
+                                                     args.timed, False, sf, vqa_s), units=3 * best["batch"])
         result["compile_run"] = r
         print("compile: " + _describe(r), flush=True)
+        save()
+        if args.profile and r.get("status") == "ok" and not over_budget(best["batch"]):
+            p = attempt("profile compiled", lambda: profile_steps(gen, cfg, best["batch"], best["view_chunk"],
+                                                                   args.profile_steps, compile_=True),
+                        units=best["batch"])
+            result["profile_compiled"] = p
+            print("profile compiled: " + _describe_profile(p), flush=True)
+            save()
+    if best and args.bf16_weights and over_budget(best["batch"]):
+        result["bf16_weights_run"] = {"status": "skipped (budget)"}
+    elif best and args.bf16_weights:
+        c3 = copy.deepcopy(cfg)
+        c3.engine.cast_weights, c3.engine.compile = "bf16", args.compile
+        if args.dry_run:
+            c3.engine.autocast = "bf16"
+        r = attempt("bf16 weights", lambda: engine_config(gen, c3, best["batch"], best["view_chunk"], args.warmup,
+                                                          args.timed, False, sf, vqa_s), units=best["batch"])
+        result["bf16_weights_run"] = r
+        print(f"bf16 weights{' + compile' if args.compile else ''}: " + _describe(r), flush=True)
         save()
     summarize(result)
     save()
@@ -670,12 +795,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _describe(r: dict[str, Any]) -> str:
-    head = f"batch {r.get('batch')} view_chunk {r.get('view_chunk')}: "
+    chunk = r.get("view_chunk")
+    chunk = f"auto ({r.get('final_view_chunk')})" if chunk == AUTO_CHUNK else chunk
+    head = f"batch {r.get('batch')} view_chunk {chunk}: "
     if r.get("status") != "ok":
         return head + str(r.get("status")) + (f" ({r.get('error', '')[:120]})" if r.get("error") else "")
     mem = r["peak_gib"]["allocated"] if r.get("peak_gib") else float("nan")
     return head + (f"{r['seconds_per_image']:.2f} s/image, joint step {r['joint_step_seconds'] * 1e3:.0f} ms "
                    f"({r['joint_step_tflops']:.0f} TFLOP/s), peak {mem:.1f} GiB")
+
+
+def _describe_profile(r: dict[str, Any]) -> str:
+    if r.get("status") != "ok":
+        return str(r.get("status")) + (f" ({r.get('error', '')[:120]})" if r.get("error") else "")
+    parts = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["component_seconds_per_step"].items())
+    busy = (f"; GPU busy {r['gpu_busy_share']:.0%}, {r['kernels_per_step']:.0f} kernels"
+            if r.get("gpu_busy_share") else "")
+    return f"joint step {r['joint_step_seconds'] * 1e3:.0f} ms ({r['clock']}): {parts}{busy}"
 
 
 def summarize(result: dict[str, Any]) -> None:
@@ -687,6 +823,15 @@ def summarize(result: dict[str, Any]) -> None:
                  best_seconds_per_image=best["seconds_per_image"], best_engine_tflops=best["engine_tflops"],
                  times_floor=best["seconds_per_image"] / floor["seconds_per_image_nominal"],
                  within_2x_floor=best["seconds_per_image"] <= 2 * floor["seconds_per_image_nominal"])
+    for key in ("compile_run", "bf16_weights_run"):
+        r = result.get(key) or {}
+        if r.get("status") == "ok":
+            s[key.replace("_run", "_seconds_per_image")] = r["seconds_per_image"]
+            s[key.replace("_run", "_times_floor")] = r["seconds_per_image"] / floor["seconds_per_image_nominal"]
+    for key in ("profile_eager", "profile_compiled"):
+        r = result.get(key) or {}
+        if r.get("gpu_busy_share") is not None:
+            s[f"{key}_gpu_busy_share"] = r["gpu_busy_share"]
     ee = result.get("early_exit_run") or {}
     if ee.get("status") == "ok":
         s.update(early_exit_seconds_ratio=ee["seconds_ratio"], early_exit_iteration_ratio=ee["iteration_ratio"],

@@ -88,14 +88,22 @@ def test_gpu_dry_run_is_green_on_the_emulated_image(emulated_image, tiny_cache, 
     assert found == str({"spacy": False, "ray": False, "diffusers": True, "kornia": True, "webdataset": False})
     assert versions == "1.33.0 5.24.0"  # the image's hub; the site's transformers (the lock's) shadows 5.17
     out = tmp_path / "gpu.json"
-    run = _run_emulated(emu, site, ["benchmarks/gpu.py", "--dry-run", "--out", str(out), "--batches", "1",
-                                    "--view-chunks", "0", "--skip-reference"],
+    # The documented one command (benchmarks/README.md), on the tiny models: eager, auto view chunk, profile,
+    # compiled (backend eager in a dry run), bf16-stored weights.
+    run = _run_emulated(emu, site, ["benchmarks/gpu.py", "--dry-run", "--out", str(out), "--batches", "2",
+                                    "--view-chunks", "auto", "--skip-reference", "--compile", "--profile",
+                                    "--bf16-weights", "--profile-steps", "1", "--budget-s", "3000"],
                         env={"REFEREE_SYNTH_CACHE": str(tiny_cache), "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     first = run.stdout.splitlines()[0]
     assert first.startswith("device cpu; python") and "huggingface_hub 1.33.0" in first
     r = json.loads(out.read_text())
     assert r["errors"] == [] and [c["status"] for c in r["configs"]] == ["ok"]
+    for key in ("profile_eager", "compile_run", "profile_compiled", "bf16_weights_run"):
+        assert r[key]["status"] == "ok", (key, r[key])
+    assert set(r["profile_eager"]["component_seconds_per_step"]) >= {"sds", "decode", "augment", "referee_forward"}
+    assert r["profile_compiled"]["compile"] and r["bf16_weights_run"]["cast_weights"] == "bf16"
+    assert r["summary"]["compile_seconds_per_image"] > 0 and r["summary"]["bf16_weights_times_floor"] > 0
     pk = r["environment"]["packages"]
     assert pk["transformers"]["version"] == "5.24.0" and pk["transformers"]["from"] == str(site)
     assert pk["diffusers"]["from"] == str(site) and pk["huggingface_hub"]["from"] == str(emu)
