@@ -642,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
         sys.exit(124)
 
-    signal.signal(signal.SIGTERM, on_term)
+    previous_handler = signal.signal(signal.SIGTERM, on_term)
 
     def over_budget(units: float = 1.0) -> bool:
         return not plan.fits(units)
@@ -791,6 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     summarize(result)
     save()
     print(json.dumps(result.get("summary", {}), indent=1), flush=True)
+    signal.signal(signal.SIGTERM, previous_handler)  # main() may run inside another program (the tests)
     return 0
 
 
