@@ -78,13 +78,15 @@ class ViewAugmenter(nn.Module):
         with torch.autocast(images.device.type, enabled=False):
             return self.normalize(self.resize(images.float()))
 
-    def _params(self, shape: torch.Size, seed: int, iteration: int) -> list[dict[str, torch.Tensor]]:
-        """Every op's parameters for one sample's views, drawn under the sample's own seed (on the CPU)."""
+    def _params(self, shape: torch.Size, seed: int, iteration: int) -> tuple[list[dict[str, torch.Tensor]], tuple]:
+        """Every op's parameters for one sample's views, drawn under the sample's own seed on the CPU, and the
+        per-call values that decide how samples can share a call (ColorJitter's order), read here on the host."""
         with seeded_global_cpu_rng(seed, "augment" + self.stream, iteration):
-            return [op.forward_parameters(shape) for op in self.ops]
+            params = [op.forward_parameters(shape) for op in self.ops]
+        return params, tuple(tuple(p["order"].tolist()) if "order" in p else () for p in params)
 
     def _kornia(self, views: torch.Tensor, seed: int, iteration: int) -> torch.Tensor:
-        for op, p in zip(self.ops, self._params(views.shape, seed, iteration)):
+        for op, p in zip(self.ops, self._params(views.shape, seed, iteration)[0]):
             views = op(views, params=p)
         return views
 
@@ -126,7 +128,7 @@ class ViewAugmenter(nn.Module):
             shape = torch.Size((n, *pooled.shape[1:]))
             drawn = [self._params(shape, seed, it) for seed, it in zip(seeds, its)]
             for k, op in enumerate(self.ops):
-                views = _apply_batched(op, views, [d[k] for d in drawn], n)
+                views = _apply_batched(op, views, [d[0][k] for d in drawn], [d[1][k] for d in drawn], n)
             noise = [self._noise_draws(views[j * n : (j + 1) * n], seed, it)
                      for j, (seed, it) in enumerate(zip(seeds, its))]
             stds, first, second = (torch.cat(parts) for parts in zip(*noise))
@@ -149,21 +151,22 @@ def _merge(params: list[dict[str, torch.Tensor]], rows: int) -> dict[str, torch.
     return out
 
 
-def _apply_batched(op: nn.Module, views: torch.Tensor, params: list[dict[str, torch.Tensor]], n: int) -> torch.Tensor:
-    """``op`` over all samples' views at once; an op with a per-call ``order`` once per distinct order."""
+def _apply_batched(op: nn.Module, views: torch.Tensor, params: list[dict[str, torch.Tensor]], keys: list[tuple],
+                   n: int) -> torch.Tensor:
+    """``op`` over all samples' views at once; an op with a per-call ``order`` (``keys``) once per distinct one."""
     if getattr(op, "same_on_batch", False):
         # The parameters already share one draw per sample's views; applied with same_on_batch, kornia would
         # use the first sample's for all (RandomErasing: one rectangle). Its per-row path writes the same values.
         op.same_on_batch = False
         try:
-            return _apply_batched(op, views, params, n)
+            return _apply_batched(op, views, params, keys, n)
         finally:
             op.same_on_batch = True
     if "order" not in params[0]:
         return op(views, params=_merge(params, views.shape[0]))
     groups: dict[tuple[int, ...], list[int]] = {}
-    for j, p in enumerate(params):
-        groups.setdefault(tuple(p["order"].tolist()), []).append(j)  # host tensors: no device sync
+    for j, key in enumerate(keys):
+        groups.setdefault(key, []).append(j)
     if len(groups) == 1:
         return op(views, params=_merge(params, views.shape[0]))
     pieces: dict[int, torch.Tensor] = {}

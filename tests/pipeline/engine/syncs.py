@@ -3,8 +3,9 @@
 On the CPU nothing waits, so the calls themselves are counted: reading a tensor's value on the host (``item``,
 ``__bool__``, ``float``/``int``: aten ``_local_scalar_dense``; ``tolist``), shapes that depend on the data
 (``nonzero``, ``masked_select``, indexing with a boolean mask, forward or backward) and tensors made from host
-lists (``torch.tensor`` / ``as_tensor``: a host-to-device copy on a GPU). ``ignore`` names source folders whose
-calls read host-side tensors only (the optimiser's step counter, kornia's parameters drawn on the CPU).
+lists (``torch.tensor`` / ``as_tensor``: a host-to-device copy on a GPU). ``ignore`` names source folders (or
+``file.py:function``) whose calls read host-side tensors only (the optimiser's step counter, kornia's
+parameters drawn on the CPU).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class SyncCounter:
     def _hit(self, kind: str) -> None:
         stack = [f for f in traceback.extract_stack() if not f.filename.endswith(("syncs.py", "_python_dispatch.py",
                                                                                 "overrides.py"))]
-        if any(any(part in f.filename for part in self.ignore) for f in stack):
+        if any(any(part in f"{f.filename}:{f.name}" for part in self.ignore) for f in stack):
             return
         self.counts[kind] += 1
         site = next((f for f in reversed(stack) if "/pipeline/" in f.filename), stack[-1])

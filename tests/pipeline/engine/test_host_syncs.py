@@ -17,8 +17,8 @@ from tests.pipeline.engine.syncs import SyncCounter
 
 PROMPTS = compbench_prompts("color_val", 3)
 # Host-side reads only: Adam's step counter is a CPU tensor (capturable=False); kornia draws its parameters on
-# the CPU (pipeline/engine/augment.py), so its reads of them never wait for the device.
-HOST_SIDE = ("torch/optim", "/kornia/")
+# the CPU (pipeline/engine/augment.py ``_params``), so reads of them never wait for the device.
+HOST_SIDE = ("torch/optim", "/kornia/", "augment.py:_params")
 
 
 def _requests(n: int, seed0: int = 100) -> list[SampleRequest]:
