@@ -15,8 +15,11 @@ FlopCounterMode), the floor from ``benchmarks/flops.py`` at the nominal 989 TFLO
 bf16 matmul rate measured here, peak GPU memory, or ``oom``. Each sweep configuration runs with
 the OOM fallback off (so a chunk that does not fit says so); one extra run shows the fallback.
 Then the reference loop (``benchmarks/reference.py``: one prompt, all views, float32; also under
-bf16 autocast) in the same process. Results are written to ``--out`` after every configuration, so a run stopped
-by its time limit keeps what it measured; ``--budget`` (seconds) stops starting new ones.
+bf16 autocast) in the same process. The versions and the device are printed and written first; results are
+written to ``--out`` after every configuration (and on SIGTERM), so a run stopped by its time limit keeps what
+it measured; ``--budget-s`` plans the run: a configuration starts only when its estimated time still fits.
+``--profile``, ``--compile``, ``--bf16-weights``, ``--view-chunks auto``: see benchmarks/README.md section 3
+(the one command for the GPU machine).
 ``--early-exit``: at the best batch, the monitored engine (continuous batching) on a short schedule with and
 without early exit, exits driven by a stub score trajectory (random weights score noise) while every check
 pays the real BLIP-VQA cost: seconds per sample, the iteration ratio, the monitor's overhead.
