@@ -15,8 +15,11 @@ FlopCounterMode), the floor from ``benchmarks/flops.py`` at the nominal 989 TFLO
 bf16 matmul rate measured here, peak GPU memory, or ``oom``. Each sweep configuration runs with
 the OOM fallback off (so a chunk that does not fit says so); one extra run shows the fallback.
 Then the reference loop (``benchmarks/reference.py``: one prompt, all views, float32; also under
-bf16 autocast) in the same process. Results are written to ``--out`` after every configuration, so a run stopped
-by its time limit keeps what it measured; ``--budget`` (seconds) stops starting new ones.
+bf16 autocast) in the same process. The versions and the device are printed and written first; results are
+written to ``--out`` after every configuration (and on SIGTERM), so a run stopped by its time limit keeps what
+it measured; ``--budget-s`` plans the run: a configuration starts only when its estimated time still fits.
+``--profile``, ``--compile``, ``--bf16-weights``, ``--view-chunks auto``: see benchmarks/README.md section 3
+(the one command for the GPU machine).
 ``--early-exit``: at the best batch, the monitored engine (continuous batching) on a short schedule with and
 without early exit, exits driven by a stub score trajectory (random weights score noise) while every check
 pays the real BLIP-VQA cost: seconds per sample, the iteration ratio, the monitor's overhead.
@@ -36,6 +39,7 @@ import gc
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -118,6 +122,93 @@ def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float 
     return 2 * n**3 / dt / 1e12
 
 
+PACKAGES = ("transformers", "huggingface_hub", "tokenizers", "diffusers", "kornia", "accelerate", "safetensors",
+            "numpy", "peft")
+# kornia 0.9's floor (its requirement torch>=2.5.1); the project tests the release in requirements-torch.txt.
+TORCH_NEEDED = "2.5.1"
+
+
+def tested_torch() -> str | None:
+    """The torch release CI tests (requirements-torch.txt), None when the file is not there."""
+    path = Path(__file__).resolve().parent.parent / "requirements-torch.txt"
+    if not path.exists():
+        return None
+    pins = [ln.split("==", 1)[1].strip() for ln in path.read_text().splitlines() if ln.startswith("torch==")]
+    return pins[0] if pins else None
+
+
+def _release(version: str) -> tuple[int, ...]:
+    head = version.split("+")[0]
+    return tuple(int(x) for x in head.split(".")[:3] if x.isdigit())
+
+
+def environment_report(device: torch.device) -> dict[str, Any]:
+    """Versions (and where each package was imported from), the device, its memory: printed before anything."""
+    import importlib.metadata as md
+    import importlib.util
+
+    packages = {}
+    for name in PACKAGES:
+        spec = importlib.util.find_spec(name)
+        try:
+            version = md.version(name)
+        except md.PackageNotFoundError:
+            version = None
+        packages[name] = {"version": version, "from": str(Path(spec.origin).parent.parent) if spec and spec.origin
+                          else None}
+    tested = tested_torch()
+    env: dict[str, Any] = {
+        "python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+        "torch_tested": tested, "torch_needed": TORCH_NEEDED, "packages": packages, "device": "cpu",
+    }
+    if tested and _release(torch.__version__) < _release(tested):
+        env["torch_note"] = (f"torch {torch.__version__} is older than the release CI tests ({tested}); the engine "
+                             f"needs >= {TORCH_NEEDED} (kornia's floor): results stand, the combination is untested")
+    if _release(torch.__version__) < _release(TORCH_NEEDED):
+        env["torch_note"] = f"torch {torch.__version__} is older than {TORCH_NEEDED}: kornia 0.9 does not support it"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        free_b, total_b = torch.cuda.mem_get_info(device)
+        env.update(device=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                   memory_gib=total_b / 2**30, free_gib=free_b / 2**30, cudnn=torch.backends.cudnn.version())
+    return env
+
+
+def describe_environment(env: dict[str, Any]) -> str:
+    pk = ", ".join(f"{k} {v['version']}" for k, v in env["packages"].items() if v["version"])
+    dev = env["device"] + (f" (sm {env['capability']}, {env['memory_gib']:.0f} GiB, {env['free_gib']:.0f} free)"
+                           if "capability" in env else "")
+    lines = [f"device {dev}; python {env['python']}, torch {env['torch']} (CUDA {env['torch_cuda']}); {pk}"]
+    if env.get("torch_note"):
+        lines.append("note: " + env["torch_note"])
+    return "\n".join(lines)
+
+
+class BudgetPlan:
+    """Starts a piece of work only when the time it is expected to take still fits the budget.
+
+    The estimate of a piece is the largest seconds-per-unit seen so far (units: images of a configuration)
+    times its units, plus a margin; with nothing seen yet, ``first_guess`` seconds."""
+
+    def __init__(self, budget_s: float, first_guess: float = 60.0, margin: float = 1.25) -> None:
+        self.budget_s, self.first_guess, self.margin = budget_s, first_guess, margin
+        self.t0 = time.perf_counter()
+        self.per_unit: float | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def estimate(self, units: float) -> float:
+        return self.first_guess if self.per_unit is None else self.margin * self.per_unit * units
+
+    def fits(self, units: float = 1.0) -> bool:
+        return self.elapsed() + self.estimate(units) <= self.budget_s
+
+    def record(self, seconds: float, units: float = 1.0) -> None:
+        rate = seconds / max(units, 1e-9)
+        self.per_unit = rate if self.per_unit is None else max(self.per_unit, rate)
+
+
 # ---- models ---------------------------------------------------------------------------------------
 
 
@@ -156,12 +247,14 @@ def make_scorer(vqa_models: Any, cfg: Config):
     try:
         return vqa_mod.VqaScorer(vqa_models, cfg)
     except Exception:  # noqa: BLE001 - spaCy or its model missing: score fixed questions instead
-        original = vqa_mod.warn_spacy_version
+        # Both lookups the scorer may make (real weights: spacy_model_info; tiny/small: warn_spacy_version).
+        saved = vqa_mod.spacy_model_info, vqa_mod.warn_spacy_version
+        vqa_mod.spacy_model_info = lambda name: {"name": "unavailable", "version": None}
         vqa_mod.warn_spacy_version = lambda vcfg: {"name": "unavailable", "version": None}
         try:
             return vqa_mod.VqaScorer(vqa_models, cfg)
         finally:
-            vqa_mod.warn_spacy_version = original
+            vqa_mod.spacy_model_info, vqa_mod.warn_spacy_version = saved
 
 
 # ---- measurements ---------------------------------------------------------------------------------
@@ -229,7 +322,8 @@ def engine_config(gen: Any, cfg: Config, batch: int, chunk: int, warmup: int, ti
 
     device = gen.device
     c = short_schedule(cfg, 0, timed)
-    c.engine.batch_size, c.engine.view_chunk, c.engine.max_restarts = batch, chunk, 0
+    c.engine.batch_size, c.engine.view_chunk, c.engine.max_restarts = batch, max(chunk, 0), 0
+    c.engine.auto_view_chunk = chunk == AUTO_CHUNK
     c.engine.oom_fallback = fallback
     engine = InversionEngine(gen, c)
     warm_cfg = short_schedule(c, 0, max(warmup, 1))
@@ -260,8 +354,108 @@ def engine_config(gen: Any, cfg: Config, batch: int, chunk: int, warmup: int, ti
         "joint_step_tflops": batch * step_flops["joint_step"] / tj / 1e12,
         "engine_tflops": batch * flops_image / optimise / 1e12,
         "peak_gib": peak_gib(device), "oom_fallbacks": engine.oom_fallbacks, "final_view_chunk": engine.view_chunk,
+        "chunk_plan": engine.chunk_plan.describe() if engine.chunk_plan else None,
+        "compile": c.engine.compile, "cast_weights": c.engine.cast_weights,
         "failed_samples": sum(r.error is not None for r in results),
     }
+
+
+COMPONENTS = ("sds", "decode", "augment", "referee_forward", "referee_backward", "optimizer")
+
+
+def _annotated(fn: Callable, name: str) -> Callable:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.profiler.record_function(name):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of [start, end) intervals (microseconds in, seconds out)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total / 1e6
+
+
+def profile_steps(gen: Any, cfg: Config, batch: int, chunk: int, steps: int, compile_: bool = False,
+                  cast: bool = False) -> dict[str, Any]:
+    """``steps`` joint steps (after one warm-up run) under torch.profiler: the time of each component (GPU kernel
+    time inside its annotation on CUDA, CPU time otherwise), the GPU busy share (union of kernel intervals over
+    the steps' wall time) and the launch count per step."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.engine.invert import InversionEngine
+
+    device = gen.device
+    c = short_schedule(cfg, 0, 1)
+    c.engine.batch_size, c.engine.view_chunk, c.engine.max_restarts = batch, max(chunk, 0), 0
+    c.engine.auto_view_chunk = chunk == AUTO_CHUNK
+    c.engine.compile, c.engine.oom_fallback = compile_, False
+    c.engine.cast_weights = "bf16" if cast else c.engine.cast_weights
+    engine = InversionEngine(gen, c)
+    engine.run(requests(batch))  # warm-up (and compilation)
+    engine.sds.grad = _annotated(engine.sds.grad, "sds")
+    engine._decode = _annotated(engine._decode, "decode")
+    engine.augmenter.forward = _annotated(engine.augmenter.forward, "augment")
+    engine._referee_losses = _annotated(engine._referee_losses, "referee_forward")
+    c_long = short_schedule(c, 0, steps)
+    c_long.optim.tail_iterations = 0
+    engine.cfg = c_long
+    original_backward = torch.Tensor.backward
+    step_marks: list[float] = []
+
+    def backward(self: torch.Tensor, *a: Any, **k: Any) -> None:
+        with torch.profiler.record_function("referee_backward"):
+            original_backward(self, *a, **k)
+
+    def joint(*a: Any, **k: Any) -> Any:
+        sync(device)
+        step_marks.append(time.perf_counter())
+        out = joint_step(*a, **k)
+        sync(device)
+        step_marks.append(time.perf_counter())
+        return out
+
+    joint_step = engine._joint_step
+    engine._joint_step = joint
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    torch.Tensor.backward = backward
+    try:
+        with profile(activities=activities) as prof:
+            engine.run(requests(batch))
+    finally:
+        torch.Tensor.backward = original_backward
+    events = prof.events()
+    cuda = device.type == "cuda"
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+               and e.name not in COMPONENTS] if cuda else []
+    wall = sum(b - a for a, b in zip(step_marks[::2], step_marks[1::2]))
+    out: dict[str, Any] = {"status": "ok", "batch": batch, "view_chunk": engine.view_chunk, "steps": steps,
+                           "compile": compile_, "cast_weights": c.engine.cast_weights,
+                           "joint_step_seconds": wall / max(steps, 1), "clock": "gpu kernels" if cuda else "cpu"}
+    per: dict[str, float] = {}
+    for name in COMPONENTS:
+        spans = [e for e in events if e.name == name]
+        if cuda:
+            inside = [(k.time_range.start, k.time_range.end) for k in kernels
+                      if any(s.time_range.start <= k.time_range.start < s.time_range.end for s in spans
+                             if s.device_type == DeviceType.CUDA)]
+            per[name] = _union_seconds(inside) / max(steps, 1)
+        else:
+            per[name] = sum(s.cpu_time_total for s in spans) / 1e6 / max(steps, 1)
+    out["component_seconds_per_step"] = per
+    if cuda:
+        busy = _union_seconds([(k.time_range.start, k.time_range.end) for k in kernels])
+        out["gpu_busy_share"] = busy / wall if wall else None
+        out["kernels_per_step"] = len(kernels) / max(steps, 1)
+        out["peak_gib"] = peak_gib(device)
+    return out
 
 
 def reference_run(gen: Any, cfg: Config, style: str, autocast: bool, warmup: int, timed: int) -> dict[str, Any]:
@@ -368,8 +562,11 @@ def early_exit_run(gen: Any, cfg: Config, scorer: Any, batch: int, chunk: int, i
 # ---- main -----------------------------------------------------------------------------------------
 
 
+AUTO_CHUNK = -1  # --view-chunks auto: engine.auto_view_chunk (from the device's free memory)
+
+
 def parse_ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    return [AUTO_CHUNK if x.strip() == "auto" else int(x) for x in text.split(",") if x.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,8 +582,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per configuration")
     p.add_argument("--timed", type=int, default=2, help="timed iterations per configuration")
     p.add_argument("--bf16-weights", action="store_true",
-                   help="also run the best configuration with weights stored in bf16 (no per-pass casts)")
+                   help="also run the best configuration with engine.cast_weights bf16 (frozen Linear/Conv weights "
+                        "stored in bf16 once; with --compile, compiled too); runs last: it casts the shared models")
     p.add_argument("--compile", action="store_true", help="also run the best configuration with engine.compile")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler over --profile-steps joint steps at the best configuration (eager, and "
+                        "compiled with --compile): seconds per component, GPU busy share, kernels per step")
+    p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--early-exit", action="store_true",
                    help="also measure early exit at the best batch (monitored engine, stub score trajectory, real "
@@ -394,48 +596,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--early-exit-iterations", type=int, default=20, help="referee iterations of that run (8 dry-run)")
     p.add_argument("--early-exit-every", type=int, default=5, help="check interval of that run (2 dry-run)")
     p.add_argument("--tflops", type=float, default=NOMINAL_TFLOPS, help="nominal rate for the floor")
-    p.add_argument("--budget", type=float, default=420.0,
-                   help="seconds after which no new configuration starts (default 420: the run ends under 8 min)")
+    p.add_argument("--budget-s", "--budget", dest="budget", type=float, default=420.0,
+                   help="seconds the run plans for: a configuration starts only when its estimated time (from "
+                        "those measured so far) still fits (default 420: the run ends under 8 min)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    t_start = time.perf_counter()
+    plan = BudgetPlan(args.budget)
+    t_start = plan.t0
     out = Path(args.out)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = torch.device("cuda" if not args.dry_run and torch.cuda.is_available() else "cpu")
+    # First of all: what runs where (a run that dies later still says it), printed and written.
+    env = environment_report(device)
+    print(describe_environment(env), flush=True)
+    result: dict[str, Any] = {"dry_run": args.dry_run, "environment": env, "torch": env["torch"],
+                              "python": env["python"], "device": env["device"], "budget_seconds": args.budget,
+                              "configs": [], "reference": [], "errors": []}
+    write_json(out, result)
     if args.dry_run:
-        device = torch.device("cpu")
         cfg_path = Path(args.config) if args.config else preset_path("tiny")
         cache = os.environ.get("REFEREE_SYNTH_CACHE", "")
         cfg = load_config(cfg_path, ["models.device=cpu", *([f"models.tiny_cache_dir={cache}"] if cache else []),
-                                     *args.set])
+                                     "engine.compile_backend=eager", *args.set])  # tracing only: no C++ builds
         batches, chunks = args.batches or [1, 2], args.view_chunks or [0, 2]
     else:
-        if not torch.cuda.is_available():
+        if device.type != "cuda":
             print("gpu.py: no CUDA device is visible; use --dry-run for the CPU check", file=sys.stderr)
             return 2
-        device = torch.device("cuda")
         cfg_path = Path(args.config) if args.config else preset_path("paper")
         cfg = load_config(cfg_path, args.set)
         batches, chunks = args.batches or list(range(1, 9)), args.view_chunks or [0, 120, 60, 30]
-    result: dict[str, Any] = {
-        "dry_run": args.dry_run, "config": str(cfg_path), "overrides": args.set, "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+    result.update({
+        "config": str(cfg_path), "overrides": args.set,
         "schedule": {"iterations": cfg.optim.iterations, "tail_iterations": cfg.optim.tail_iterations,
                      "num_views": cfg.augment.num_views, "top_k": cfg.augment.top_k},
-        "warmup": args.warmup, "timed": args.timed, "configs": [], "reference": [], "errors": [],
-    }
+        "warmup": args.warmup, "timed": args.timed,
+    })
 
     def save() -> None:
         result["elapsed_seconds"] = time.perf_counter() - t_start
         write_json(out, result)
 
-    def over_budget() -> bool:
-        return time.perf_counter() - t_start > args.budget
+    def on_term(signum: int, frame: Any) -> None:  # `timeout` sends SIGTERM: keep what was measured
+        result["interrupted"] = f"signal {signum} at {time.perf_counter() - t_start:.0f} s"
+        save()
+        sys.exit(124)
 
-    def attempt(what: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    previous_handler = signal.signal(signal.SIGTERM, on_term)
+
+    def over_budget(units: float = 1.0) -> bool:
+        return not plan.fits(units)
+
+    def attempt(what: str, fn: Callable[[], dict[str, Any]], units: float = 1.0) -> dict[str, Any]:
+        t0 = time.perf_counter()
         try:
             return fn()
         except torch.cuda.OutOfMemoryError as err:
@@ -445,9 +661,9 @@ def main(argv: list[str] | None = None) -> int:
                                      "traceback": traceback.format_exc()[-3000:]})
             return {"status": "error", "error": f"{type(err).__name__}: {err}"}
         finally:
+            plan.record(time.perf_counter() - t0, units)
             free(device)
 
-    print(f"device {result['device']}, torch {torch.__version__}", flush=True)
     result["matmul_bf16_tflops"] = matmul_tflops(device)
     from benchmarks.flops import count as count_flops_meta
 
@@ -485,11 +701,12 @@ def main(argv: list[str] | None = None) -> int:
         for chunk in chunks:
             if chunk and chunk >= b * n:
                 continue  # the same as all views at once
-            if over_budget():
-                result["configs"].append({"status": "skipped (budget)", "batch": b, "view_chunk": chunk})
+            if over_budget(b):
+                result["configs"].append({"status": "skipped (budget)", "batch": b, "view_chunk": chunk,
+                                          "estimated_seconds": plan.estimate(b)})
                 continue
             r = attempt(f"engine b={b} chunk={chunk}", lambda b=b, chunk=chunk: engine_config(
-                gen, cfg, b, chunk, args.warmup, args.timed, False, sf, vqa_s))
+                gen, cfg, b, chunk, args.warmup, args.timed, False, sf, vqa_s), units=b)
             r.setdefault("batch", b)
             r.setdefault("view_chunk", chunk)
             result["configs"].append(r)
@@ -500,9 +717,11 @@ def main(argv: list[str] | None = None) -> int:
     best = min(ok, key=lambda r: r["seconds_per_image"]) if ok else None
     result["best"] = best
     oomed = [r for r in result["configs"] if r.get("status") == "oom" and r.get("view_chunk") == 0]
-    if oomed and not over_budget():  # the fallback at work where all views at once did not fit
+    # The fallback at work where all views at once did not fit.
+    if oomed and not over_budget(max(r["batch"] for r in oomed)):
         b = max(r["batch"] for r in oomed)
-        r = attempt("oom fallback", lambda: engine_config(gen, cfg, b, 0, args.warmup, args.timed, True, sf, vqa_s))
+        r = attempt("oom fallback", lambda: engine_config(gen, cfg, b, 0, args.warmup, args.timed, True, sf, vqa_s),
+                    units=b)
         r.update(batch=b, view_chunk=0, note="oom_fallback on: view_chunk halves until the pass fits")
         result["oom_fallback_run"] = r
         print("fallback: " + _describe(r), flush=True)
@@ -521,19 +740,6 @@ def main(argv: list[str] | None = None) -> int:
             result["reference"].append(r)
             print(f"reference {style} bf16={autocast}: {r.get('seconds_per_image', r.get('status'))}", flush=True)
             save()
-    if best and args.bf16_weights and not over_budget():
-        def bf16_run() -> dict[str, Any]:
-            if args.dry_run:
-                gen_bf16 = tiny_model_sets(load_config(cfg_path, [*args.set, "models.dtype=bfloat16"]))[0]
-            else:
-                gen_bf16 = real_model_sets(device, torch.bfloat16)[0]
-            return engine_config(gen_bf16, cfg, best["batch"], best["view_chunk"], args.warmup, args.timed, False,
-                                 sf, vqa_s)
-
-        r = attempt("bf16 weights", bf16_run)
-        result["bf16_weights_run"] = r
-        print("bf16 weights: " + _describe(r), flush=True)
-        save()
     if args.early_exit and not over_budget():
         b, chunk = (best["batch"], best["view_chunk"]) if best else (batches[0], 0)
         iters = 8 if args.dry_run and args.early_exit_iterations == 20 else args.early_exit_iterations
@@ -547,28 +753,69 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"early exit: {r.get('status')} {r.get('error', '')[:200]}", flush=True)
         save()
-    # Last: engine.compile patches the shared ViT's forward for good.
-    if best and args.compile and not over_budget():
+    if best and args.profile and over_budget(best["batch"]):
+        result["profile_eager"] = {"status": "skipped (budget)"}
+    elif best and args.profile:
+        r = attempt("profile eager", lambda: profile_steps(gen, cfg, best["batch"], best["view_chunk"],
+                                                            args.profile_steps), units=best["batch"])
+        result["profile_eager"] = r
+        print("profile eager: " + _describe_profile(r), flush=True)
+        save()
+    # Last: engine.compile patches the shared ViT's blocks for good; cast_weights casts the shared weights.
+    if best and args.compile and over_budget(3 * best["batch"]):  # compilation: ~3 runs' time (a guess)
+        result["compile_run"] = {"status": "skipped (budget)"}
+    elif best and args.compile:
         c2 = copy.deepcopy(cfg)
         c2.engine.compile = True
         r = attempt("compile", lambda: engine_config(gen, c2, best["batch"], best["view_chunk"], args.warmup,
-                                                     args.timed, False, sf, vqa_s))
+                                                     args.timed, False, sf, vqa_s), units=3 * best["batch"])
         result["compile_run"] = r
         print("compile: " + _describe(r), flush=True)
+        save()
+        if args.profile and r.get("status") == "ok" and not over_budget(best["batch"]):
+            p = attempt("profile compiled", lambda: profile_steps(gen, cfg, best["batch"], best["view_chunk"],
+                                                                   args.profile_steps, compile_=True),
+                        units=best["batch"])
+            result["profile_compiled"] = p
+            print("profile compiled: " + _describe_profile(p), flush=True)
+            save()
+    if best and args.bf16_weights and over_budget(best["batch"]):
+        result["bf16_weights_run"] = {"status": "skipped (budget)"}
+    elif best and args.bf16_weights:
+        c3 = copy.deepcopy(cfg)
+        c3.engine.cast_weights, c3.engine.compile = "bf16", args.compile
+        if args.dry_run:
+            c3.engine.autocast = "bf16"
+        r = attempt("bf16 weights", lambda: engine_config(gen, c3, best["batch"], best["view_chunk"], args.warmup,
+                                                          args.timed, False, sf, vqa_s), units=best["batch"])
+        result["bf16_weights_run"] = r
+        print(f"bf16 weights{' + compile' if args.compile else ''}: " + _describe(r), flush=True)
         save()
     summarize(result)
     save()
     print(json.dumps(result.get("summary", {}), indent=1), flush=True)
+    signal.signal(signal.SIGTERM, previous_handler)  # main() may run inside another program (the tests)
     return 0
 
 
 def _describe(r: dict[str, Any]) -> str:
-    head = f"batch {r.get('batch')} view_chunk {r.get('view_chunk')}: "
+    chunk = r.get("view_chunk")
+    chunk = f"auto ({r.get('final_view_chunk')})" if chunk == AUTO_CHUNK else chunk
+    head = f"batch {r.get('batch')} view_chunk {chunk}: "
     if r.get("status") != "ok":
         return head + str(r.get("status")) + (f" ({r.get('error', '')[:120]})" if r.get("error") else "")
     mem = r["peak_gib"]["allocated"] if r.get("peak_gib") else float("nan")
     return head + (f"{r['seconds_per_image']:.2f} s/image, joint step {r['joint_step_seconds'] * 1e3:.0f} ms "
                    f"({r['joint_step_tflops']:.0f} TFLOP/s), peak {mem:.1f} GiB")
+
+
+def _describe_profile(r: dict[str, Any]) -> str:
+    if r.get("status") != "ok":
+        return str(r.get("status")) + (f" ({r.get('error', '')[:120]})" if r.get("error") else "")
+    parts = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["component_seconds_per_step"].items())
+    busy = (f"; GPU busy {r['gpu_busy_share']:.0%}, {r['kernels_per_step']:.0f} kernels"
+            if r.get("gpu_busy_share") else "")
+    return f"joint step {r['joint_step_seconds'] * 1e3:.0f} ms ({r['clock']}): {parts}{busy}"
 
 
 def summarize(result: dict[str, Any]) -> None:
@@ -580,6 +827,15 @@ def summarize(result: dict[str, Any]) -> None:
                  best_seconds_per_image=best["seconds_per_image"], best_engine_tflops=best["engine_tflops"],
                  times_floor=best["seconds_per_image"] / floor["seconds_per_image_nominal"],
                  within_2x_floor=best["seconds_per_image"] <= 2 * floor["seconds_per_image_nominal"])
+    for key in ("compile_run", "bf16_weights_run"):
+        r = result.get(key) or {}
+        if r.get("status") == "ok":
+            s[key.replace("_run", "_seconds_per_image")] = r["seconds_per_image"]
+            s[key.replace("_run", "_times_floor")] = r["seconds_per_image"] / floor["seconds_per_image_nominal"]
+    for key in ("profile_eager", "profile_compiled"):
+        r = result.get(key) or {}
+        if r.get("gpu_busy_share") is not None:
+            s[f"{key}_gpu_busy_share"] = r["gpu_busy_share"]
     ee = result.get("early_exit_run") or {}
     if ee.get("status") == "ok":
         s.update(early_exit_seconds_ratio=ee["seconds_ratio"], early_exit_iteration_ratio=ee["iteration_ratio"],

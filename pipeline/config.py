@@ -150,6 +150,21 @@ class EngineConfig:
     # What makes the images: inversion (Algorithm 1, pipeline/engine/invert.py) or plain SD 1.5 sampling
     # with the same loaded components (pipeline/engine/sample_sd.py, settings in the sampling section).
     generator: str = _f("inversion", choices=list(GENERATORS))
+    # The host reads which samples failed every check_every iterations (the device freezes them at once, so
+    # the numbers do not depend on it): fewer host-device syncs; a batch whose samples all failed stops there.
+    check_every: int = _f(10, 1)
+    # On CUDA: pick view_chunk from the device's free memory at start (pipeline/engine/gpu_plan.py): the largest
+    # chunk dividing the referee passes' rows whose activations fit, after the memory_* reserves below.
+    auto_view_chunk: bool = False
+    memory_per_view_gib: float = _f(0.34, 0.0)  # referee activations per view (fwd + bwd)
+    memory_per_image_gib: float = _f(4.0, 0.0)  # VAE decoder fwd + bwd per image
+    memory_autocast_copies_gib: float = _f(5.0, 0.0)  # autocast's per-pass weight copies (cast_weights: none)
+    memory_headroom_gib: float = _f(8.0, 0.0)  # left free (allocator fragmentation, other processes)
+    # bf16: store the frozen Linear / Conv / Embedding weights in bf16 once (norms stay float32) instead of
+    # autocast re-casting them every pass; needs bf16 autocast; the final decode and scoring then run under it.
+    cast_weights: str = _f("none", choices=["none", "bf16"])
+    compile_backend: str = "inductor"  # engine.compile's torch.compile backend ("eager": tracing only)
+    compile_unet: bool = False  # with engine.compile: the SDS UNet as CUDA graphs (mode reduce-overhead)
 
 
 @dataclass

@@ -73,23 +73,31 @@ class ViewAugmenter(nn.Module):
         with torch.autocast(images.device.type, enabled=False):
             return self.normalize(self.resize(images.float()))
 
-    def _kornia(self, views: torch.Tensor, seed: int, iteration: int) -> torch.Tensor:
+    def _params(self, shape: torch.Size, seed: int, iteration: int) -> tuple[list[dict[str, torch.Tensor]], tuple]:
+        """Every op's parameters for one sample's views, drawn under the sample's own seed on the CPU, and the
+        per-call values that decide how samples can share a call (ColorJitter's order), read here on the host."""
         with seeded_global_cpu_rng(seed, "augment" + self.stream, iteration):
-            params = [op.forward_parameters(views.shape) for op in self.ops]
-        for op, p in zip(self.ops, params):
+            params = [op.forward_parameters(shape) for op in self.ops]
+        return params, tuple(tuple(p["order"].tolist()) if "order" in p else () for p in params)
+
+    def _kornia(self, views: torch.Tensor, seed: int, iteration: int) -> torch.Tensor:
+        for op, p in zip(self.ops, self._params(views.shape, seed, iteration)[0]):
             views = op(views, params=p)
         return views
 
-    def _noise(self, views: torch.Tensor, seed: int, iteration: int) -> torch.Tensor:
+    def _noise_draws(self, views: torch.Tensor, seed: int, iteration: int) -> tuple[torch.Tensor, ...]:
         gen = generator(seed, "augment-noise" + self.stream, iteration, device=views.device)
         n = views.shape[0]
         stds = torch.rand(n, 1, 1, 1, generator=gen, device=views.device) * self.cfg.noise_std_max
-        views = views + stds * torch.randn(views.shape, generator=gen, device=views.device)
-        return views + self.cfg.noise_std * torch.randn(views.shape, generator=gen, device=views.device)
+        first = torch.randn(views.shape, generator=gen, device=views.device)
+        return stds, first, torch.randn(views.shape, generator=gen, device=views.device)
 
-    def forward(self, images: torch.Tensor, seeds: Sequence[int], iteration: int | Sequence[int]) -> torch.Tensor:
-        """[B, 3, H, W] images in [0, 1] -> [B, N, 3, S, S] CLIP-normalised views (float32); ``iteration``
-        for the batch or per sample."""
+    def _noise(self, views: torch.Tensor, seed: int, iteration: int) -> torch.Tensor:
+        stds, first, second = self._noise_draws(views, seed, iteration)
+        return views + stds * first + self.cfg.noise_std * second
+
+    def per_sample(self, images: torch.Tensor, seeds: Sequence[int], iteration: int | Sequence[int]) -> torch.Tensor:
+        """``forward`` one sample at a time (every op once per sample): the path before batching, kept to compare."""
         with torch.autocast(images.device.type, enabled=False):
             pooled = self.resize(images.float())
             out = []
@@ -99,3 +107,67 @@ class ViewAugmenter(nn.Module):
                 views = self._noise(self._kornia(views, seed, it), seed, it)
                 out.append(views)
             return self.normalize(torch.stack(out))
+
+    def forward(self, images: torch.Tensor, seeds: Sequence[int], iteration: int | Sequence[int]) -> torch.Tensor:
+        """[B, 3, H, W] images in [0, 1] -> [B, N, 3, S, S] CLIP-normalised views (float32); ``iteration``
+        for the batch or per sample.
+
+        Every op runs once over all B x N views, with each sample's parameters drawn from its own seed as
+        ``per_sample`` draws them (so the same views); ColorJitter's order of adjustments is drawn per sample,
+        so it runs once per distinct order among the samples."""
+        b, n = len(seeds), self.num_views
+        with torch.autocast(images.device.type, enabled=False):
+            pooled = self.resize(images.float())
+            views = pooled[:, None].expand(-1, n, -1, -1, -1).reshape(b * n, *pooled.shape[1:])
+            its = [iteration if isinstance(iteration, int) else iteration[j] for j in range(b)]
+            shape = torch.Size((n, *pooled.shape[1:]))
+            drawn = [self._params(shape, seed, it) for seed, it in zip(seeds, its)]
+            for k, op in enumerate(self.ops):
+                views = _apply_batched(op, views, [d[0][k] for d in drawn], [d[1][k] for d in drawn], n)
+            noise = [self._noise_draws(views[j * n : (j + 1) * n], seed, it)
+                     for j, (seed, it) in enumerate(zip(seeds, its))]
+            stds, first, second = (torch.cat(parts) for parts in zip(*noise))
+            views = views + stds * first + self.cfg.noise_std * second
+            return self.normalize(views.view(b, n, *views.shape[1:]))
+
+
+def _merge(params: list[dict[str, torch.Tensor]], rows: int) -> dict[str, torch.Tensor]:
+    """Per-sample kornia parameters as one batch's: per-view entries concatenated."""
+    out = {}
+    for key, first in params[0].items():
+        if key == "forward_input_shape":
+            shape = first.clone()
+            shape[0] = rows
+            out[key] = shape
+        elif key == "order":
+            out[key] = first
+        else:
+            out[key] = torch.cat([p[key] for p in params])
+    return out
+
+
+def _apply_batched(op: nn.Module, views: torch.Tensor, params: list[dict[str, torch.Tensor]], keys: list[tuple],
+                   n: int) -> torch.Tensor:
+    """``op`` over all samples' views at once; an op with a per-call ``order`` (``keys``) once per distinct one."""
+    if getattr(op, "same_on_batch", False):
+        # The parameters already share one draw per sample's views; applied with same_on_batch, kornia would
+        # use the first sample's for all (RandomErasing: one rectangle). Its per-row path writes the same values.
+        op.same_on_batch = False
+        try:
+            return _apply_batched(op, views, params, keys, n)
+        finally:
+            op.same_on_batch = True
+    if "order" not in params[0]:
+        return op(views, params=_merge(params, views.shape[0]))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for j, key in enumerate(keys):
+        groups.setdefault(key, []).append(j)
+    if len(groups) == 1:
+        return op(views, params=_merge(params, views.shape[0]))
+    pieces: dict[int, torch.Tensor] = {}
+    for members in groups.values():
+        rows = torch.cat([views[j * n : (j + 1) * n] for j in members])
+        out = op(rows, params=_merge([params[j] for j in members], rows.shape[0]))
+        for i, j in enumerate(members):
+            pieces[j] = out[i * n : (i + 1) * n]
+    return torch.cat([pieces[j] for j in range(len(params))])

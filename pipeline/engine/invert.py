@@ -33,18 +33,20 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from pipeline.config import Config, OptimConfig
 from pipeline.engine.augment import ViewAugmenter
+from pipeline.engine.gpu_plan import ChunkPlan, cast_frozen_weights, compile_blocks, plan_view_chunk
 from pipeline.engine.monitor import MonitorBest, MonitorFn
 from pipeline.engine.passes import autocast_for, balance_gradients, per_sample_norm, view_chunks
 from pipeline.engine.rng import generator, initial_latents, stable_seed
 from pipeline.engine.sds import SdsGuidance, cosine_schedule
 from pipeline.engine.zoo import RefereeZoo, ZooLosses, ZooText
+from pipeline.errors import UserError
 from pipeline.models.loading import GeneratorModels
 from pipeline.referees.blip2 import Referee, RefereeLosses, TextBatch
 
@@ -177,31 +179,58 @@ class _Outcome:
 
 
 class _Batch:
-    """Mutable state of one optimisation: latents, optimiser, EMA, frozen (failed) samples."""
+    """Mutable state of one optimisation: latents, optimiser, EMA, frozen (failed) samples.
+
+    Which samples failed, where and why lives on the device (``alive``, ``fail_iteration``, ``fail_what``):
+    a step freezes a failing sample there without a host sync. The host's ``errors`` / ``stopped_at`` are
+    read from it by ``read_failures`` (every engine.check_every iterations, with a trace, and at the end)."""
 
     def __init__(self, z: torch.Tensor, ocfg: OptimConfig) -> None:
         self.z = z.requires_grad_(True)
         self.opt = _make_optimizer(z, ocfg)
         self.ema = LatentEma(z, ocfg.ema_decay)
-        self.errors: list[str | None] = [None] * z.shape[0]
-        self.stopped_at = [0] * z.shape[0]
+        n, dev = z.shape[0], z.device
+        self.errors: list[str | None] = [None] * n
+        self.stopped_at = [0] * n
+        self.alive_rows = torch.ones(n, dtype=torch.bool, device=dev)
+        self.fail_iteration = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.fail_what = torch.zeros(n, dtype=torch.long, device=dev)
+        self.what: list[str] = []  # names of the checked values; fail_what indexes it
+        self._what_base: dict[tuple[str, ...], int] = {}
+
+    def what_base(self, names: tuple[str, ...]) -> int:
+        """Index in ``what`` of the first of these names (registered together, in order)."""
+        if names not in self._what_base:
+            self._what_base[names] = len(self.what)
+            self.what.extend(names)
+        return self._what_base[names]
 
     @torch.no_grad()
-    def freeze(self, rows: list[int], reason: str, iteration: int) -> None:
-        """Stop a failed sample: zero its latents, EMA and optimiser state so they stay finite."""
-        for b in rows:
-            if self.errors[b] is None:
-                self.errors[b] = reason
-                self.stopped_at[b] = iteration
-            self.z[b].zero_()
-            self.ema.value[b].zero_()
-            for state in self.opt.state.values():
-                for t in state.values():
-                    if torch.is_tensor(t) and t.shape == self.z.shape:
-                        t[b].zero_()
+    def freeze(self, rows: torch.Tensor, what: torch.Tensor, iteration: int) -> None:
+        """Stop the samples flagged in ``rows`` ([B] bool, device) that are still alive: record where and why,
+        and zero their latents, EMA and optimiser state so they stay finite. No host sync."""
+        new = rows & self.alive_rows
+        self.alive_rows &= ~new
+        self.fail_iteration = torch.where(new, iteration, self.fail_iteration)
+        self.fail_what = torch.where(new, what, self.fail_what)
+        mask = new.view(-1, *([1] * (self.z.dim() - 1)))
+        self.z.masked_fill_(mask, 0.0)
+        self.ema.value.masked_fill_(mask, 0.0)
+        for state in self.opt.state.values():
+            for t in state.values():
+                if torch.is_tensor(t) and t.shape == self.z.shape:
+                    t.masked_fill_(mask, 0.0)
+
+    def read_failures(self) -> None:
+        """Bring the device's failure record to ``errors`` / ``stopped_at`` (one device sync)."""
+        its, whats = torch.stack([self.fail_iteration, self.fail_what]).tolist()
+        for b, (it, w) in enumerate(zip(its, whats)):
+            if it >= 0 and self.errors[b] is None:
+                self.errors[b] = f"non-finite {self.what[w].replace('_', ' ')} at iteration {it}"
+                self.stopped_at[b] = it
 
     def alive(self) -> torch.Tensor:
-        return torch.tensor([e is None for e in self.errors], device=self.z.device)
+        return self.alive_rows
 
 
 def _make_optimizer(z: torch.Tensor, ocfg: OptimConfig) -> torch.optim.Optimizer:
@@ -223,7 +252,7 @@ class InversionEngine:
         self.device = models.device
         self.referee = Referee(models, cfg.referee)
         self.sds = SdsGuidance(models, cfg.sds)
-        self.augmenter = ViewAugmenter(cfg.augment, self.referee.image_size)
+        self.augmenter = ViewAugmenter(cfg.augment, self.referee.image_size).to(self.device)
         self.zoo = RefereeZoo(cfg, models, self.referee) if cfg.zoo.referees else None
         self._decode_fn = models.vae.decode
         self.view_chunk = cfg.engine.view_chunk  # views per referee pass now; the OOM fallback lowers it
@@ -233,23 +262,57 @@ class InversionEngine:
         self.monitor_score: MonitorFn | None = None
         if self.device.type == "cuda" and cfg.engine.channels_last:
             models.vae.to(memory_format=torch.channels_last)
+        self.chunk_plan: ChunkPlan | None = None
+        if cfg.engine.auto_view_chunk and self.device.type == "cuda":
+            self._plan_chunk()
+        self.cast_weights = cfg.engine.cast_weights == "bf16"
+        if self.cast_weights:
+            self._cast_weights()
         if cfg.engine.compile:
             self._compile()
 
-    def _compile(self) -> None:
-        """torch.compile the big differentiable passes: the VAE decoder, the BLIP-2 ViT and, with a zoo, every
-        referee's vision tower (CLIP's ViT, OWLv2's image encoder).
+    def _plan_chunk(self) -> None:
+        """engine.auto_view_chunk: the view chunk from the device's free memory now (pipeline/engine/gpu_plan.py)."""
+        ec, ac = self.cfg.engine, self.cfg.augment
+        free, _ = torch.cuda.mem_get_info(self.device)
+        copies = 0.0 if ec.cast_weights == "bf16" else ec.memory_autocast_copies_gib
+        self.chunk_plan = plan_view_chunk(free / 2**30, ec.batch_size, ac.num_views, ac.top_k, ec.memory_per_view_gib,
+                                          ec.memory_per_image_gib, copies, ec.memory_headroom_gib)
+        self.view_chunk = self.chunk_plan.view_chunk
+        log.info("engine.auto_view_chunk: %s", self.chunk_plan.describe())
 
-        Not exercised by the CPU tests. A vision tower's forward is patched on the shared model once.
+    def _cast_weights(self) -> None:
+        """engine.cast_weights bf16: the frozen referee, caption head, UNet and VAE store bf16 weights (once: the
+        models are shared); every pass over them then runs under bf16 autocast, the final ones included."""
+        if not isinstance(self._autocast(), torch.autocast) or self._autocast().fast_dtype != torch.bfloat16:
+            raise UserError("engine.cast_weights: bf16 needs bf16 autocast (engine.autocast: bf16, or auto on CUDA)")
+        if self.zoo is not None or self.cfg.monitor.enabled:
+            raise UserError("engine.cast_weights: bf16 is for the paper's referee without monitoring "
+                            "(zoo.referees empty, monitor.enabled false)")
+        m = self.models
+        cast_frozen_weights([m.referee, m.caption_head, m.unet, m.vae], torch.bfloat16)
+
+    def _compile(self) -> None:
+        """torch.compile what pays (pipeline/engine/gpu_plan.py): every block of the BLIP-2 ViT (and, with a zoo,
+        of every referee's vision tower) on its own with static shapes, the VAE decode, optionally the SDS UNet
+        as CUDA graphs. The final pass (``_finish``) runs eager: its shapes differ from the loop's.
+
+        A vision tower's blocks are patched on the shared model once. The CPU tests trace it (backend eager).
         """
-        self._decode_fn = torch.compile(self.models.vae.decode)
+        ec = self.cfg.engine
+        self._decode_fn = torch.compile(self.models.vae.decode, dynamic=False, backend=ec.compile_backend)
         towers = [self.models.referee.vision_model]
         for ref in self.zoo.referees if self.zoo is not None else []:
             towers += vision_towers(getattr(ref, "model", None))
         for vit in towers:
-            if not getattr(vit, "_referee_synth_compiled", False):
-                vit.forward = torch.compile(vit.forward)
-                vit._referee_synth_compiled = True
+            compile_blocks(vit, ec.compile_backend)
+        if ec.compile_unet:
+            self.sds.unet = torch.compile(self.models.unet, mode="reduce-overhead", dynamic=False)
+
+    def _eager(self) -> AbstractContextManager:
+        """Compiled functions run eager inside (torch.compiler.set_stance; torch >= 2.6), when engine.compile."""
+        stance = getattr(torch.compiler, "set_stance", None)
+        return stance("force_eager") if self.cfg.engine.compile and stance is not None else nullcontext()
 
     # ---- public API -------------------------------------------------------------------------
     def run(
@@ -432,7 +495,7 @@ class InversionEngine:
         views = self._hardest(self.augmenter(images, seeds, iteration), text)
         b, n = views.shape[:2]
         leaf = views.detach().requires_grad_(True)
-        rows, owner = text.repeat_rows(n), torch.arange(b, device=z.device).repeat_interleave(n)
+        rows, owner = text.repeat_rows(n), self._owner(b, n, z.device)
         sums = {k: torch.zeros(b, device=z.device) for k in ("itm", "caption", "total")}
         for c in view_chunks(b * n, self.view_chunk):
             with self._autocast():
@@ -442,6 +505,14 @@ class InversionEngine:
                 sums[k].index_add_(0, owner[c], getattr(part, k).detach().float())
         (g,) = torch.autograd.grad(views, z, grad_outputs=leaf.grad)
         return g.float(), RefereeLosses(**{k: v / n for k, v in sums.items()})
+
+    def _owner(self, b: int, n: int, device: torch.device) -> torch.Tensor:
+        """[b * n]: the sample each view row belongs to (built once per shape)."""
+        key = (b, n, device)
+        cache = self.__dict__.setdefault("_owners", {})
+        if key not in cache:
+            cache[key] = torch.arange(b, device=device).repeat_interleave(n)
+        return cache[key]
 
     def _zoo_grad_once(self, z: torch.Tensor, text: ZooText, seeds: Sequence[int], iteration: int,
                        g_sds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ZooLosses]:
@@ -461,13 +532,11 @@ class InversionEngine:
                     batch.z[b].fill_(float("nan"))
 
     def _check(self, batch: _Batch, iteration: int, **tensors: torch.Tensor) -> None:
-        """Freeze the samples with a non-finite value in any of ``tensors`` (one device sync)."""
-        names = list(tensors)
-        flags = torch.stack([_nonfinite(t) for t in tensors.values()], dim=1).tolist()
-        for b, row in enumerate(flags):
-            if any(row) and batch.errors[b] is None:
-                what = names[row.index(True)].replace("_", " ")
-                batch.freeze([b], f"non-finite {what} at iteration {iteration}", iteration)
+        """Freeze the samples with a non-finite value in any of ``tensors`` (on the device: no sync; the reason
+        is the first of ``tensors`` that failed, read by ``_Batch.read_failures``)."""
+        flags = torch.stack([_nonfinite(t) for t in tensors.values()], dim=1)
+        what = batch.what_base(tuple(tensors)) + flags.to(torch.int32).argmax(dim=1)
+        batch.freeze(flags.any(dim=1), what, iteration)
 
     def _joint_step(self, batch: _Batch, slots, prompts, text, i: int, total: int) -> dict:
         """One referee + SDS iteration of Algorithm 1; returns per-batch trace values."""
@@ -517,6 +586,7 @@ class InversionEngine:
         batch = _Batch(self._initial_latents([s.seed for s in slots]), ocfg)
         total = ocfg.iterations + ocfg.tail_iterations
         traces: list[list[dict]] = [[] for _ in slots]
+        every = self.cfg.engine.check_every
         for i in range(total):
             if inject is not None:
                 self._inject(batch, slots, inject, i)
@@ -525,18 +595,32 @@ class InversionEngine:
                 info = self._joint_step(batch, slots, prompts, text, i, total)
             else:
                 info = self._tail_step(batch, slots, prompts, i, total)
-            if self.cfg.engine.trace:
+            if self.cfg.engine.trace:  # syncs anyway: the record needs the failures as of this iteration
+                batch.read_failures()
                 _append_trace(traces, info, i, batch.errors)
+            elif (i + 1) % every == 0:
+                batch.read_failures()
+                if all(e is not None for e in batch.errors):
+                    break  # every sample failed: their restarts need not wait for the schedule's end
         return self._finish(batch, text, traces, total)
 
     @torch.no_grad()
     def _finish(self, batch: _Batch, text, traces: list[list[dict]], total: int) -> _Outcome:
-        """Decode the final latents and score the un-augmented images with the referee."""
-        images = self._decode(batch.z.detach())
+        """Decode the final latents and score the un-augmented images with the referee (eager; under autocast
+        only with engine.cast_weights, whose bf16 weights need it)."""
+        with self._eager():
+            return self._finish_eager(batch, text, traces, total)
+
+    def _finish_eager(self, batch: _Batch, text, traces: list[list[dict]], total: int) -> _Outcome:
+        final_autocast = self._autocast() if self.cast_weights else nullcontext()
+        with final_autocast:
+            images = self._decode(batch.z.detach())
         if self.zoo is not None:
             return self._finish_zoo(batch, images, text, traces, total)
-        losses = self.referee.losses(self.augmenter.plain(images), text)
+        with final_autocast:
+            losses = self.referee.losses(self.augmenter.plain(images), text)
         self._check(batch, total, final_referee_loss=losses.total.view(-1, 1), image=images)
+        batch.read_failures()
         iterations = [total if e is None else s for e, s in zip(batch.errors, batch.stopped_at)]
         losses = RefereeLosses(losses.itm.float().cpu(), losses.caption.float().cpu(), losses.total.float().cpu())
         return _Outcome(images.float().cpu(), losses, list(batch.errors), iterations, traces)
@@ -548,6 +632,7 @@ class InversionEngine:
         assert self.zoo is not None
         scores, losses, parts = self.zoo.final(images, text)
         self._check(batch, total, final_referee_loss=losses.total.to(images.device).view(-1, 1), image=images)
+        batch.read_failures()
         iterations = [total if e is None else s for e, s in zip(batch.errors, batch.stopped_at)]
         blip2 = next((parts[r.name] for r in self.zoo.referees if r.kind == "blip2" and r.name in parts), {})
         nan = torch.full_like(losses.total, math.nan)

@@ -13,9 +13,10 @@ prompts in one batch stay independent.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,20 +31,60 @@ _PROMPT_CACHE_SIZE = 4096  # token-id lists kept (LRU); bounds memory in a long-
 
 @dataclass
 class TextBatch:
-    """Token ids (``[CLS] ... [SEP]``, right-padded) and their padding mask, one row per image."""
+    """Token ids (``[CLS] ... [SEP]``, right-padded) and their padding mask, one row per image.
+
+    ``host_mask`` (the mask on the host, when the batch was built there) lets the caption loss find its token
+    positions without a device sync: they are computed once per batch (``caption_index``), copied once, and a
+    chunk of rows (``select`` with a slice) takes its part of them by host-side offsets. Without it the
+    positions come from boolean-mask indexing on the device (a sync per call)."""
 
     ids: torch.Tensor  # [n, T] long
     mask: torch.Tensor  # [n, T] bool, True on real tokens
+    host_mask: torch.Tensor | None = None  # [n, T] bool on the CPU
+    _caption: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    _repeated: dict[int, TextBatch] = field(default_factory=dict, repr=False, compare=False)
 
     def select(self, rows: torch.Tensor | slice | list[int]) -> TextBatch:
-        return TextBatch(self.ids[rows], self.mask[rows])
+        if not isinstance(rows, slice) or self.host_mask is None:
+            return TextBatch(self.ids[rows], self.mask[rows])
+        out = TextBatch(self.ids[rows], self.mask[rows], self.host_mask[rows])
+        start, stop, step = rows.indices(self.ids.shape[0])
+        if step == 1:  # the chunk's caption positions: a contiguous run of the batch's (sorted by row)
+            flat, owner = self.caption_index()
+            a, b = self._offsets()[start], self._offsets()[stop]
+            width = self.ids.shape[1] - 1
+            out._caption = (flat[a:b] - start * width, owner[a:b] - start)
+        return out
 
     def repeat_rows(self, times: int) -> TextBatch:
-        """Each row ``times`` times in a row (sample-major, as views are laid out)."""
-        return TextBatch(self.ids.repeat_interleave(times, 0), self.mask.repeat_interleave(times, 0))
+        """Each row ``times`` times in a row (sample-major, as views are laid out); built once per ``times``."""
+        if times not in self._repeated:
+            host = None if self.host_mask is None else self.host_mask.repeat_interleave(times, 0)
+            self._repeated[times] = TextBatch(self.ids.repeat_interleave(times, 0),
+                                              self.mask.repeat_interleave(times, 0), host)
+        return self._repeated[times]
 
     def to(self, device: torch.device) -> TextBatch:
-        return TextBatch(self.ids.to(device), self.mask.to(device))
+        host = self.host_mask if self.host_mask is not None else (self.mask if self.mask.device.type == "cpu"
+                                                                  else None)
+        return TextBatch(self.ids.to(device), self.mask.to(device), host)
+
+    def _offsets(self) -> list[int]:
+        """Host ints: where each row's caption positions start in ``caption_index`` (and the total, last)."""
+        if "_offsets_list" not in self.__dict__:
+            assert self.host_mask is not None
+            counts = self.host_mask[:, 1:].sum(dim=1).tolist()  # a host tensor: no device involved
+            self.__dict__["_offsets_list"] = [0, *itertools.accumulate(counts)]
+        return self.__dict__["_offsets_list"]
+
+    def caption_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat positions in [n, T-1], row of each) of the real next tokens, row-major, on the ids' device."""
+        if self._caption is None:
+            valid = (self.host_mask if self.host_mask is not None else self.mask)[:, 1:]
+            flat = valid.reshape(-1).nonzero().squeeze(1)
+            both = torch.stack([flat, flat // valid.shape[1]]).to(self.ids.device)  # one copy per batch
+            self._caption = (both[0], both[1])
+        return self._caption
 
 
 @dataclass
@@ -184,10 +225,12 @@ class Referee:
         are ignored, as LAVIS's -100 labels), so the head runs on those positions only.
         """
         text_hidden = caption_hidden[:, self.num_queries : -1]
-        valid = text.mask[:, 1:]
-        rows = torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
-        h = text_hidden[valid].to(self.head.dense.weight.dtype)
-        terms = caption_token_terms(self.head(h), text.ids[:, 1:][valid], self.cfg.label_smoothing)
+        # Gathers at precomputed positions (the same rows, in the same order, as boolean-mask indexing): no
+        # data-dependent shape, so no device sync here nor in backward.
+        flat, rows = text.caption_index()
+        h = text_hidden.flatten(0, 1).index_select(0, flat).to(self.head.dense.weight.dtype)
+        targets = text.ids[:, 1:].flatten().index_select(0, flat)
+        terms = caption_token_terms(self.head(h), targets, self.cfg.label_smoothing)
         return terms, rows
 
     def losses(self, pixels: torch.Tensor, text: TextBatch) -> RefereeLosses:
@@ -206,10 +249,9 @@ class Referee:
         """Dense [n, T-1] matrix of per-position caption terms (0 where the target is a pad)."""
         _, caption_hidden = self._joint_hidden(self.image_embeds(pixels), text)
         terms, _ = self._caption_terms(caption_hidden, text)
-        valid = text.mask[:, 1:]
-        dense = torch.zeros(valid.shape, device=terms.device, dtype=terms.dtype)
-        dense[valid] = terms
-        return dense
+        flat, _ = text.caption_index()
+        dense = torch.zeros(text.mask[:, 1:].shape, device=terms.device, dtype=terms.dtype)
+        return dense.view(-1).index_copy(0, flat, terms).view(dense.shape)
 
     # ---- raw outputs (what tests/parity compares with the original code) ------------------------
     def itm_logits(self, pixels: torch.Tensor, text: TextBatch) -> torch.Tensor:

@@ -121,3 +121,31 @@ def test_translate_is_per_axis(tiny_cfg, translate, moves_x) -> None:
     mid = views[:, :, 16, :]
     plain_mid = aug.plain(ramp)[0, :, 16, :].expand_as(mid)
     assert torch.allclose(mid, plain_mid, atol=1e-5) is not moves_x
+
+
+def test_batched_views_are_the_per_sample_views(augmenter) -> None:
+    """One call per op over every sample's views gives the views (and gradients) of one call per sample."""
+    seeds, images = [11, 12, 13, 14], _images(4)
+    calls = {type(op).__name__: 0 for op in augmenter.ops}
+
+    def count(module, args):
+        calls[type(module).__name__] += 1
+
+    handles = [op.register_forward_pre_hook(count) for op in augmenter.ops]
+    try:
+        for iteration in (3, [0, 5, 5, 9]):
+            a = images.clone().requires_grad_(True)
+            b = images.clone().requires_grad_(True)
+            batched = augmenter(a, seeds, iteration)
+            per_sample = augmenter.per_sample(b, seeds, iteration)
+            assert torch.equal(batched, per_sample)
+            weights = torch.randn(batched.shape, generator=torch.Generator().manual_seed(1))
+            (batched * weights).sum().backward()
+            (per_sample * weights).sum().backward()
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+    finally:
+        for h in handles:
+            h.remove()
+    # per_sample: 4 samples x 2 calls; batched: once per op per call (ColorJitter once per distinct order)
+    assert calls["RandomAffine"] == calls["RandomPerspective"] == calls["RandomErasing"] == 2 * 4 + 2
+    assert 2 * 4 + 2 <= calls["ColorJitter"] <= 2 * 4 + 2 * 4
