@@ -508,6 +508,8 @@ class Config:
         if not self.monitor.enabled:  # off: the hash of a run made before monitoring existed
             del data["monitor"]
         data["engine"] = {k: v for k, v in data["engine"].items() if k not in _RUN_ONLY_ENGINE_KEYS}
+        if self.engine.cast_weights == "none":  # bf16 storage changes the numbers; none: the hash of a run before it
+            data["engine"].pop("cast_weights")
         data["models"] = {k: v for k, v in data["models"].items() if k not in _RUN_ONLY_MODEL_KEYS}
         _generator_hash_keys(data, self.engine.generator)
         data["filter"].pop("inferred", None)  # reasons, not numbers: they change no decision
@@ -524,7 +526,10 @@ _RUN_ONLY_JOB_KEYS = {
     "storage_connect_timeout_s", "storage_request_timeout_s", "storage_max_attempts", "storage_retry_time_s",
 }
 _TARGET_JOB_KEYS = {"target_accepted", "max_samples_per_prompt"}
-_RUN_ONLY_ENGINE_KEYS = {"trace", "compile", "view_chunk", "oom_fallback"}
+_RUN_ONLY_ENGINE_KEYS = {
+    "trace", "compile", "view_chunk", "oom_fallback", "check_every", "auto_view_chunk", "memory_per_view_gib",
+    "memory_per_image_gib", "memory_autocast_copies_gib", "memory_headroom_gib", "compile_backend", "compile_unet",
+}
 _RUN_ONLY_MODEL_KEYS = {"tiny_cache_dir", "device"}
 
 

@@ -85,6 +85,11 @@ def test_yaml_round_trip(tmp_path) -> None:
 def test_hash_ignores_run_only_keys_but_not_method_keys() -> None:
     base = Config()
     assert load_config(overrides=["job.num_actors=7"]).hash() == base.hash()
+    # How the GPU loop is run (checks, memory plan, compile) changes no number; bf16 weight storage does.
+    gpu_run = ["engine.check_every=3", "engine.auto_view_chunk=true", "engine.memory_headroom_gib=2",
+               "engine.compile_backend=eager", "engine.compile_unet=true"]
+    assert load_config(overrides=gpu_run).hash() == base.hash()
+    assert load_config(overrides=["engine.cast_weights=bf16"]).hash() != base.hash()
     assert load_config(overrides=["sds.guidance_scale=7.5"]).hash() != base.hash()
 
 
