@@ -127,7 +127,9 @@ class ModelsConfig:
     device: str = _f("auto", choices=["auto", "cpu", "cuda"])
 
 
-GENERATORS = ("inversion", "sd_sampling")
+GENERATORS = ("inversion", "sd_sampling")  # the generators that make an image (a cascade stage names one)
+CASCADE = "cascade"  # engine.generator: per prompt, the cascade.stages' generators in turn
+ENGINE_GENERATORS = (*GENERATORS, CASCADE)
 # engine.generator sd_sampling: diffusers scheduler classes by config name.
 SAMPLING_SCHEDULERS = {
     "ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
@@ -146,8 +148,9 @@ class EngineConfig:
     max_restarts: int = _f(2, 0)  # restarts of a sample whose latents go non-finite
     oom_fallback: bool = True  # on CUDA out-of-memory in the referee pass: halve view_chunk, redo the iteration
     # What makes the images: inversion (Algorithm 1, pipeline/engine/invert.py) or plain SD 1.5 sampling
-    # with the same loaded components (pipeline/engine/sample_sd.py, settings in the sampling section).
-    generator: str = _f("inversion", choices=list(GENERATORS))
+    # with the same loaded components (pipeline/engine/sample_sd.py, settings in the sampling section), or a
+    # cascade of both (the cascade section; pipeline/engine/cascade.py).
+    generator: str = _f("inversion", choices=list(ENGINE_GENERATORS))
 
 
 @dataclass
@@ -289,6 +292,25 @@ class SamplingConfig:
     # A LoRA folder written by `referee-synth finetune` (local or s3://), loaded with diffusers'
     # load_lora_weights; "" = the base model. The hash holds its weights' digest, not its path.
     lora: str = ""
+
+
+@dataclass
+class CascadeStage:
+    """One stage of engine.generator cascade: a prompt's attempts go here until its target is met or
+    ``max_samples`` attempts of this stage are made, then to the next stage."""
+
+    generator: str = _f("", choices=list(GENERATORS))
+    max_samples: int = _f(1, 1, 99)  # this stage's attempts per prompt at most
+    batch_size: int = _f(0, 0)  # samples per batch of this stage; 0 = engine.batch_size
+
+
+@dataclass
+class CascadeConfig:
+    """engine.generator cascade (docs/CASCADE.md): the stages in order, cheapest first, e.g.
+    ``[{generator: sd_sampling, max_samples: 8}, {generator: inversion, max_samples: 4}]``. Needs
+    job.target_accepted: a stage hands a prompt on while the prompt is short of its target."""
+
+    stages: list[CascadeStage] = _f([])
 
 
 @dataclass
@@ -458,6 +480,7 @@ class Config:
     sds: SdsConfig = field(default_factory=SdsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
     vqa: VqaConfig = field(default_factory=VqaConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
@@ -491,7 +514,7 @@ class Config:
             del data["monitor"]
         data["engine"] = {k: v for k, v in data["engine"].items() if k not in _RUN_ONLY_ENGINE_KEYS}
         data["models"] = {k: v for k, v in data["models"].items() if k not in _RUN_ONLY_MODEL_KEYS}
-        _generator_hash_keys(data, self.engine.generator)
+        _generator_hash_keys(data, self.engine.generator, stage_generators(self))
         data["filter"].pop("inferred", None)  # reasons, not numbers: they change no decision
         if self.scoring.spatial_vocabulary == "open":  # the hash of a run made before the choice existed
             data["scoring"].pop("spatial_vocabulary", None)
@@ -510,10 +533,17 @@ _RUN_ONLY_ENGINE_KEYS = {"trace", "compile", "view_chunk", "oom_fallback"}
 _RUN_ONLY_MODEL_KEYS = {"tiny_cache_dir", "device"}
 
 
-def _generator_hash_keys(data: dict[str, Any], generator: str) -> None:
+def _generator_hash_keys(data: dict[str, Any], generator: str, used: set[str]) -> None:
     """Inversion: the hash of a run made before engine.generator existed. Sampling: the inversion-only
-    sections change no image, so they leave the hash alone."""
-    sections = _INVERSION_ONLY_SECTIONS if generator == "sd_sampling" else ("sampling",)
+    sections change no image, so they leave the hash alone. Cascade: the sections of the generators its
+    stages use, and the stages; any other generator: no cascade section (the hash of a run made before it)."""
+    sections: tuple[str, ...] = ()
+    if "inversion" not in used:
+        sections += _INVERSION_ONLY_SECTIONS
+    if "sd_sampling" not in used:
+        sections += ("sampling",)
+    if generator != CASCADE:
+        sections += ("cascade",)
     for name in sections:
         data.pop(name, None)
     if "sampling" in data:
@@ -524,6 +554,20 @@ def _generator_hash_keys(data: dict[str, Any], generator: str) -> None:
             data["sampling"]["lora_sha256"] = lora_digest(lora)
     if generator == "inversion":
         data["engine"].pop("generator", None)
+
+
+def stage_generators(cfg: Config) -> set[str]:
+    """The generators a run uses: engine.generator, or its cascade stages' generators."""
+    if cfg.engine.generator == CASCADE:
+        return {stage.generator for stage in cfg.cascade.stages}
+    return {cfg.engine.generator}
+
+
+def prompt_attempt_limit(cfg: Config) -> int:
+    """Attempts a prompt may reach with a target: job.max_samples_per_prompt, or a cascade's stage budgets summed."""
+    if cfg.engine.generator == CASCADE:
+        return sum(stage.max_samples for stage in cfg.cascade.stages)
+    return cfg.job.max_samples_per_prompt
 
 
 _INVERSION_ONLY_SECTIONS = ("augment", "referee", "sds", "optim", "zoo", "monitor")
@@ -656,7 +700,7 @@ def _check_cross_fields(cfg: Config) -> None:
             f"config: job.lease_stale_s must exceed 2 x job.lease_heartbeat_s ({cfg.job.lease_heartbeat_s}), "
             f"got {cfg.job.lease_stale_s}"
         )
-    if cfg.job.target_accepted > cfg.job.max_samples_per_prompt:
+    if cfg.job.target_accepted > cfg.job.max_samples_per_prompt and cfg.engine.generator != CASCADE:
         raise ConfigError(
             f"config: job.target_accepted must be <= job.max_samples_per_prompt ({cfg.job.max_samples_per_prompt}), "
             f"got {cfg.job.target_accepted}"
@@ -665,12 +709,44 @@ def _check_cross_fields(cfg: Config) -> None:
     if lo > hi:
         raise ConfigError(f"config: augment.erasing_scale must be [low, high] with low <= high, got {[lo, hi]}")
     _check_zoo(cfg.zoo)
-    if cfg.sampling.lora and cfg.engine.generator != "sd_sampling":
+    _check_cascade(cfg)
+    if cfg.sampling.lora and cfg.engine.generator != "sd_sampling":  # a cascade's stages share one UNet
         raise ConfigError("config: sampling.lora needs engine.generator sd_sampling (--generator sd_sampling)")
     if cfg.monitor.enabled and cfg.engine.generator != "inversion":
         raise ConfigError(
             f"config: monitor.enabled needs engine.generator inversion (it watches the optimisation), "
             f"got {cfg.engine.generator!r}")
+
+
+def _check_cascade(cfg: Config) -> None:
+    stages = cfg.cascade.stages
+    if cfg.engine.generator != CASCADE:
+        if stages:
+            raise ConfigError(f"config: cascade.stages needs engine.generator cascade (--generator cascade), "
+                              f"got engine.generator {cfg.engine.generator!r}")
+        return
+    if not stages:
+        raise ConfigError("config: engine.generator cascade needs cascade.stages, e.g. "
+                          "[{generator: sd_sampling, max_samples: 8}, {generator: inversion, max_samples: 4}]")
+    seen = set()
+    for i, stage in enumerate(stages):
+        if stage.generator not in GENERATORS:
+            raise ConfigError(f"config: cascade.stages[{i}].generator must be one of {', '.join(GENERATORS)}, "
+                              f"got {_show(stage.generator)}")
+        if stage.generator in seen:
+            raise ConfigError(f"config: cascade.stages[{i}] repeats the generator {stage.generator} "
+                              "(give it one stage with the budget summed)")
+        seen.add(stage.generator)
+    total = sum(stage.max_samples for stage in stages)
+    if total > 99:
+        raise ConfigError(f"config: cascade.stages' max_samples sum to {total}; at most 99 per prompt "
+                          "(the sample index has two digits in the key)")
+    if not cfg.job.target_accepted:
+        raise ConfigError("config: engine.generator cascade needs job.target_accepted > 0 (--target-accepted K): "
+                          "a prompt moves to the next stage while it is short of its target")
+    if cfg.job.target_accepted > total:
+        raise ConfigError(f"config: job.target_accepted must be <= the cascade's attempts per prompt "
+                          f"(cascade.stages' max_samples summed: {total}), got {cfg.job.target_accepted}")
 
 
 def _check_zoo(zoo: ZooConfig) -> None:
