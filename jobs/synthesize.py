@@ -3,7 +3,7 @@
     python jobs/synthesize.py --prompts PATH --output PATH [--config FILE] [--set k=v ...]
         [--num-actors N] [--shard-size N] [--samples-per-prompt K] [--seed S] [--threshold X] [--force]
         [--no-progress] [--no-dashboard] [--target-accepted K --max-samples M] [--gpu-hour-price P]
-        [--generator inversion|sd_sampling]
+        [--generator inversion|sd_sampling|cascade]
     python jobs/synthesize.py --plan --prompts PATH --output PATH [--from-run RUN_DIR ...] [same options]
 
 On a cluster: ``ray job submit --working-dir . -- python jobs/synthesize.py ...`` (or with
@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.cli import EXIT_FAILED, EXIT_OK, fail, run_main  # noqa: E402
-from pipeline.config import GENERATORS, MODEL_KEYS, Config, load_config  # noqa: E402
+from pipeline.config import ENGINE_GENERATORS, MODEL_KEYS, Config, load_config, prompt_attempt_limit  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-prompt", type=int, help="images per prompt (rows may override)")
     p.add_argument("--seed", type=int, help="run seed")
     p.add_argument("--threshold", type=float, help="acceptance threshold for every category")
-    p.add_argument("--generator", choices=GENERATORS,
-                   help="what makes the images: inversion (default) or sd_sampling (plain SD 1.5 sampling); "
+    p.add_argument("--generator", choices=ENGINE_GENERATORS,
+                   help="what makes the images: inversion (default), sd_sampling (plain SD 1.5 sampling) or cascade "
+                        "(cascade.stages in turn per prompt, with --target-accepted; docs/CASCADE.md); "
                         "the same as --set engine.generator=...")
     p.add_argument("--lora", metavar="DIR", help="with --generator sd_sampling: a LoRA from `referee-synth finetune` "
                    "(the same as --set sampling.lora=DIR)")
@@ -332,7 +333,7 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     # Input checks first and with light imports, so a bad file is reported in about a second.
     files, tables = read_prompt_tables(args.prompts)
     rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars,
-                         cfg.job.max_samples_per_prompt if cfg.job.target_accepted else 0)
+                         prompt_attempt_limit(cfg) if cfg.job.target_accepted else 0)
     if not rows:
         raise UserError(f"prompts: {args.prompts}: no prompt rows")
     from pipeline.scoring.routing import models_needed, scorers_for
@@ -405,7 +406,7 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
 
     _, tables = read_prompt_tables(args.prompts)
     rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars,
-                         cfg.job.max_samples_per_prompt if cfg.job.target_accepted else 0)
+                         prompt_attempt_limit(cfg) if cfg.job.target_accepted else 0)
     if not rows:
         raise UserError(f"prompts: {args.prompts}: no prompt rows")
     by_generator = rates_by_generator(args.from_run or [])

@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 import yaml
 
 from pipeline.budget.accounting import run_accounting
-from pipeline.config import Config
+from pipeline.config import Config, prompt_attempt_limit
 from pipeline.errors import UserError
 from pipeline.io import storage
 from pipeline.io.completeness import run_config_hash, scan_shards
@@ -177,7 +177,7 @@ def per_night(stats: list[ShardStats]) -> dict[str, dict[str, int]]:
 
 def _accounting(stats: list[ShardStats], cfg: Config | None) -> dict[str, Any]:
     price = cfg.cost.gpu_hour_price if cfg else 0.0
-    target, most = (cfg.job.target_accepted, cfg.job.max_samples_per_prompt) if cfg else (0, 0)
+    target, most = (cfg.job.target_accepted, prompt_attempt_limit(cfg)) if cfg else (0, 0)
     return run_accounting(stats, price, target, most)
 
 
