@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 import yaml
 
 from pipeline.budget.accounting import run_accounting
-from pipeline.config import Config, prompt_attempt_limit
+from pipeline.config import CASCADE, Config, prompt_attempt_limit
 from pipeline.errors import UserError
 from pipeline.io import storage
 from pipeline.io.completeness import run_config_hash, scan_shards
@@ -178,7 +178,8 @@ def per_night(stats: list[ShardStats]) -> dict[str, dict[str, int]]:
 def _accounting(stats: list[ShardStats], cfg: Config | None) -> dict[str, Any]:
     price = cfg.cost.gpu_hour_price if cfg else 0.0
     target, most = (cfg.job.target_accepted, prompt_attempt_limit(cfg)) if cfg else (0, 0)
-    return run_accounting(stats, price, target, most)
+    single = (None if cfg.engine.generator == CASCADE else cfg.engine.generator) if cfg else None
+    return run_accounting(stats, price, target, most, single)
 
 
 def write_summary(fs: pafs.FileSystem, out: str, summary: Summary) -> None:
@@ -260,13 +261,36 @@ passes the category threshold.
 - Shard list: `shards.txt`. Totals: `summary.json`. Configuration and versions: `run.json`.
 - Config hash `{info.config_hash}`, code version `{info.code_version}`.
 - Libraries: {libs}.
-
+{_generator_table(summary.generators)}
 ```python
 import datasets
 ds = datasets.load_dataset("RUN_DIR", split="train")   # columns png/jpg/webp, txt, json
 ```
 """
     storage.write_atomic(fs, storage.join(out, CARD_FILE), f"---\n{front}\n---\n{body}".encode())
+
+
+def generator_rows(generators: dict[str, Any]) -> list[tuple[str, str, int, float | None, float | None]]:
+    """(generator, category, accepted, seconds per accepted image, share of the category's accepted images) of
+    summary.json's ``generators``, overall rows first (category "all", share of every accepted image)."""
+    rows = []
+    for gen, g in generators.items():
+        rows.append((gen, "all", g["accepted"], g["seconds_per_accepted"], g["share"]))
+        rows += [(gen, name, c["accepted"], c["seconds_per_accepted"], c["share"])
+                 for name, c in g.get("categories", {}).items()]
+    return rows
+
+
+def _generator_table(generators: dict[str, Any]) -> str:
+    """The card's split by generator (a cascade's stages; one row per category), or nothing."""
+    if not generators:
+        return ""
+    lines = ["", "Made by (complete shards; share: of the category's accepted images):", "",
+             "| generator | category | accepted | seconds per accepted | share |", "|---|---|---|---|---|"]
+    for gen, cat, acc, spa, share in generator_rows(generators):
+        lines.append(f"| {gen} | {cat} | {acc} | {'-' if spa is None else f'{spa:.2f}'} | "
+                     f"{'-' if share is None else f'{share:.1%}'} |")
+    return "\n".join(lines) + "\n"
 
 
 def _size_category(n: int) -> str:

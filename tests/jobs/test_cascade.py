@@ -112,3 +112,48 @@ def test_keys_are_unique_and_the_same_after_a_sigkill_in_the_second_stage(cascad
     assert _stable(side_one) == _stable(side_two)
     images = [{k: s["png"] for k, s in _tar_samples(out).items()} for out in (two, one)]
     assert images[0] == images[1] and len(images[0]) == 3 * K
+
+
+def test_summary_card_and_report_split_by_generator_and_category(cascade_run, tmp_path) -> None:
+    _, out, side = cascade_run
+    gens = json.loads((out / "summary.json").read_text())["generators"]
+    assert set(gens) == {"sd_sampling", "inversion"}
+    for gen, g in gens.items():
+        mine = [r for r in side if r["generator"] == gen and r["status"] != "invalid_input"]
+        for cat in ("color", "shape"):
+            rows = [r for r in mine if r["category"] == cat]
+            c = g["categories"][cat]
+            assert (c["samples"], c["accepted"]) == (len(rows), sum(r["status"] == "accepted" for r in rows))
+            assert c["seconds"] == pytest.approx(sum(r["seconds"] for r in rows), abs=0.01)
+        assert g["seconds"] == pytest.approx(sum(r["seconds"] for r in mine), abs=0.01)
+        assert g["seconds_per_accepted"] == pytest.approx(g["seconds"] / g["accepted"], rel=1e-3)
+    assert gens["sd_sampling"]["categories"]["color"]["accepted"] == 4
+    assert gens["inversion"]["categories"]["color"]["accepted"] == 2
+    assert gens["sd_sampling"]["share"] == pytest.approx(4 / 6, abs=1e-4)
+    assert gens["inversion"]["categories"]["color"]["share"] == pytest.approx(2 / 6, abs=1e-4)
+    assert gens["inversion"]["categories"]["shape"]["share"] is None  # no shape image accepted at all
+    card = (out / "README.md").read_text()
+    assert "| sd_sampling | color | 4 |" in card and "| inversion | color | 2 |" in card and "33.3%" in card
+
+    from jobs import report
+
+    assert report.main(["--run", str(out), "--samples", "4", "--output", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Per generator and category" in page
+    assert "<td>color</td><td>inversion</td><td>2</td><td>2</td><td>100.0%</td>" in page  # p2's two inversions
+
+
+def test_export_gors_and_finetune_stream_select_by_generator(cascade_run, tmp_path) -> None:
+    from jobs import export_gors
+    from pipeline.io.reader import finetune_stream
+
+    _, out, side = cascade_run
+    prompt = {r["prompt_id"]: r["prompt"] for r in side}
+    for gen, pids in (("sd_sampling", ["p0", "p0", "p4", "p4"]), ("inversion", [FAILING, FAILING])):
+        dest = tmp_path / gen
+        assert export_gors.main(["--run", str(out), "--output", str(dest), "--generator", gen]) == 0
+        names = sorted(p.name.rsplit("_", 1)[0] for p in (dest / "samples").iterdir())
+        assert names == sorted(prompt[p] for p in pids)
+        captions = sorted(c for _, c, _ in finetune_stream(str(out), generators=[gen]))
+        assert captions == sorted(prompt[p] for p in pids)
+    assert len(list(finetune_stream(str(out)))) == 3 * K
