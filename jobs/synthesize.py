@@ -232,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     if args.plan:
         return plan_only(args, cfg)
-    if args.from_run:
-        raise UserError("--from-run goes with --plan")
+    if cfg.cascade.auto:
+        _choose_auto_stages(args, cfg)
+    elif args.from_run:
+        raise UserError("--from-run goes with --plan (or with cascade.stages: auto)")
     plan = _plan(args, cfg)
     try:
         return _run(args, cfg, plan)
@@ -376,6 +378,26 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
                 scorer=scorer, lease=lease, night=night)
 
 
+def _choose_auto_stages(args: argparse.Namespace, cfg: Config) -> None:
+    """cascade.stages auto: the stage-1 budget per category from --from-run's rates, as --plan chooses it,
+    recorded in the config (cascade.first_stage_by_category: part of the run's hash)."""
+    from pipeline.budget.accounting import NO_CATEGORY
+    from pipeline.budget.cascade_plan import choose_auto
+    from pipeline.budget.run_plan import rates_by_generator
+    from schemas.prompts import read_prompt_tables, validate_rows
+
+    _, tables = read_prompt_tables(args.prompts)
+    rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars,
+                         prompt_attempt_limit(cfg))
+    if not args.from_run:
+        print("warning: cascade.stages auto without --from-run: both generators' acceptance is assumed equal "
+              "(cost.plan_acceptance_rate), so sampling gets its whole budget", file=sys.stderr)
+    chosen = choose_auto(cfg, rows, rates_by_generator(args.from_run or []))
+    cfg.cascade.first_stage_by_category = {("" if k == NO_CATEGORY else k): v for k, v in chosen.items()}
+    print("cascade auto: stage-1 budget per category " + ", ".join(f"{k}: {v}" for k, v in chosen.items()),
+          file=sys.stderr)
+
+
 def _warn_zoo_coverage(cfg: Config, rows: list[Any]) -> None:
     from collections import Counter
 
@@ -398,6 +420,7 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
         make_plan,
         rates_by_generator,
         rates_from_floor,
+        with_cascade,
     )
     from pipeline.io import storage
     from pipeline.io.nightly import pending_work
@@ -418,6 +441,8 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
               "the plan covers the others (new ones, and the shards --redo-changed would redo)", file=sys.stderr)
         rows, shards = pending
     result = make_plan(rows, shards, cfg, rates)
+    if cfg.engine.generator == "cascade":
+        result = with_cascade(result, cfg, rows, by_generator)
     if by_generator:
         result["generators"] = compare_generators(rows, shards, cfg, by_generator)
     fs, out = storage.filesystem_for(args.output)

@@ -311,6 +311,20 @@ class CascadeConfig:
     job.target_accepted: a stage hands a prompt on while the prompt is short of its target."""
 
     stages: list[CascadeStage] = _f([])
+    # ``cascade.stages: auto`` (sd_sampling then inversion, each up to job.max_samples_per_prompt): the stage-1
+    # budget per category is chosen from earlier runs' rates (``--from-run``; pipeline/budget/cascade_plan.py).
+    auto: bool = False
+    # Stage-1 budget per category (0 .. stages[0].max_samples), as auto chose it or as set; others: stages[0]'s.
+    first_stage_by_category: dict[str, int] = _f({}, 0, 99)
+
+
+def cascade_budgets(cfg: Config, category: str | None) -> list[int]:
+    """A cascade's attempts per stage for a prompt of ``category`` (its stage-1 budget may be the category's)."""
+    budgets = [stage.max_samples for stage in cfg.cascade.stages]
+    chosen = cfg.cascade.first_stage_by_category.get(category or "")
+    if chosen is not None and budgets:
+        budgets[0] = chosen
+    return budgets
 
 
 @dataclass
@@ -669,6 +683,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     sections = {f.name: f for f in dataclasses.fields(Config)}
     hints = typing.get_type_hints(Config)
     kwargs: dict[str, Any] = {}
+    data = _expand_auto_stages(data)
     for name, values in data.items():
         if name not in sections:
             raise ConfigError(f"config: unknown section '{_cut(name)}' (known: {', '.join(sections)})")
@@ -680,6 +695,18 @@ def from_dict(data: dict[str, Any]) -> Config:
     cfg = Config(**kwargs)
     _check_cross_fields(cfg)
     return cfg
+
+
+def _expand_auto_stages(data: dict[str, Any]) -> dict[str, Any]:
+    """``cascade.stages: auto`` -> auto true with sd_sampling then inversion, each up to the job's
+    max_samples_per_prompt (the stage-1 budget per category is chosen below that)."""
+    cascade = data.get("cascade")
+    if not isinstance(cascade, dict) or cascade.get("stages") != "auto":
+        return data
+    job = data.get("job") if isinstance(data.get("job"), dict) else {}
+    most = job.get("max_samples_per_prompt", JobConfig.max_samples_per_prompt)
+    stages = [{"generator": g, "max_samples": most} for g in GENERATORS[::-1]]  # sd_sampling, then inversion
+    return {**data, "cascade": {**cascade, "stages": stages, "auto": True}}
 
 
 def _check_cross_fields(cfg: Config) -> None:
@@ -721,7 +748,7 @@ def _check_cross_fields(cfg: Config) -> None:
 def _check_cascade(cfg: Config) -> None:
     stages = cfg.cascade.stages
     if cfg.engine.generator != CASCADE:
-        if stages:
+        if stages or cfg.cascade.auto or cfg.cascade.first_stage_by_category:
             raise ConfigError(f"config: cascade.stages needs engine.generator cascade (--generator cascade), "
                               f"got engine.generator {cfg.engine.generator!r}")
         return
@@ -747,6 +774,13 @@ def _check_cascade(cfg: Config) -> None:
     if cfg.job.target_accepted > total:
         raise ConfigError(f"config: job.target_accepted must be <= the cascade's attempts per prompt "
                           f"(cascade.stages' max_samples summed: {total}), got {cfg.job.target_accepted}")
+    if (cfg.cascade.auto or cfg.cascade.first_stage_by_category) and len(stages) < 2:
+        raise ConfigError("config: cascade.auto and cascade.first_stage_by_category need at least two cascade.stages "
+                          "(they choose the first stage's budget)")
+    for name, budget in cfg.cascade.first_stage_by_category.items():
+        if budget > stages[0].max_samples:
+            raise ConfigError(f"config: cascade.first_stage_by_category.{_cut(name)} must be <= cascade.stages[0]."
+                              f"max_samples ({stages[0].max_samples}), got {budget}")
 
 
 def _check_zoo(zoo: ZooConfig) -> None:

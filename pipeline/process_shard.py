@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 
 from pipeline.budget.accounting import shard_accounting
 from pipeline.budget.refill import AttemptQueue
-from pipeline.config import CASCADE, Config, prompt_attempt_limit
+from pipeline.config import CASCADE, Config, cascade_budgets, prompt_attempt_limit
 from pipeline.engine.cascade import make_stages
 from pipeline.engine.invert import InversionEngine, SampleRequest, sample_seed
 from pipeline.engine.monitor import MonitorScore
@@ -76,7 +76,7 @@ class ShardProcessor:
         """The shard's attempts: fixed ``num_samples`` per row, or refilled until the job's target (over the
         cascade's stages in turn)."""
         valid = [(i, row.num_samples) for i, row in enumerate(spec.rows) if row.status == "ok"]
-        budgets = [stage.max_samples for stage in self.stages] if self.cascade else None
+        budgets = [cascade_budgets(self.cfg, spec.rows[i].category) for i, _ in valid] if self.cascade else None
         return AttemptQueue.for_rows(valid, self.cfg.job.target_accepted, prompt_attempt_limit(self.cfg), budgets)
 
     def _pending(self, spec: ShardSpec, row_in_shard: int, k: int, stage: int = 0) -> _Pending:

@@ -70,13 +70,17 @@ class AttemptQueue:
 
     @classmethod
     def for_rows(cls, rows: list[tuple[int, int]], target: int, max_samples: int,
-                 stage_budgets: list[int] | None = None) -> AttemptQueue:
+                 stage_budgets: list[int] | list[list[int]] | None = None) -> AttemptQueue:
         """``rows``: (row_in_shard, num_samples) of the valid rows, in row order. ``stage_budgets``: a
-        cascade's attempts per stage (then ``max_samples`` is their sum)."""
+        cascade's attempts per stage, the same for every row or one list per row (then ``max_samples`` is
+        unused: a row's limit is its budgets summed)."""
         if stage_budgets:
-            ends = tuple(sum(stage_budgets[: s + 1]) for s in range(len(stage_budgets)))
-            return cls([PromptAttempts(i, limit=ends[-1], target=target, stage_ends=ends) for i, _ in rows],
-                       stages=len(ends))
+            per_row = stage_budgets if isinstance(stage_budgets[0], list) else [stage_budgets] * len(rows)
+            prompts = []
+            for (i, _), budgets in zip(rows, per_row):
+                ends = tuple(sum(budgets[: s + 1]) for s in range(len(budgets)))
+                prompts.append(PromptAttempts(i, limit=ends[-1], target=target, stage_ends=ends))
+            return cls(prompts, stages=len(per_row[0]) if per_row else 1)
         if target:
             return cls([PromptAttempts(i, limit=max_samples, target=target) for i, _ in rows])
         return cls([PromptAttempts(i, limit=n) for i, n in rows])
