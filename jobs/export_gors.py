@@ -206,7 +206,8 @@ def export_whole(run: str, output: Path, include_rejected: bool, map_unsafe: boo
         raise UserError(f"export: --output {output}: cannot create its folder ({err.strerror or err})") from None
     tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        counts = export(run, tmp, include_rejected, map_unsafe, generators)
+        selection = {"generators": generators} if generators else {}  # none: export's call as it always was
+        counts = export(run, tmp, include_rejected, map_unsafe, **selection)
         if output.is_dir():
             output.rmdir()  # empty (checked): the rename takes its place
         os.replace(tmp, output)
