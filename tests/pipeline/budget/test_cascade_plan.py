@@ -126,3 +126,32 @@ def test_plan_prints_the_choice_and_writes_the_formula_inputs(tmp_path, capsys) 
     assert plan["gpu_hours"] == pytest.approx(c["gpu_hours"], rel=1e-3)
     assert c["categories"]["spatial"]["stages"][0]["expected_samples"] == 0  # never sampled
     assert c["mix"][INV]["share"] + c["mix"][SD]["share"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_run_with_auto_records_the_choice_the_plan_prints(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs import synthesize
+    from pipeline.config import cascade_budgets, from_dict
+
+    prompts = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a red cube", "a cat left of a dog"], "category": ["color", "spatial"]}),
+                   prompts)
+    sd = _fake_run(tmp_path / "sd", SD, {"color": {"samples": 100, "accepted": 50, "seconds": 200.0},
+                                        "spatial": {"samples": 100, "accepted": 0, "seconds": 200.0}})
+    inv = _fake_run(tmp_path / "inv", INV, {"color": {"samples": 10, "accepted": 6, "seconds": 2400.0},
+                                           "spatial": {"samples": 10, "accepted": 4, "seconds": 2400.0}})
+    args = synthesize.build_parser().parse_args([
+        "--prompts", str(prompts), "--output", str(tmp_path / "run"), "--generator", "cascade",
+        "--set", "cascade.stages=auto", "--target-accepted", "2", "--max-samples", "4", "--from-run", sd,
+        "--from-run", inv])
+    cfg = synthesize.config_from_args(args)
+    before = cfg.hash()
+    synthesize._choose_auto_stages(args, cfg)
+    assert cfg.cascade.first_stage_by_category == {"color": 4, "spatial": 0}
+    assert cfg.hash() != before  # the choice is part of what the run makes
+    again = from_dict(cfg.to_dict())  # what the actors rebuild
+    assert again.hash() == cfg.hash()
+    assert cascade_budgets(again, "spatial") == [0, 4] and cascade_budgets(again, "color") == [4, 4]
+    assert cascade_budgets(again, "texture") == [4, 4]  # a category the choice did not see: stage 1's maximum
