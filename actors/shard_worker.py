@@ -19,6 +19,7 @@ RAISE_ENV = "REFEREE_SYNTH_RAISE_ON_SHARD"
 RANDOM_KILL_ENV = "REFEREE_SYNTH_RANDOM_KILL"
 # "SHARD:PATH": at SHARD's first progress report, create PATH.waiting and wait (at most 120 s) until PATH
 # exists, so a test can act (e.g. take the run lease over) while the shard is held before its publish.
+# "SHARD/N:PATH": the same from its Nth progress report on (e.g. once a cascade's second stage has begun).
 PAUSE_ENV = "REFEREE_SYNTH_PAUSE_SHARD"
 _PAUSE_LIMIT_S = 120.0
 
@@ -41,12 +42,13 @@ def _random_kill_fires(shard: int, attempt: int, batch: int) -> bool:
     return draw < float(prob)
 
 
-def _maybe_pause(shard: int) -> None:
+def _maybe_pause(shard: int, report: int) -> None:
     import time
     from pathlib import Path
 
     target, _, path = os.environ.get(PAUSE_ENV, "").partition(":")
-    if not path or int(target) != shard:
+    target, _, nth = target.partition("/")
+    if not path or int(target) != shard or report < int(nth or 1):
         return
     Path(f"{path}.waiting").touch()
     deadline = time.monotonic() + _PAUSE_LIMIT_S
@@ -94,11 +96,12 @@ class ShardWorker:
         batches = iter(range(1 << 30))
 
         def report(counts: dict[str, int]) -> None:
-            if _hook_fires(KILL_ENV, spec.shard, attempt) or _random_kill_fires(spec.shard, attempt, next(batches)):
+            batch = next(batches)
+            if _hook_fires(KILL_ENV, spec.shard, attempt) or _random_kill_fires(spec.shard, attempt, batch):
                 os._exit(1)  # simulate a crashed worker process mid-shard
             if _hook_fires(RAISE_ENV, spec.shard, attempt):
                 raise RuntimeError(f"injected failure in shard {spec.shard}")
-            _maybe_pause(spec.shard)
+            _maybe_pause(spec.shard, batch + 1)
             if self.progress is not None:
                 try:
                     self.progress.put_nowait((spec.shard, attempt, counts))

@@ -10,7 +10,9 @@
 Finetunes one LoRA on each run (jobs/finetune.py, the same settings and steps), then evaluates four rows with
 jobs/evaluate.py (T2I-CompBench val prompts, images k of a prompt seeded 42 + k): base SD (sd_sampling),
 GORS on SD samples (sd_sampling + the first LoRA), GORS on inversion samples (sd_sampling + the second LoRA),
-and the inversion generator itself. Prints and writes (``table.md``, ``table.json``) the six columns per row
+and the inversion generator itself; with ``--cascade-run`` (a run made with ``--generator cascade``) a fifth
+row, GORS on the cascade's samples (sd_sampling + a third LoRA). Prints and writes (``table.md``,
+``table.json``) the six columns per row
 with the accepted pairs each LoRA saw, the device-hours of its data (the run's shard seconds), of its training
 (processes x wall time) and of the evaluation itself. Each step is skipped when its output exists (rerun to
 resume). For a fair comparison make the two runs with the same prompts and the same number of accepted pairs
@@ -39,6 +41,7 @@ ROWS = (  # (key, label, generator, LoRA of which run)
     ("gors_inversion", "GORS on inversion samples", "sd_sampling", "inversion"),
     ("inversion", "inversion generator", "inversion", None),
 )
+CASCADE_ROW = ("gors_cascade", "GORS on cascade samples", "sd_sampling", "cascade")
 COLUMNS = ("color", "shape", "texture", "spatial", "non_spatial", "complex")
 
 
@@ -46,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compare_finetunes.py", description=__doc__.split("\n")[0])
     p.add_argument("--sd-run", required=True, help="a run made with --generator sd_sampling")
     p.add_argument("--inversion-run", required=True, help="a run made with the inversion generator")
+    p.add_argument("--cascade-run", help="a run made with --generator cascade: adds its GORS row")
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--category", action="append", required=True)
     p.add_argument("--finetune-config", action="append", help="default: configs/gors.yaml")
@@ -62,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def finetune_args(args: argparse.Namespace, which: str) -> list[str]:
-    run = args.sd_run if which == "sd" else args.inversion_run
+    run = {"sd": args.sd_run, "inversion": args.inversion_run, "cascade": args.cascade_run}[which]
     out = ["--run", run, "--output", str(args.output / f"lora-{which}"), "--no-progress",
            "--num-workers", str(args.num_workers)]
     for c in args.finetune_config or ["configs/gors.yaml"]:
@@ -97,9 +101,18 @@ def _eval_hours(folder: Path) -> float:
         return 0.0
 
 
+def rows_of(args: argparse.Namespace) -> tuple[tuple[str, str, str, str | None], ...]:
+    """The evaluated rows: the four, and the cascade's GORS row after the inversion one with --cascade-run."""
+    return (*ROWS[:3], CASCADE_ROW, *ROWS[3:]) if args.cascade_run else ROWS
+
+
+def loras_of(args: argparse.Namespace) -> tuple[str, ...]:
+    return ("sd", "inversion", "cascade") if args.cascade_run else ("sd", "inversion")
+
+
 def table(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
-    for key, label, generator, lora in ROWS:
+    for key, label, generator, lora in rows_of(args):
         res = json.loads((args.output / "eval" / key / "results.json").read_text())
         row: dict[str, Any] = {"row": label, "generator": generator,
                                "scores": {c: res["categories"][c]["mean"] for c in res["categories"]},
@@ -138,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     fcfg = load_config(args.finetune_config or ["configs/gors.yaml"], args.set).finetune
-    steps = [("finetune", w, finetune_args(args, w)) for w in ("sd", "inversion")]
-    steps += [("evaluate", key, eval_args(args, key, gen, lora, fcfg.base_model)) for key, _, gen, lora in ROWS]
+    steps = [("finetune", w, finetune_args(args, w)) for w in loras_of(args)]
+    steps += [("evaluate", key, eval_args(args, key, gen, lora, fcfg.base_model))
+              for key, _, gen, lora in rows_of(args)]
     if args.dry_run:
         for job, _, cmd in steps:
             print(" ".join([f"python jobs/{job}.py", *cmd]))

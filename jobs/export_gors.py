@@ -1,6 +1,6 @@
 """Export a run as the layout T2I-CompBench's GORS finetuning reads.
 
-    python jobs/export_gors.py --run RUN_DIR --output DIR [--include-rejected] [--map-unsafe]
+    python jobs/export_gors.py --run RUN_DIR --output DIR [--include-rejected] [--map-unsafe] [--generator G ...]
 
 Writes ``DIR/samples/{prompt}_{idx:06d}.png`` (idx runs over the whole export, in the run's
 order, which is the benchmark's for tables made by jobs/prompts.py), ``DIR/reward/vqa_result.json``
@@ -15,8 +15,9 @@ back by splitting the file name at ``_``, so a prompt holding ``_``, ``/`` or a 
 system refuses cannot be written faithfully: it is reported and skipped, or, with
 ``--map-unsafe``, written with those characters replaced by spaces (the reported mapping goes
 to ``DIR/mapped_prompts.jsonl``; names are cut to fit the file system's 255-byte limit, in UTF-8
-bytes). The export is built in a temporary folder beside DIR and renamed at the end: DIR is whole
-or absent, and a rerun after a failure starts clean.
+bytes). ``--generator`` (repeatable) exports only the samples that generator made (a cascade's
+``sd_sampling`` or ``inversion`` part). The export is built in a temporary folder beside DIR and renamed
+at the end: DIR is whole or absent, and a rerun after a failure starts clean.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.cli import existing_parent, run_main  # noqa: E402
-from pipeline.config import ConfigError, FilterConfig, from_dict  # noqa: E402
+from pipeline.config import GENERATORS, ConfigError, FilterConfig, from_dict  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.io import storage  # noqa: E402
 from pipeline.io.compbench_data import COMPBENCH_DIR, TEMPLATE_PROMPTS  # noqa: E402
 from pipeline.io.completeness import read_run, run_config_hash  # noqa: E402
-from pipeline.io.reader import shard_images, sidecar_records  # noqa: E402
+from pipeline.io.reader import sample_generator, shard_images, sidecar_records  # noqa: E402
 from pipeline.scoring.filter import threshold_for  # noqa: E402
 from schemas.gors import reward_answer  # noqa: E402
 
@@ -78,11 +79,14 @@ def _to_png(data: bytes) -> bytes:
     return buf.getvalue()
 
 
-def export(run: str, output: Path, include_rejected: bool, map_unsafe: bool) -> dict[str, int]:
-    """Shard by shard in key order, so memory holds one shard's images at a time."""
+def export(run: str, output: Path, include_rejected: bool, map_unsafe: bool,
+           generators: list[str] | None = None) -> dict[str, int]:
+    """Shard by shard in key order, so memory holds one shard's images at a time. ``generators``: only their
+    samples; None: all."""
     wanted = ("accepted", "rejected") if include_rejected else ("accepted",)
     fs, out, scan = read_run(run, "export")  # the completeness rule the resume applies
-    records = [r for r in sidecar_records(run, shards=scan.shards) if r["status"] in wanted]
+    records = [r for r in sidecar_records(run, shards=scan.shards) if r["status"] in wanted
+               and (generators is None or sample_generator(r) in generators)]
     samples_dir = output / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
     rewards, exported, mapped_rows = [], [], []
@@ -192,7 +196,8 @@ def check_output(output: Path) -> None:
     existing_parent(output, "export: ")
 
 
-def export_whole(run: str, output: Path, include_rejected: bool, map_unsafe: bool) -> dict[str, int]:
+def export_whole(run: str, output: Path, include_rejected: bool, map_unsafe: bool,
+                 generators: list[str] | None = None) -> dict[str, int]:
     """Build the export in a temporary folder beside ``output``, then rename it into place."""
     output = output.resolve()
     try:
@@ -201,7 +206,8 @@ def export_whole(run: str, output: Path, include_rejected: bool, map_unsafe: boo
         raise UserError(f"export: --output {output}: cannot create its folder ({err.strerror or err})") from None
     tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        counts = export(run, tmp, include_rejected, map_unsafe)
+        selection = {"generators": generators} if generators else {}  # none: export's call as it always was
+        counts = export(run, tmp, include_rejected, map_unsafe, **selection)
         if output.is_dir():
             output.rmdir()  # empty (checked): the rename takes its place
         os.replace(tmp, output)
@@ -218,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--include-rejected", action="store_true", help="also rejected samples that have images")
     p.add_argument("--map-unsafe", action="store_true", help="write unsafe prompts with those characters as spaces")
+    p.add_argument("--generator", action="append", choices=GENERATORS,
+                   help="only the samples this generator made (repeatable; default: all)")
     args = p.parse_args(argv)
     fs, out = storage.filesystem_for(args.run)
     try:
@@ -225,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         raise UserError(f"export: {err}") from None
     check_output(args.output)
-    counts = export_whole(args.run, args.output, args.include_rejected, args.map_unsafe)
+    counts = export_whole(args.run, args.output, args.include_rejected, args.map_unsafe, args.generator)
     print(f"exported {counts['exported']} samples to {args.output} "
           f"({counts['skipped']} skipped, {counts['mapped']} mapped)")
     return 0

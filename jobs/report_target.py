@@ -35,6 +35,40 @@ def category_rows(records: list[dict[str, Any]], price: float | None) -> list[di
     return rows
 
 
+def generator_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (generator, category) of the made samples: samples, accepted, acceptance rate, device seconds per
+    accepted image and share of the category's accepted images (a cascade's split; old runs: one generator)."""
+    cells: dict[tuple[str, str], dict[str, Any]] = defaultdict(lambda: {"samples": 0, "accepted": 0, "seconds": 0.0})
+    for r in records:
+        if r["status"] not in _MADE:
+            continue
+        c = cells[(r.get("generator") or "inversion", category_of(r.get("category")))]
+        c["samples"] += 1
+        c["accepted"] += r["status"] == "accepted"
+        c["seconds"] += r.get("seconds") or 0.0
+    by_cat: Counter = Counter()
+    for (_, cat), c in cells.items():
+        by_cat[cat] += c["accepted"]
+    return [{"generator": gen, "category": cat, "samples": c["samples"], "accepted": c["accepted"],
+             "acceptance_rate": c["accepted"] / c["samples"],
+             "seconds_per_accepted": c["seconds"] / c["accepted"] if c["accepted"] else None,
+             "share": c["accepted"] / by_cat[cat] if by_cat[cat] else None}
+            for (gen, cat), c in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+
+
+def _generator_table(records: list[dict[str, Any]]) -> str:
+    rows = generator_rows(records)
+    if len({r["generator"] for r in rows}) < 2:
+        return ""
+    head = ("<tr><th>category</th><th>generator</th><th>samples</th><th>accepted</th><th>acceptance rate</th>"
+            "<th>s per accepted</th><th>share of the category's accepted</th></tr>")
+    body = "".join(
+        f"<tr><td>{html.escape(r['category'])}</td><td>{html.escape(r['generator'])}</td><td>{r['samples']}</td>"
+        f"<td>{r['accepted']}</td><td>{r['acceptance_rate']:.1%}</td><td>{_fmt(r['seconds_per_accepted'], '.2f')}</td>"
+        f"<td>{'n/a' if r['share'] is None else format(r['share'], '.1%')}</td></tr>" for r in rows)
+    return f"<h2>Per generator and category</h2><table>{head}{body}</table>"
+
+
 def attempts_per_prompt(records: list[dict[str, Any]]) -> Counter:
     """How many prompts made 1, 2, ... samples."""
     per = Counter(r["prompt_id"] for r in records if r["status"] in _MADE)
@@ -100,7 +134,8 @@ def target_section(records: list[dict[str, Any]], summary: dict[str, Any], folde
              f"<p>Generator: {html.escape(', '.join(generators) or 'n/a')}.</p>",
              f"<p>Overall: {_fmt(summary.get('seconds_per_accepted'), '.2f')} device seconds per accepted image, "
              f"cost per accepted image {_fmt(summary.get('cost_per_accepted'), '.4f')}.</p>",
-             f"<table>{head}{body}</table>", '<img src="categories.png" alt="per-category bars">']
+             f"<table>{head}{body}</table>", '<img src="categories.png" alt="per-category bars">',
+             _generator_table(records)]
     target = summary.get("target_accepted")
     _attempts_chart(attempts_per_prompt(records), target, folder / "attempts.png")
     parts.append("<h2>Attempts per prompt</h2><img src='attempts.png' alt='attempts per prompt'>")

@@ -3,7 +3,7 @@
     python jobs/synthesize.py --prompts PATH --output PATH [--config FILE] [--set k=v ...]
         [--num-actors N] [--shard-size N] [--samples-per-prompt K] [--seed S] [--threshold X] [--force]
         [--no-progress] [--no-dashboard] [--target-accepted K --max-samples M] [--gpu-hour-price P]
-        [--generator inversion|sd_sampling]
+        [--generator inversion|sd_sampling|cascade]
     python jobs/synthesize.py --plan --prompts PATH --output PATH [--from-run RUN_DIR ...] [same options]
 
 On a cluster: ``ray job submit --working-dir . -- python jobs/synthesize.py ...`` (or with
@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.cli import EXIT_FAILED, EXIT_OK, fail, run_main  # noqa: E402
-from pipeline.config import GENERATORS, MODEL_KEYS, Config, load_config  # noqa: E402
+from pipeline.config import CASCADE, ENGINE_GENERATORS, MODEL_KEYS, Config, load_config, prompt_attempt_limit  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.models.lora_files import resolve_lora  # noqa: E402
 
@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-prompt", type=int, help="images per prompt (rows may override)")
     p.add_argument("--seed", type=int, help="run seed")
     p.add_argument("--threshold", type=float, help="acceptance threshold for every category")
-    p.add_argument("--generator", choices=GENERATORS,
-                   help="what makes the images: inversion (default) or sd_sampling (plain SD 1.5 sampling); "
+    p.add_argument("--generator", choices=ENGINE_GENERATORS,
+                   help="what makes the images: inversion (default), sd_sampling (plain SD 1.5 sampling) or cascade "
+                        "(cascade.stages in turn per prompt, with --target-accepted; docs/CASCADE.md); "
                         "the same as --set engine.generator=...")
     p.add_argument("--lora", metavar="DIR", help="with --generator sd_sampling: a LoRA from `referee-synth finetune` "
                    "(the same as --set sampling.lora=DIR)")
@@ -232,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     if args.plan:
         return plan_only(args, cfg)
-    if args.from_run:
-        raise UserError("--from-run goes with --plan")
+    if cfg.cascade.auto:
+        _choose_auto_stages(args, cfg)
+    elif args.from_run:
+        raise UserError("--from-run goes with --plan (or with cascade.stages: auto)")
     plan = _plan(args, cfg)
     try:
         return _run(args, cfg, plan)
@@ -334,7 +337,7 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     # Input checks first and with light imports, so a bad file is reported in about a second.
     files, tables = read_prompt_tables(args.prompts)
     rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars,
-                         cfg.job.max_samples_per_prompt if cfg.job.target_accepted else 0)
+                         prompt_attempt_limit(cfg) if cfg.job.target_accepted else 0)
     if not rows:
         raise UserError(f"prompts: {args.prompts}: no prompt rows")
     from pipeline.scoring.routing import models_needed, scorers_for
@@ -377,6 +380,26 @@ def _plan(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
                 scorer=scorer, lease=lease, night=night)
 
 
+def _choose_auto_stages(args: argparse.Namespace, cfg: Config) -> None:
+    """cascade.stages auto: the stage-1 budget per category from --from-run's rates, as --plan chooses it,
+    recorded in the config (cascade.first_stage_by_category: part of the run's hash)."""
+    from pipeline.budget.accounting import NO_CATEGORY
+    from pipeline.budget.cascade_plan import choose_auto
+    from pipeline.budget.run_plan import rates_by_generator
+    from schemas.prompts import read_prompt_tables, validate_rows
+
+    _, tables = read_prompt_tables(args.prompts)
+    rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars,
+                         prompt_attempt_limit(cfg))
+    if not args.from_run:
+        print("warning: cascade.stages auto without --from-run: both generators' acceptance is assumed equal "
+              "(cost.plan_acceptance_rate), so sampling gets its whole budget", file=sys.stderr)
+    chosen = choose_auto(cfg, rows, rates_by_generator(args.from_run or []))
+    cfg.cascade.first_stage_by_category = {("" if k == NO_CATEGORY else k): v for k, v in chosen.items()}
+    print("cascade auto: stage-1 budget per category " + ", ".join(f"{k}: {v}" for k, v in chosen.items()),
+          file=sys.stderr)
+
+
 def _warn_zoo_coverage(cfg: Config, rows: list[Any]) -> None:
     from collections import Counter
 
@@ -399,6 +422,7 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
         make_plan,
         rates_by_generator,
         rates_from_floor,
+        with_cascade,
     )
     from pipeline.io import storage
     from pipeline.io.nightly import pending_work
@@ -408,7 +432,7 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
 
     _, tables = read_prompt_tables(args.prompts)
     rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars,
-                         cfg.job.max_samples_per_prompt if cfg.job.target_accepted else 0)
+                         prompt_attempt_limit(cfg) if cfg.job.target_accepted else 0)
     if not rows:
         raise UserError(f"prompts: {args.prompts}: no prompt rows")
     by_generator = rates_by_generator(args.from_run or [])
@@ -420,6 +444,8 @@ def plan_only(args: argparse.Namespace, cfg: Config) -> int:
               "the plan covers the others (new ones, and the shards --redo-changed would redo)", file=sys.stderr)
         rows, shards = pending
     result = make_plan(rows, shards, cfg, rates)
+    if cfg.engine.generator == "cascade":
+        result = with_cascade(result, cfg, rows, by_generator)
     if by_generator:
         result["generators"] = compare_generators(rows, shards, cfg, by_generator)
     fs, out = storage.filesystem_for(args.output)
@@ -576,8 +602,9 @@ def _finish(plan: dict[str, Any], cfg: Config, failed: dict[int, str], retries: 
     stats = complete_stats(fs, out, list(range(num_shards)), info.config_hash)
     listed = dataset_shards(fs, out, stats, night.placement)
     retired = len(night.placement.retired_ids())
-    accounting = run_accounting(stats, cfg.cost.gpu_hour_price, cfg.job.target_accepted,
-                                cfg.job.max_samples_per_prompt)
+    single = None if cfg.engine.generator == CASCADE else cfg.engine.generator  # a cascade's markers name theirs
+    accounting = run_accounting(stats, cfg.cost.gpu_hour_price, cfg.job.target_accepted, prompt_attempt_limit(cfg),
+                                single)
     summary = summarize(fs, out, num_shards, list(failed), wall, retries, plan["skipped"], plan["scorer"],
                         accounting, stats, listed, retired)
     try:

@@ -129,7 +129,9 @@ class ModelsConfig:
     device: str = _f("auto", choices=["auto", "cpu", "cuda"])
 
 
-GENERATORS = ("inversion", "sd_sampling")
+GENERATORS = ("inversion", "sd_sampling")  # the generators that make an image (a cascade stage names one)
+CASCADE = "cascade"  # engine.generator: per prompt, the cascade.stages' generators in turn
+ENGINE_GENERATORS = (*GENERATORS, CASCADE)
 # engine.generator sd_sampling: diffusers scheduler classes by config name.
 SAMPLING_SCHEDULERS = {
     "ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
@@ -148,8 +150,9 @@ class EngineConfig:
     max_restarts: int = _f(2, 0)  # restarts of a sample whose latents go non-finite
     oom_fallback: bool = True  # on CUDA out-of-memory in the referee pass: halve view_chunk, redo the iteration
     # What makes the images: inversion (Algorithm 1, pipeline/engine/invert.py) or plain SD 1.5 sampling
-    # with the same loaded components (pipeline/engine/sample_sd.py, settings in the sampling section).
-    generator: str = _f("inversion", choices=list(GENERATORS))
+    # with the same loaded components (pipeline/engine/sample_sd.py, settings in the sampling section), or a
+    # cascade of both (the cascade section; pipeline/engine/cascade.py).
+    generator: str = _f("inversion", choices=list(ENGINE_GENERATORS))
     # The host reads which samples failed every check_every iterations (the device freezes them at once, so
     # the numbers do not depend on it): fewer host-device syncs; a batch whose samples all failed stops there.
     check_every: int = _f(10, 1)
@@ -307,6 +310,39 @@ class SamplingConfig:
     # load_lora_weights; "" = the base model. The hash holds its weights' digest, not its path.
     lora: str = ""
     lora_sha256: str = ""  # the weights' digest, filled by the job (pipeline.models.lora_files.resolve_lora)
+
+
+@dataclass
+class CascadeStage:
+    """One stage of engine.generator cascade: a prompt's attempts go here until its target is met or
+    ``max_samples`` attempts of this stage are made, then to the next stage."""
+
+    generator: str = _f("", choices=list(GENERATORS))
+    max_samples: int = _f(1, 1, 99)  # this stage's attempts per prompt at most
+    batch_size: int = _f(0, 0)  # samples per batch of this stage; 0 = engine.batch_size
+
+
+@dataclass
+class CascadeConfig:
+    """engine.generator cascade (docs/CASCADE.md): the stages in order, cheapest first, e.g.
+    ``[{generator: sd_sampling, max_samples: 8}, {generator: inversion, max_samples: 4}]``. Needs
+    job.target_accepted: a stage hands a prompt on while the prompt is short of its target."""
+
+    stages: list[CascadeStage] = _f([])
+    # ``cascade.stages: auto`` (sd_sampling then inversion, each up to job.max_samples_per_prompt): the stage-1
+    # budget per category is chosen from earlier runs' rates (``--from-run``; pipeline/budget/cascade_plan.py).
+    auto: bool = False
+    # Stage-1 budget per category (0 .. stages[0].max_samples), as auto chose it or as set; others: stages[0]'s.
+    first_stage_by_category: dict[str, int] = _f({}, 0, 99)
+
+
+def cascade_budgets(cfg: Config, category: str | None) -> list[int]:
+    """A cascade's attempts per stage for a prompt of ``category`` (its stage-1 budget may be the category's)."""
+    budgets = [stage.max_samples for stage in cfg.cascade.stages]
+    chosen = cfg.cascade.first_stage_by_category.get(category or "")
+    if chosen is not None and budgets:
+        budgets[0] = chosen
+    return budgets
 
 
 @dataclass
@@ -476,6 +512,7 @@ class Config:
     sds: SdsConfig = field(default_factory=SdsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
     vqa: VqaConfig = field(default_factory=VqaConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
@@ -511,7 +548,7 @@ class Config:
         if self.engine.cast_weights == "none":  # bf16 storage changes the numbers; none: the hash of a run before it
             data["engine"].pop("cast_weights")
         data["models"] = {k: v for k, v in data["models"].items() if k not in _RUN_ONLY_MODEL_KEYS}
-        _generator_hash_keys(data, self.engine.generator)
+        _generator_hash_keys(data, self.engine.generator, stage_generators(self))
         data["filter"].pop("inferred", None)  # reasons, not numbers: they change no decision
         if self.scoring.spatial_vocabulary == "open":  # the hash of a run made before the choice existed
             data["scoring"].pop("spatial_vocabulary", None)
@@ -533,10 +570,17 @@ _RUN_ONLY_ENGINE_KEYS = {
 _RUN_ONLY_MODEL_KEYS = {"tiny_cache_dir", "device"}
 
 
-def _generator_hash_keys(data: dict[str, Any], generator: str) -> None:
+def _generator_hash_keys(data: dict[str, Any], generator: str, used: set[str]) -> None:
     """Inversion: the hash of a run made before engine.generator existed. Sampling: the inversion-only
-    sections change no image, so they leave the hash alone."""
-    sections = _INVERSION_ONLY_SECTIONS if generator == "sd_sampling" else ("sampling",)
+    sections change no image, so they leave the hash alone. Cascade: the sections of the generators its
+    stages use, and the stages; any other generator: no cascade section (the hash of a run made before it)."""
+    sections: tuple[str, ...] = ()
+    if "inversion" not in used:
+        sections += _INVERSION_ONLY_SECTIONS
+    if "sd_sampling" not in used:
+        sections += ("sampling",)
+    if generator != CASCADE:
+        sections += ("cascade",)
     for name in sections:
         data.pop(name, None)
     if "sampling" in data:
@@ -548,6 +592,20 @@ def _generator_hash_keys(data: dict[str, Any], generator: str) -> None:
             data["sampling"]["lora_sha256"] = digest
     if generator == "inversion":
         data["engine"].pop("generator", None)
+
+
+def stage_generators(cfg: Config) -> set[str]:
+    """The generators a run uses: engine.generator, or its cascade stages' generators."""
+    if cfg.engine.generator == CASCADE:
+        return {stage.generator for stage in cfg.cascade.stages}
+    return {cfg.engine.generator}
+
+
+def prompt_attempt_limit(cfg: Config) -> int:
+    """Attempts a prompt may reach with a target: job.max_samples_per_prompt, or a cascade's stage budgets summed."""
+    if cfg.engine.generator == CASCADE:
+        return sum(stage.max_samples for stage in cfg.cascade.stages)
+    return cfg.job.max_samples_per_prompt
 
 
 _INVERSION_ONLY_SECTIONS = ("augment", "referee", "sds", "optim", "zoo", "monitor")
@@ -649,6 +707,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     sections = {f.name: f for f in dataclasses.fields(Config)}
     hints = typing.get_type_hints(Config)
     kwargs: dict[str, Any] = {}
+    data = _expand_auto_stages(data)
     for name, values in data.items():
         if name not in sections:
             raise ConfigError(f"config: unknown section '{_cut(name)}' (known: {', '.join(sections)})")
@@ -660,6 +719,18 @@ def from_dict(data: dict[str, Any]) -> Config:
     cfg = Config(**kwargs)
     _check_cross_fields(cfg)
     return cfg
+
+
+def _expand_auto_stages(data: dict[str, Any]) -> dict[str, Any]:
+    """``cascade.stages: auto`` -> auto true with sd_sampling then inversion, each up to the job's
+    max_samples_per_prompt (the stage-1 budget per category is chosen below that)."""
+    cascade = data.get("cascade")
+    if not isinstance(cascade, dict) or cascade.get("stages") != "auto":
+        return data
+    job = data.get("job") if isinstance(data.get("job"), dict) else {}
+    most = job.get("max_samples_per_prompt", JobConfig.max_samples_per_prompt)
+    stages = [{"generator": g, "max_samples": most} for g in GENERATORS[::-1]]  # sd_sampling, then inversion
+    return {**data, "cascade": {**cascade, "stages": stages, "auto": True}}
 
 
 def _check_cross_fields(cfg: Config) -> None:
@@ -680,7 +751,7 @@ def _check_cross_fields(cfg: Config) -> None:
             f"config: job.lease_stale_s must exceed 2 x job.lease_heartbeat_s ({cfg.job.lease_heartbeat_s}), "
             f"got {cfg.job.lease_stale_s}"
         )
-    if cfg.job.target_accepted > cfg.job.max_samples_per_prompt:
+    if cfg.job.target_accepted > cfg.job.max_samples_per_prompt and cfg.engine.generator != CASCADE:
         raise ConfigError(
             f"config: job.target_accepted must be <= job.max_samples_per_prompt ({cfg.job.max_samples_per_prompt}), "
             f"got {cfg.job.target_accepted}"
@@ -689,12 +760,51 @@ def _check_cross_fields(cfg: Config) -> None:
     if lo > hi:
         raise ConfigError(f"config: augment.erasing_scale must be [low, high] with low <= high, got {[lo, hi]}")
     _check_zoo(cfg.zoo)
-    if cfg.sampling.lora and cfg.engine.generator != "sd_sampling":
+    _check_cascade(cfg)
+    if cfg.sampling.lora and cfg.engine.generator != "sd_sampling":  # a cascade's stages share one UNet
         raise ConfigError("config: sampling.lora needs engine.generator sd_sampling (--generator sd_sampling)")
     if cfg.monitor.enabled and cfg.engine.generator != "inversion":
         raise ConfigError(
             f"config: monitor.enabled needs engine.generator inversion (it watches the optimisation), "
             f"got {cfg.engine.generator!r}")
+
+
+def _check_cascade(cfg: Config) -> None:
+    stages = cfg.cascade.stages
+    if cfg.engine.generator != CASCADE:
+        if stages or cfg.cascade.auto or cfg.cascade.first_stage_by_category:
+            raise ConfigError(f"config: cascade.stages needs engine.generator cascade (--generator cascade), "
+                              f"got engine.generator {cfg.engine.generator!r}")
+        return
+    if not stages:
+        raise ConfigError("config: engine.generator cascade needs cascade.stages, e.g. "
+                          "[{generator: sd_sampling, max_samples: 8}, {generator: inversion, max_samples: 4}]")
+    seen = set()
+    for i, stage in enumerate(stages):
+        if stage.generator not in GENERATORS:
+            raise ConfigError(f"config: cascade.stages[{i}].generator must be one of {', '.join(GENERATORS)}, "
+                              f"got {_show(stage.generator)}")
+        if stage.generator in seen:
+            raise ConfigError(f"config: cascade.stages[{i}] repeats the generator {stage.generator} "
+                              "(give it one stage with the budget summed)")
+        seen.add(stage.generator)
+    total = sum(stage.max_samples for stage in stages)
+    if total > 99:
+        raise ConfigError(f"config: cascade.stages' max_samples sum to {total}; at most 99 per prompt "
+                          "(the sample index has two digits in the key)")
+    if not cfg.job.target_accepted:
+        raise ConfigError("config: engine.generator cascade needs job.target_accepted > 0 (--target-accepted K): "
+                          "a prompt moves to the next stage while it is short of its target")
+    if cfg.job.target_accepted > total:
+        raise ConfigError(f"config: job.target_accepted must be <= the cascade's attempts per prompt "
+                          f"(cascade.stages' max_samples summed: {total}), got {cfg.job.target_accepted}")
+    if (cfg.cascade.auto or cfg.cascade.first_stage_by_category) and len(stages) < 2:
+        raise ConfigError("config: cascade.auto and cascade.first_stage_by_category need at least two cascade.stages "
+                          "(they choose the first stage's budget)")
+    for name, budget in cfg.cascade.first_stage_by_category.items():
+        if budget > stages[0].max_samples:
+            raise ConfigError(f"config: cascade.first_stage_by_category.{_cut(name)} must be <= cascade.stages[0]."
+                              f"max_samples ({stages[0].max_samples}), got {budget}")
 
 
 def _check_zoo(zoo: ZooConfig) -> None:

@@ -7,7 +7,9 @@ category's (``scoring.by_category``: BLIP-VQA, CLIPScore, the spatial rule or 3-
 ``pipeline.scoring.scorers``), loaded when a batch first needs it and recorded per sample.
 Acceptance is GORS's (``pipeline.scoring.filter``). Which attempts are made, and in which batches,
 is ``pipeline.budget.refill``'s: fixed ``num_samples`` per prompt, or accept-until-target with
-in-shard refill. Every sample gets a record. A sample whose optimisation or scoring fails is
+in-shard refill; with a cascade (``engine.generator: cascade``) each stage's attempts run in that stage's
+own batches on that stage's engine (``pipeline.engine.cascade``), and each record names its generator and
+stage. Every sample gets a record. A sample whose optimisation or scoring fails is
 recorded as ``failed`` with the reason and the shard goes on. A sample's ``seconds`` is its
 device time (``pipeline.budget.accounting``).
 """
@@ -24,10 +26,10 @@ import pyarrow.fs as pafs
 
 from pipeline.budget.accounting import shard_accounting
 from pipeline.budget.refill import AttemptQueue
-from pipeline.config import Config
+from pipeline.config import CASCADE, Config, cascade_budgets, prompt_attempt_limit
+from pipeline.engine.cascade import make_stages
 from pipeline.engine.invert import InversionEngine, SampleRequest, sample_seed
 from pipeline.engine.monitor import MonitorScore
-from pipeline.engine.sample_sd import SamplingEngine
 from pipeline.io.lease import LeaseFence
 from pipeline.io.shards import PublishRetry, ShardSpec, ShardWriter, encode_image
 from pipeline.models.loading import GeneratorModels, VqaModels
@@ -50,6 +52,7 @@ class _Pending:
     row_in_shard: int
     row: PromptRow
     request: SampleRequest
+    stage: int = 0  # index into ShardProcessor.stages
 
 
 def seed_for(row: PromptRow, sample_index: int, run_seed: int) -> int:
@@ -59,30 +62,28 @@ def seed_for(row: PromptRow, sample_index: int, run_seed: int) -> int:
     return sample_seed(run_seed, row.prompt_id, sample_index)
 
 
-def make_engine(gen: GeneratorModels, cfg: Config) -> InversionEngine | SamplingEngine:
-    """The image generator the config names (engine.generator); both have ``run(requests) -> results``."""
-    if cfg.engine.generator == "sd_sampling":
-        return SamplingEngine(gen, cfg)
-    return InversionEngine(gen, cfg)
-
-
 class ShardProcessor:
     def __init__(self, cfg: Config, gen: GeneratorModels, vqa: VqaModels | None, model_ids: dict[str, str]) -> None:
         self.cfg = cfg
-        self.engine = make_engine(gen, cfg)
+        self.stages = make_stages(gen, cfg)  # one per generator of a cascade; else the run's one generator
+        self.engine = self.stages[0].engine
         self.scorers = ScorerSet(cfg, vqa)  # None: BLIP-VQA loads when a category first needs it
         self.model_ids = model_ids
         self.config_hash = cfg.hash()
+        self.cascade = cfg.engine.generator == CASCADE
 
     def _queue(self, spec: ShardSpec) -> AttemptQueue:
-        """The shard's attempts: fixed ``num_samples`` per row, or refilled until the job's target."""
+        """The shard's attempts: fixed ``num_samples`` per row, or refilled until the job's target (over the
+        cascade's stages in turn)."""
         valid = [(i, row.num_samples) for i, row in enumerate(spec.rows) if row.status == "ok"]
-        return AttemptQueue.for_rows(valid, self.cfg.job.target_accepted, self.cfg.job.max_samples_per_prompt)
+        budgets = [cascade_budgets(self.cfg, spec.rows[i].category) for i, _ in valid] if self.cascade else None
+        return AttemptQueue.for_rows(valid, self.cfg.job.target_accepted, prompt_attempt_limit(self.cfg), budgets)
 
-    def _pending(self, spec: ShardSpec, row_in_shard: int, k: int) -> _Pending:
+    def _pending(self, spec: ShardSpec, row_in_shard: int, k: int, stage: int = 0) -> _Pending:
         row = spec.rows[row_in_shard]
         seed = seed_for(row, k, self.cfg.job.seed)
-        return _Pending(row_in_shard, row, SampleRequest(row.prompt or "", row.prompt_id, k, seed, row.category))
+        request = SampleRequest(row.prompt or "", row.prompt_id, k, seed, row.category)
+        return _Pending(row_in_shard, row, request, stage)
 
     def _record(self, spec: ShardSpec, p: _Pending, status: str, **fields) -> SampleRecord:
         return SampleRecord(
@@ -92,7 +93,7 @@ class ShardProcessor:
             sample_index=p.request.sample_index, seed=p.request.seed, status=status,
             benchmark_index=p.row.benchmark_index, template=p.row.template,
             config_hash=self.config_hash, model_ids=self.model_ids, extra=p.row.extra,
-            generator=self.cfg.engine.generator, **fields,
+            generator=self.stages[p.stage].generator, stage=p.stage + 1 if self.cascade else None, **fields,
         )
 
     def _invalid_records(self, spec: ShardSpec) -> list[SampleRecord]:
@@ -103,6 +104,7 @@ class ShardProcessor:
             p = _Pending(i, row, SampleRequest(row.prompt or "", row.prompt_id, 0, 0))
             rec = self._record(spec, p, INVALID_INPUT, error=row.error)
             rec.seed = None
+            rec.generator, rec.stage = self.cfg.engine.generator, None  # nothing was made for it
             out.append(rec)
         return out
 
@@ -124,8 +126,8 @@ class ShardProcessor:
         return data, result, time.perf_counter() - t0
 
     def _batch_records(self, spec: ShardSpec, batch: list[_Pending], writer: ShardWriter) -> list[SampleRecord]:
-        """Invert one batch, score each image, write one record per sample (in batch order)."""
-        results = self.engine.run([p.request for p in batch])
+        """Make one batch's images (one stage's engine), score each, write one record per sample (in batch order)."""
+        results = self.stages[batch[0].stage].engine.run([p.request for p in batch])
         self.scorers.prepare({self.scorers.scorer_name(p.row.category) for p in batch})  # untimed model loads
         return [self._result_record(spec, p, r, writer) for r, p in zip(results, batch)]
 
@@ -230,8 +232,10 @@ class ShardProcessor:
             queue = self._queue(spec)
             if self.cfg.monitor.enabled and isinstance(self.engine, InversionEngine):
                 self._stream_records(spec, queue, writer, progress)
+            sizes = [stage.batch_size for stage in self.stages]
             while len(queue):
-                batch = [self._pending(spec, i, k) for i, k in queue.next_batch(self.cfg.engine.batch_size)]
+                stage, items = queue.next_stage_batch(sizes)
+                batch = [self._pending(spec, i, k, stage) for i, k in items]
                 records = self._batch_records(spec, batch, writer)
                 for p, rec in zip(batch, records):
                     queue.resolve(p.row_in_shard, rec.status == ACCEPTED)

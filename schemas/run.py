@@ -52,6 +52,9 @@ class ShardStats(SampleCounts):
     lease_token: str = ""
     # monitor.enabled: per category what monitoring saved (pipeline/budget/accounting.py monitor_accounting)
     monitor: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per generator that made samples, per category {samples, accepted, rejected, failed, seconds} (a cascade's
+    # split; empty in markers written before it: the run's one generator made them all).
+    generators: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     version: int = STATS_SCHEMA_VERSION
 
     @classmethod
@@ -116,4 +119,7 @@ class Summary(SampleCounts):
     retired_accepted: int = 0  # their accepted samples (still in shards/*.tar, not listed)
     # monitor.enabled: iterations saved, monitor overhead, seconds per accepted with and (estimated) without
     monitor: dict[str, Any] = field(default_factory=dict)
+    # Per generator: rates, seconds per accepted image and share of the accepted images, overall and per
+    # category (pipeline/budget/accounting.py run_generator_accounting).
+    generators: dict[str, Any] = field(default_factory=dict)
     version: int = SUMMARY_SCHEMA_VERSION

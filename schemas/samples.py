@@ -15,8 +15,9 @@ from typing import Any
 
 import pyarrow as pa
 
-SAMPLE_SCHEMA_VERSION = 5  # 2: benchmark_index, template; 3: score_seconds; 4: scorer, score_parts,
-# generator, referee_scores, referee_skipped; 5: night, exit_reason, monitor_trace, best_iteration, monitor_seconds
+SAMPLE_SCHEMA_VERSION = 6  # 2: benchmark_index, template; 3: score_seconds; 4: scorer, score_parts,
+# generator, referee_scores, referee_skipped; 5: night, exit_reason, monitor_trace, best_iteration, monitor_seconds;
+# 6: stage
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
@@ -76,7 +77,8 @@ class SampleRecord:
     referee_scores: dict[str, dict[str, Any]] = field(default_factory=dict)
     referee_skipped: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
-    generator: str = "inversion"  # engine.generator that made the image: inversion | sd_sampling
+    generator: str = "inversion"  # the generator that made the image: inversion | sd_sampling
+    stage: int | None = None  # engine.generator cascade: the stage that made it (1 = cascade.stages[0]); else None
     night: int = 0  # the invocation of the run folder that made it (run.json history; 0: before history)
     # With monitor.enabled (pipeline/engine/monitor.py); None / empty / 0 otherwise. `iterations` is what ran.
     exit_reason: str | None = None  # completed | early_exit | failed
@@ -128,6 +130,7 @@ SIDECAR_SCHEMA = pa.schema([
     ("referee_skipped", _STR_MAP),
     pa.field("extra", pa.string(), metadata=JSON_TEXT),  # the input's extra columns (an object in KEY.json)
     ("generator", pa.string()),
+    ("stage", pa.int32()),
     ("night", pa.int32()),
     ("exit_reason", pa.string()),
     ("monitor_trace", pa.list_(_MONITOR_CHECK)),

@@ -4,7 +4,9 @@ A sample's ``seconds`` is the device time it used: its share of its optimisation
 included, ``SampleResult.seconds``) plus its own encoding and scoring. A shard's marker sums them
 per category and lists the prompts that ended short of the target; the summary adds the shards up
 and derives seconds per accepted image, acceptance rates and, with a device-hour price, the cost
-per accepted image.
+per accepted image. Both also split the counts by the generator that made each sample (``generators``:
+per generator, per category), so a cascade's summary says what each generator cost per accepted image and
+what share of the dataset it made.
 """
 
 from __future__ import annotations
@@ -54,9 +56,61 @@ def shard_accounting(
          "row": rows[p.row_in_shard].row, "accepted": p.accepted, "tried": p.issued, "short_by": p.short_by}
         for p in prompts if p.short_by
     ]
-    out = {"device_seconds": round(total, 3), "categories": cats, "short": short}
+    out = {"device_seconds": round(total, 3), "categories": cats, "short": short,
+           "generators": generator_accounting(records)}
     if full_iterations:
         out["monitor"] = monitor_accounting(records, full_iterations)
+    return out
+
+
+def generator_accounting(records: Iterable[SampleRecord]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{generator: {category: {samples, accepted, rejected, failed, seconds}}} of the made samples."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for rec in records:
+        if rec.status not in _COUNTED:
+            continue
+        c = out.setdefault(rec.generator, {}).setdefault(category_of(rec.category), _made())
+        c["samples"] += 1
+        c[rec.status] += 1
+        c["seconds"] += rec.seconds
+    for cats in out.values():
+        for c in cats.values():
+            c["seconds"] = round(c["seconds"], 3)
+    return out
+
+
+def _made() -> dict[str, Any]:
+    return {"samples": 0, "accepted": 0, "rejected": 0, "failed": 0, "seconds": 0.0}
+
+
+def run_generator_accounting(stats: Iterable[Any], price: float, default_generator: str | None) -> dict[str, Any]:
+    """summary.json's ``generators``: per generator, its rates and ``share`` (of the run's accepted images),
+    overall and per category (there ``share`` is of the category's accepted images). A marker written before
+    markers split by generator counts for ``default_generator`` (the run's single generator; None: left out)."""
+    gens: dict[str, dict[str, dict[str, Any]]] = {}
+    for s in stats:
+        split = getattr(s, "generators", None)
+        if not split and default_generator:
+            split = {default_generator: {n: {k: c.get(k, 0) for k in _made()} for n, c in (s.categories or {}).items()}}
+        for gen, cats in (split or {}).items():
+            for name, c in cats.items():
+                into = gens.setdefault(gen, {}).setdefault(name, _made())
+                for k in into:
+                    into[k] += c.get(k, 0)
+    accepted = sum(c["accepted"] for cats in gens.values() for c in cats.values())
+    by_cat: dict[str, int] = {}
+    for cats in gens.values():
+        for name, c in cats.items():
+            by_cat[name] = by_cat.get(name, 0) + c["accepted"]
+    out = {}
+    for gen, cats in sorted(gens.items()):
+        overall = {k: sum(c[k] for c in cats.values()) for k in _made()}
+        out[gen] = {
+            **_rates(overall, price), "share": round(overall["accepted"] / accepted, 4) if accepted else None,
+            "categories": {name: {**_rates(c, price),
+                                  "share": round(c["accepted"] / by_cat[name], 4) if by_cat[name] else None}
+                           for name, c in sorted(cats.items())},
+        }
     return out
 
 
@@ -130,7 +184,8 @@ def _rates(c: dict[str, Any], price: float) -> dict[str, Any]:
     }
 
 
-def run_accounting(stats: Iterable[Any], price: float, target: int, max_samples: int) -> dict[str, Any]:
+def run_accounting(stats: Iterable[Any], price: float, target: int, max_samples: int,
+                   default_generator: str | None = "inversion") -> dict[str, Any]:
     """The summary.json fields, from the complete shards' markers (``ShardStats``)."""
     stats = list(stats)
     cats: dict[str, dict[str, Any]] = {}
@@ -157,4 +212,5 @@ def run_accounting(stats: Iterable[Any], price: float, target: int, max_samples:
         "short_prompts": {name: sorted(items, key=lambda i: i["row"]) for name, items in sorted(short.items())},
         "short_prompts_total": sum(len(v) for v in short.values()),
         "monitor": run_monitor_accounting(stats),
+        "generators": run_generator_accounting(stats, price, default_generator),
     }

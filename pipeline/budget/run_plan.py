@@ -21,6 +21,7 @@ from math import comb
 from typing import Any
 
 from pipeline.budget.accounting import NO_CATEGORY, category_of
+from pipeline.budget.cascade_plan import cascade_plan, format_cascade
 from pipeline.config import Config
 from pipeline.engine.flop_floor import floor_per_image
 from pipeline.errors import UserError
@@ -121,11 +122,36 @@ def rates_from_run(run: str) -> dict[str, Any]:
     return _pooled([run], [_run_categories(run)[1]])
 
 
+def _cascade_split(run: str, flag: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """A cascade run's per-generator categories (summary.json's ``generators``), checked as categories are."""
+    fs, out = storage.filesystem_for(run)
+    summary = json.loads(storage.read_bytes(fs, storage.join(out, "summary.json")))
+    gens = summary.get("generators") if isinstance(summary, dict) else None
+    if not isinstance(gens, dict) or not gens:
+        raise UserError(f"{flag} {run}: a cascade run whose summary.json has no 'generators' split")
+    out_cats = {}
+    for gen, g in gens.items():
+        cats = g.get("categories") if isinstance(g, dict) else None
+        for name, v in (cats or {}).items():
+            problem = _category_counts(name, v)
+            if problem:
+                raise UserError(f"{flag} {run}: summary.json: generators.{gen}: {problem}"[:300])
+        cats = {k: v for k, v in (cats or {}).items() if v["samples"]}
+        if cats:
+            out_cats[gen] = cats
+    return out_cats
+
+
 def rates_by_generator(runs: list[str], flag: str = "--from-run") -> dict[str, dict[str, Any]]:
-    """Rates per generator from earlier runs; several runs of one generator are pooled."""
+    """Rates per generator from earlier runs; several runs of one generator are pooled. A cascade run counts
+    for each of its generators, with the samples each made."""
     grouped: dict[str, list[tuple[str, dict[str, dict[str, Any]]]]] = defaultdict(list)
     for run in runs:
         generator, cats = _run_categories(run, flag)
+        if generator == "cascade":
+            for gen, gen_cats in _cascade_split(run, flag).items():
+                grouped[gen].append((run, gen_cats))
+            continue
         grouped[generator].append((run, cats))
     return {g: _pooled([r for r, _ in items], [c for _, c in items]) for g, items in sorted(grouped.items())}
 
@@ -238,6 +264,35 @@ def _category_plan(rows: list[PromptRow], p: float, secs: float, cfg: Config) ->
     }
 
 
+def with_cascade(plan: dict[str, Any], cfg: Config, rows: list[PromptRow],
+                 by_generator: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A cascade's plan: ``make_plan``'s frame with the cascade's expectations (``cascade_plan``) as its
+    per-category rows and totals, the stages' details under ``cascade``."""
+    c = cascade_plan(cfg, rows, by_generator)
+    price = cfg.cost.gpu_hour_price
+    for name, cat in c["categories"].items():
+        samples = sum(s["expected_samples"] for s in cat["stages"])
+        accepted = sum(s["expected_accepted"] for s in cat["stages"])
+        hours = cat["gpu_hours"]
+        plan["categories"][name] = {
+            "prompts": cat["prompts"], "acceptance_rate": round(accepted / samples, 4) if samples else 0.0,
+            "seconds_per_sample": round(hours * 3600 / samples, 4) if samples else 0.0,
+            "expected_samples": round(samples, 1), "expected_accepted": round(accepted, 1),
+            "expected_short_prompts": round(cat["expected_short_prompts"], 1), "gpu_hours": round(hours, 4),
+            "cost": round(hours * price, 2) if price > 0 else None,
+        }
+    for key in ("expected_samples", "expected_accepted", "expected_short_prompts", "gpu_hours"):
+        plan[key] = round(c[key], 4)
+    plan["cost"] = round(c["gpu_hours"] * price, 2) if price > 0 else None
+    plan["max_samples_per_prompt"] = sum(s.max_samples for s in cfg.cascade.stages)
+    runs = sorted({r for g in by_generator.values() for r in g["source"]["runs"]})
+    plan["source"] = ({"kind": "run", "run": ", ".join(runs), "runs": runs} if runs else
+                      {"kind": "flop_floor", "note": "FLOP floor of each stage's generator; acceptance rate "
+                       f"{cfg.cost.plan_acceptance_rate:g} assumed for both (no --from-run)"})
+    plan["cascade"] = c
+    return plan
+
+
 def make_plan(rows: list[PromptRow], num_shards: int, cfg: Config, rates: dict[str, Any]) -> dict[str, Any]:
     by_cat: dict[str, list[PromptRow]] = defaultdict(list)
     for r in rows:
@@ -276,6 +331,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         total += f", cost {plan['cost']:.2f} at {plan['gpu_hour_price']:g} per GPU-hour"
     lines.append(total)
     lines += _generator_lines(plan.get("generators") or {})
+    if plan.get("cascade"):
+        lines += format_cascade(plan["cascade"])
     return "\n".join(lines)
 
 

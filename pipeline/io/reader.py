@@ -6,7 +6,7 @@ import functools
 import io
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -81,6 +81,11 @@ def tar_urls(run: str) -> list[str]:
     return [f"pipe:{sys.executable} -m pipeline.io.cat {scheme}://{p}" for p in paths]
 
 
+def sample_generator(record: dict[str, Any]) -> str:
+    """The generator that made a sample (records before schema 4 have none: inversion made them all)."""
+    return record.get("generator") or "inversion"
+
+
 def decode_image(data: bytes) -> torch.Tensor:
     """Encoded image -> 3xHxW float tensor in [0, 1]."""
     arr = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255.0
@@ -89,6 +94,7 @@ def decode_image(data: bytes) -> torch.Tensor:
 
 def finetune_stream(
     run: str, min_score: float | None = None, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 256,
+    generators: Sequence[str] | None = None,
 ) -> Any:
     """(image, caption, VQA score) of every accepted sample of the run's complete shards: a webdataset
     pipeline (a torch ``IterableDataset``) for multi-GPU training.
@@ -98,7 +104,8 @@ def finetune_stream(
     ``shuffle_buffer``: across all ranks and workers each accepted sample comes exactly once per
     epoch. Build one per epoch with its ``epoch`` (cheap). Ranks may get unequal sample counts when
     shards do not divide evenly; training loops that need equal steps should cap them. Use the score
-    as the reward weight of a GORS-style reward-weighted finetuning loss.
+    as the reward weight of a GORS-style reward-weighted finetuning loss. ``generators``: only samples
+    those generators made (a cascade's ``sd_sampling`` or ``inversion`` part); None: all.
     """
     import random
 
@@ -112,7 +119,8 @@ def finetune_stream(
         wds.split_by_worker,
         wds.tarfile_to_samples(),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), rng=random.Random(f"{seed}:{epoch}:samples")),
-        wds.select(functools.partial(_selected, min_score)),  # picklable for spawned DataLoader workers
+        # picklable for spawned DataLoader workers
+        wds.select(functools.partial(_selected, min_score, tuple(generators) if generators is not None else None)),
         wds.map(_training_pair),
     )
 
@@ -121,12 +129,16 @@ def _score(sample: dict[str, Any]) -> float:
     return float(json.loads(sample["json"])["vqa_score"])
 
 
-def _selected(min_score: float | None, sample: dict[str, Any]) -> bool:
-    """Every accepted sample, or with ``min_score`` GORS's rule on top: strictly above, in float32, on
-    the value as the benchmark writes it (``schemas.gors``)."""
-    if min_score is None:
+def _selected(min_score: float | None, generators: tuple[str, ...] | None, sample: dict[str, Any]) -> bool:
+    """Every accepted sample (of ``generators``, when given), or with ``min_score`` GORS's rule on top: strictly
+    above, in float32, on the value as the benchmark writes it (``schemas.gors``)."""
+    if min_score is None and generators is None:
         return True
     meta = json.loads(sample["json"])
+    if generators is not None and sample_generator(meta) not in generators:
+        return False
+    if min_score is None:
+        return True
     return selects(reward_answer(meta.get("scorer"), float(meta["vqa_score"])), min_score)
 
 

@@ -254,13 +254,36 @@ passes the category threshold.
 - Shard list: `shards.txt`. Totals: `summary.json`. Configuration and versions: `run.json`.
 - Config hash `{info.config_hash}`, code version `{info.code_version}`.
 - Libraries: {libs}.
-
+{_generator_table(summary.generators)}
 ```python
 import datasets
 ds = datasets.load_dataset("RUN_DIR", split="train")   # columns png/jpg/webp, txt, json
 ```
 """
     storage.write_atomic(fs, storage.join(out, CARD_FILE), f"---\n{front}\n---\n{body}".encode())
+
+
+def generator_rows(generators: dict[str, Any]) -> list[tuple[str, str, int, float | None, float | None]]:
+    """(generator, category, accepted, seconds per accepted image, share of the category's accepted images) of
+    summary.json's ``generators``, overall rows first (category "all", share of every accepted image)."""
+    rows = []
+    for gen, g in generators.items():
+        rows.append((gen, "all", g["accepted"], g["seconds_per_accepted"], g["share"]))
+        rows += [(gen, name, c["accepted"], c["seconds_per_accepted"], c["share"])
+                 for name, c in g.get("categories", {}).items()]
+    return rows
+
+
+def _generator_table(generators: dict[str, Any]) -> str:
+    """The card's split by generator (a cascade's stages; one row per category), or nothing."""
+    if not generators:
+        return ""
+    lines = ["", "Made by (complete shards; share: of the category's accepted images):", "",
+             "| generator | category | accepted | seconds per accepted | share |", "|---|---|---|---|---|"]
+    for gen, cat, acc, spa, share in generator_rows(generators):
+        lines.append(f"| {gen} | {cat} | {acc} | {'-' if spa is None else f'{spa:.2f}'} | "
+                     f"{'-' if share is None else f'{share:.1%}'} |")
+    return "\n".join(lines) + "\n"
 
 
 def _size_category(n: int) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import MODEL_KEYS, Config, ModelsConfig
+from pipeline.config import MODEL_KEYS, Config, ModelsConfig, stage_generators
 from pipeline.errors import ModelLoadError
 from pipeline.models.caption_head import Blip2CaptionHead
 from pipeline.models.convert_blip2 import apply_post_layernorm_eps
@@ -69,7 +69,7 @@ def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
 @dataclass
 class GeneratorModels:
     """What the inversion engine needs: SD-1.5 parts and the BLIP-2 referee (None for engine.generator
-    sd_sampling, which never uses it: only SD-1.5 and the scorer are loaded)."""
+    sd_sampling, or a cascade whose stages only sample: only SD-1.5 and the scorer are loaded)."""
 
     vae: Any
     unet: Any
@@ -114,7 +114,7 @@ def load_generator_models(cfg: Config) -> GeneratorModels:
     clip_tok = _load("the CLIP tokenizer", sd_key, CLIPTokenizer.from_pretrained, sd, subfolder="tokenizer", **rev)
     scheduler = _load("the noise scheduler", sd_key, DDPMScheduler.from_pretrained, sd, subfolder="scheduler", **rev)
     referee = head = ref_tok = None
-    if cfg.engine.generator != "sd_sampling":  # plain sampling never calls the referee: no memory, no start-up
+    if "inversion" in stage_generators(cfg):  # plain sampling never calls the referee: no memory, no start-up
         referee = _load("the BLIP-2 referee", ref_key, Blip2ForImageTextRetrieval.from_pretrained, src["referee"],
                         **rev)
         apply_post_layernorm_eps(referee)  # a converted LAVIS referee: ln_vision's eps differs from the ViT's
