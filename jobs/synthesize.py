@@ -386,7 +386,8 @@ def _choose_auto_stages(args: argparse.Namespace, cfg: Config) -> None:
     from pipeline.budget.accounting import NO_CATEGORY
     from pipeline.budget.cascade_plan import choose_auto
     from pipeline.budget.run_plan import rates_by_generator
-    from schemas.prompts import read_prompt_tables, validate_rows
+    from pipeline.io.prompt_files import read_prompt_tables
+    from schemas.prompts import validate_rows
 
     _, tables = read_prompt_tables(args.prompts)
     rows = validate_rows(tables, cfg.job.samples_per_prompt, cfg.job.max_prompt_chars, cfg.job.max_prompt_id_chars,
