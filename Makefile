@@ -40,18 +40,22 @@ chromium:
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# TEST_JOBS pytest workers (pytest-xdist); tests sharing a module fixture stay on one worker (tests/conftest.py).
+# Most of the suite's time is job subprocesses and Ray waiting on each other, so 2 workers pay even on 2 cores.
+TEST_JOBS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup
 
 # The numerically sensitive tests (marker `numerics`) on torch's other CPU kernel paths, as other CPUs run them
-# (docs/REPRODUCIBILITY.md): each leg is ATEN_CPU_CAPABILITY (native: unset) and OMP_NUM_THREADS.
+# (docs/REPRODUCIBILITY.md): each leg is ATEN_CPU_CAPABILITY (native: unset) and OMP_NUM_THREADS. Legs are
+# separate processes: NUMERICS_JOBS of them run at once (each leg's output is printed whole when it ends).
 NUMERICS_LEGS ?= native:1 native:2 avx2:1 avx2:2 default:1 default:2
+NUMERICS_JOBS ?= 1
 test-numerics: setup
-	@set -e; for leg in $(NUMERICS_LEGS); do cap=$${leg%%:*}; t=$${leg##*:}; \
-		echo "numerics: ATEN_CPU_CAPABILITY=$$cap OMP_NUM_THREADS=$$t"; \
+	@printf '%s\n' $(NUMERICS_LEGS) | xargs -P $(NUMERICS_JOBS) -I{} sh -c 'leg={}; cap=$${leg%%:*}; t=$${leg##*:}; \
 		if [ "$$cap" = native ]; then kernels="-u ATEN_CPU_CAPABILITY"; else kernels="ATEN_CPU_CAPABILITY=$$cap"; fi; \
-		env $$kernels OMP_NUM_THREADS=$$t $(PY) -m pytest -q -m numerics -p no:cacheprovider $(NUMERICS_ARGS); \
-	done
+		out=$$(env $$kernels OMP_NUM_THREADS=$$t $(PY) -m pytest -q -m numerics -p no:cacheprovider $(NUMERICS_ARGS) 2>&1); \
+		rc=$$?; printf "numerics: ATEN_CPU_CAPABILITY=%s OMP_NUM_THREADS=%s\n%s\n" "$$cap" "$$t" "$$out"; exit $$rc'
 
 parity: setup
 	$(PY) tests/parity/reference_env.py $(PARITY_ENV)

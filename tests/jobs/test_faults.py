@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -23,6 +24,19 @@ pytestmark = pytest.mark.slow
 def _table(tmp_path: Path, n: int) -> Path:
     prompts = compbench_prompts("texture_val", n)
     return _prompts(tmp_path / "p.parquet", prompts, prompt_id=[f"t{i}" for i in range(n)])
+
+
+def _tagged_processes(name: str, tag: str) -> list[int]:
+    """Processes named ``name`` that carry this test's tag in their environment: other runs on the machine
+    (parallel test workers, other users' Ray) are not this test's business."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if name in " ".join(p.info["cmdline"] or []) and p.environ().get("REFEREE_SYNTH_TEST_TAG") == tag:
+                found.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
 
 
 def test_nan_mid_optimisation_restarts_then_fails_only_that_sample(tmp_path, tiny_cache, shared_ray) -> None:
@@ -80,11 +94,13 @@ def test_sigterm_stops_actors_and_the_rerun_resumes(tmp_path, tiny_cache) -> Non
     out = tmp_path / "run"
     args = ["--prompts", str(path), "--output", str(out), "--num-actors", "1", "--shard-size", "2"]
     cmd = [sys.executable, SYNTH, "--config", "configs/tiny.yaml", "--no-progress", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tiny_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    tag = f"sigterm-{os.getpid()}-{time.time_ns()}"  # marks this run's Ray processes (they inherit the env)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tiny_cache, REFEREE_SYNTH_TEST_TAG=tag), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and len(list((out / "shards").glob("*.stats.json"))) < 1:
         time.sleep(0.2)
+    assert _tagged_processes("ray::ShardWorker", tag), "the tag finds this run's actors while they work"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
@@ -99,8 +115,7 @@ def test_sigterm_stops_actors_and_the_rerun_resumes(tmp_path, tiny_cache) -> Non
         assert shard_is_complete(fs, root, int(marker.name[:6]), cfg_hash)
     # The actors are gone with the driver's local Ray.
     time.sleep(2)
-    left = subprocess.run(["pgrep", "-f", "ray::ShardWorker"], capture_output=True, text=True).stdout.split()
-    assert left == []
+    assert _tagged_processes("ray::ShardWorker", tag) == []
     again = _run(args, _env(tiny_cache))
     assert again.returncode == 0, again.stderr[-3000:]
     _check_complete_run(out, {(r, 0) for r in range(12)})

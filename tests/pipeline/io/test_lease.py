@@ -196,7 +196,7 @@ def test_a_lease_with_fields_of_the_wrong_type_counts_as_torn(tmp_path, fields, 
         lease.release()
 
 
-@pytest.mark.parametrize("heartbeat", [time.time() + 10_000, float("nan"), float("inf")])
+@pytest.mark.parametrize("heartbeat", [time.time() + 10_000, float("nan"), float("inf")], ids=["ahead", "nan", "inf"])
 def test_a_heartbeat_off_this_hosts_clock_is_aged_by_the_lease_files_last_change(tmp_path, heartbeat) -> None:
     _write_holder(tmp_path, host="node-ahead", pid=4242, heartbeat=heartbeat)
     with pytest.raises(UserError, match="not on this host's clock") as err:  # just written: a live holder
