@@ -71,7 +71,7 @@ def _model_processor(cfg: Any, model_ids: dict[str, str]) -> Any:
 class ShardWorker:
     def __init__(self, cfg_dict: dict[str, Any], output: str, model_ids: dict[str, str], progress: Any,
                  lease_token: str | None = None) -> None:
-        from pipeline.config import from_dict
+        from pipeline.config_loading import from_dict
         from pipeline.io.lease import LeaseFence
         from pipeline.io.storage import configure, filesystem_for
         from pipeline.noop_processor import NOOP_ENV, NoopProcessor

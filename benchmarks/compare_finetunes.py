@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.cli import EXIT_OK, run_main  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config_loading import load_config  # noqa: E402
 
 ROWS = (  # (key, label, generator, LoRA of which run)
     ("base", "base SD (no finetune)", "sd_sampling", None),

@@ -41,7 +41,8 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.cli import run_main  # noqa: E402
-from pipeline.config import GENERATORS, Config, load_config, preset_path  # noqa: E402
+from pipeline.config import GENERATORS, Config  # noqa: E402
+from pipeline.config_loading import load_config, preset_path  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0  # the rate benchmarks/flops.py and cost.plan_tflops use for the floor
@@ -282,7 +283,7 @@ def _per_category(records: list[dict[str, Any]]) -> dict[str, Any]:
 def compare_cascade(base: Config, categories: list[str], per_category: int, stages: list[dict[str, Any]],
                     target: int, rates: dict[str, dict[str, float]], reps: int = 2) -> dict[str, Any]:
     from pipeline.budget.cascade_plan import cascade_plan
-    from pipeline.config import from_dict
+    from pipeline.config_loading import from_dict
     from pipeline.models.loading import load_generator_models
 
     rows = _rows(base, categories, per_category, 1)

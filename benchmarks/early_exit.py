@@ -43,7 +43,8 @@ import torch  # noqa: E402
 
 from benchmarks.engine import read_prompts  # noqa: E402
 from benchmarks.score_trajectory import Trajectory  # noqa: E402
-from pipeline.config import Config, load_config, preset_path  # noqa: E402
+from pipeline.config import Config  # noqa: E402
+from pipeline.config_loading import load_config, preset_path  # noqa: E402
 from pipeline.engine.invert import InversionEngine, SampleRequest  # noqa: E402
 from pipeline.io.shards import ShardSpec, shard_paths  # noqa: E402
 from pipeline.io.storage import filesystem_for  # noqa: E402

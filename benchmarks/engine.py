@@ -44,7 +44,8 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 import torch  # noqa: E402
 
-from pipeline.config import Config, load_config, preset_path  # noqa: E402
+from pipeline.config import Config  # noqa: E402
+from pipeline.config_loading import load_config, preset_path  # noqa: E402
 from pipeline.engine.invert import InversionEngine, SampleRequest, sample_seed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -36,7 +36,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks.real_models import clip_text_config, unet_kwargs, vae_kwargs  # noqa: E402
 from jobs.cli import run_main  # noqa: E402
-from pipeline.config import Config, load_config, preset_path  # noqa: E402
+from pipeline.config import Config  # noqa: E402
+from pipeline.config_loading import load_config, preset_path  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
 H100_TF32_DENSE_TFLOPS = 494.5

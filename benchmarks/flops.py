@@ -43,7 +43,8 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks.real_models import RealModels, build_real_models, build_zoo_models, parameter_counts  # noqa: E402
-from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.config import Config  # noqa: E402
+from pipeline.config_loading import load_config  # noqa: E402
 from pipeline.engine.flop_floor import (  # noqa: E402 - Assumptions and calls_per_image: shared with --plan
     DEFAULT_QUESTION_TOKENS,
     DEFAULT_QUESTIONS,

@@ -53,7 +53,8 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 import torch  # noqa: E402
 
-from pipeline.config import Config, load_config, preset_path  # noqa: E402
+from pipeline.config import Config  # noqa: E402
+from pipeline.config_loading import load_config, preset_path  # noqa: E402
 
 # Every word is in the tiny BERT vocabulary (pipeline/models/tiny.py), so BLIP-2 token counts are
 # what bert-base-uncased gives these prompts (8-11 tokens with [CLS] and [SEP]).

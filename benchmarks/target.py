@@ -34,7 +34,8 @@ import torch  # noqa: E402
 
 import pipeline.process_shard as process_shard  # noqa: E402
 from benchmarks.engine import read_prompts  # noqa: E402
-from pipeline.config import Config, load_config, preset_path  # noqa: E402
+from pipeline.config import Config  # noqa: E402
+from pipeline.config_loading import load_config, preset_path  # noqa: E402
 from pipeline.io.shards import ShardSpec  # noqa: E402
 from pipeline.io.storage import filesystem_for  # noqa: E402
 from pipeline.models.loading import load_generator_models, load_vqa_models  # noqa: E402

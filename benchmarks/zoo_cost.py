@@ -27,7 +27,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from pipeline.config import load_config, preset_path  # noqa: E402
+from pipeline.config_loading import load_config, preset_path  # noqa: E402
 from pipeline.engine.invert import InversionEngine  # noqa: E402
 from pipeline.models.loading import load_generator_models  # noqa: E402
 

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import load_config, preset_path  # noqa: E402
+from pipeline.config_loading import load_config, preset_path  # noqa: E402
 from pipeline.engine.invert import InversionEngine, SampleRequest, sample_seed  # noqa: E402
 from pipeline.models.loading import load_generator_models  # noqa: E402
 

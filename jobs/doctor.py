@@ -26,7 +26,8 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.cli import EXIT_FAILED, EXIT_OK, run_main  # noqa: E402
-from pipeline.config import Config, load_config, preset_path  # noqa: E402
+from pipeline.config import Config  # noqa: E402
+from pipeline.config_loading import load_config, preset_path  # noqa: E402
 from pipeline.models.fetch import DEFAULT_MODELS_DIR, FETCH_COMMAND  # noqa: E402
 
 PRESETS = sorted(p.stem for p in preset_path("paper").parent.glob("*.yaml"))

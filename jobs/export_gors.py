@@ -36,7 +36,8 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.cli import existing_parent, run_main  # noqa: E402
-from pipeline.config import GENERATORS, ConfigError, FilterConfig, from_dict  # noqa: E402
+from pipeline.config import GENERATORS, ConfigError, FilterConfig  # noqa: E402
+from pipeline.config_loading import from_dict  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.io import storage  # noqa: E402
 from pipeline.io.compbench_data import COMPBENCH_DIR, TEMPLATE_PROMPTS  # noqa: E402

@@ -27,7 +27,8 @@ if __package__ in (None, ""):  # `python jobs/finetune.py` (ray job submit) puts
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.cli import run_main  # noqa: E402
-from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.config import Config  # noqa: E402
+from pipeline.config_loading import load_config  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 
 # Test hook: exit abruptly right after the checkpoint of this step is stored (the kill-and-resume test).

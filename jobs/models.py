@@ -20,7 +20,8 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.cli import EXIT_FAILED, fail, run_main  # noqa: E402
-from pipeline.config import Config, load_config, preset_path  # noqa: E402
+from pipeline.config import Config  # noqa: E402
+from pipeline.config_loading import load_config, preset_path  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.models.fetch import DEFAULT_MODELS_DIR, Need  # noqa: E402
 from pipeline.models.manifest import BASE_URL_ENV  # noqa: E402

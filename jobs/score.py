@@ -322,7 +322,7 @@ def check_output(out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_output(args.output)
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
     from pipeline.models.lora_files import resolve_lora
     from pipeline.scoring.scorer_record import check_vqa_source, describe
 

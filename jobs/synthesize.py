@@ -36,7 +36,8 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.cli import EXIT_FAILED, EXIT_OK, fail, run_main  # noqa: E402
-from pipeline.config import CASCADE, ENGINE_GENERATORS, MODEL_KEYS, Config, load_config, prompt_attempt_limit  # noqa: E402
+from pipeline.config import CASCADE, ENGINE_GENERATORS, MODEL_KEYS, Config, prompt_attempt_limit  # noqa: E402
+from pipeline.config_loading import load_config  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.models.lora_files import resolve_lora  # noqa: E402
 

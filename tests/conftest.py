@@ -30,7 +30,7 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cfg(tiny_cache: Path):
-    from pipeline.config import load_config, preset_path
+    from pipeline.config_loading import load_config, preset_path
 
     return load_config(preset_path("tiny"), [f"models.tiny_cache_dir={tiny_cache}"])
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Config, from_dict
+from pipeline.config import Config
+from pipeline.config_loading import from_dict
 from pipeline.finetune.data import MixedStream, RunInventory
 from pipeline.finetune.loop import FinetuneLoop, _world
 from pipeline.finetune.lora import add_lora

@@ -22,7 +22,7 @@ def test_json_reports_both_generators_per_category(tiny_cache) -> None:
     result = json.loads(proc.stdout)
     assert result["models"] == "tiny" and result["sampling"]["steps"] == 4
     from benchmarks.flops import count
-    from pipeline.config import load_config, preset_path
+    from pipeline.config_loading import load_config, preset_path
 
     for name, g in result["generators"].items():
         assert set(g["categories"]) == {"color", "shape"}

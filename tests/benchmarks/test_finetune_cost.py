@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks.finetune_cost import build, count
-from pipeline.config import load_config, preset_path
+from pipeline.config_loading import load_config, preset_path
 
 
 def _independent_lora_params(base: str) -> int:

@@ -53,7 +53,7 @@ def test_vit_count_agrees_with_two_params_tokens(paper_flops) -> None:
 
 def test_top_k_adds_the_selection_pass() -> None:
     from benchmarks.flops import Assumptions, calls_per_image
-    from pipeline.config import load_config, preset_path
+    from pipeline.config_loading import load_config, preset_path
 
     cfg = load_config(preset_path("vlminv"), ["augment.top_k=5"])  # 10 views, the 5 hardest kept
     calls = calls_per_image(cfg, Assumptions())
@@ -66,7 +66,7 @@ def test_top_k_adds_the_selection_pass() -> None:
 
 def test_plan_floor_constants_are_the_counters(paper_flops) -> None:
     """``--plan`` reads per-pass FLOPs from pipeline/engine/flop_floor.py (no torch): they must be the counter's."""
-    from pipeline.config import load_config, preset_path
+    from pipeline.config_loading import load_config, preset_path
     from pipeline.engine.flop_floor import REAL_FLOPS_PER_CALL, floor_per_image
 
     assert REAL_FLOPS_PER_CALL == {k: c["flops_per_call"] for k, c in paper_flops["components"].items()}
@@ -95,7 +95,7 @@ def test_sampling_path_counts_steps_one_decode_and_the_text_encoder(sd15_flops, 
 
 
 def test_plan_floor_counts_the_sampling_path_as_the_counter_does(sd15_flops) -> None:
-    from pipeline.config import load_config, preset_path
+    from pipeline.config_loading import load_config, preset_path
     from pipeline.engine.flop_floor import Assumptions, calls_per_image, floor_per_image
 
     floor = floor_per_image(load_config(preset_path("sd15")), 989.0, 1.0)

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.flops import per_call_flops
 from benchmarks.real_models import RealModels, ZooRealModels
 from jobs.prompts import prompt_table
-from pipeline.config import load_config, preset_path
+from pipeline.config_loading import load_config, preset_path
 from pipeline.engine.flop_floor import Assumptions, calls_per_image
 from pipeline.io.compbench_data import COMPBENCH_DIR
 from pipeline.io.shards import ShardSpec

@@ -104,7 +104,7 @@ def test_every_config_layer_reaches_the_run(tmp_path, monkeypatch) -> None:
 
 def test_score_layers_every_config_as_synthesize_does() -> None:
     from jobs.score import build_parser
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
 
     args = build_parser().parse_args(["--shards", "r", "--output", "o", "--config", "configs/tiny.yaml",
                                       "--config", "configs/gors.yaml"])

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from jobs import export_gors
-from pipeline.config import load_config, preset_path
+from pipeline.config_loading import load_config, preset_path
 from pipeline.io.compbench_data import COMPBENCH_DIR
 from pipeline.io.shards import ShardWriter, encode_image
 from pipeline.io.storage import filesystem_for

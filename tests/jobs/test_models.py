@@ -126,7 +126,7 @@ def _load_offline(tmp_path: Path, served: dict) -> None:
     models = tmp_path / "models"
     script = f"""
 import torch
-from pipeline.config import load_config, preset_path
+from pipeline.config_loading import load_config, preset_path
 from pipeline.models.loading import load_clip, load_detector, load_generator_models, load_vqa_models
 cfg = load_config(preset_path("paper"), ["models.device=cpu", "models.referee={models / REFEREE}",
                   "models.vqa={models / VQA}"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.config_loading import load_config
 from pipeline.models.loading import load_generator_models, model_sources
 from pipeline.referees.blip2 import Referee, TextBatch
 from tests.conftest import ROOT

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.config_loading import load_config
 from pipeline.models.loading import load_vqa_models
 from pipeline.scoring.vqa import VqaScorer, combine, format_score, round_answer
 from tests.conftest import ROOT

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.prompts import prompt_table
-from pipeline.config import ConfigError, load_config, preset_path, prompt_attempt_limit, stage_generators
+from pipeline.config import ConfigError, prompt_attempt_limit, stage_generators
+from pipeline.config_loading import load_config, preset_path
 from pipeline.engine.invert import INJECT_NAN_ENV
 from pipeline.io.compbench_data import COMPBENCH_DIR
 from pipeline.io.shards import ShardSpec, shard_paths

@@ -6,7 +6,8 @@ import sys
 import pytest
 import yaml
 
-from pipeline.config import Config, ConfigError, from_dict, load_config, preset_path
+from pipeline.config import Config, ConfigError
+from pipeline.config_loading import from_dict, load_config, preset_path
 from tests.conftest import ROOT
 
 
@@ -141,7 +142,7 @@ def test_wrong_section_shape() -> None:
 def test_cli_set_error_is_one_line_without_traceback() -> None:
     """An entry point turns a bad --set into one line on stderr and exit code 2."""
     code = (
-        "import sys; from jobs.cli import run_main; from pipeline.config import load_config\n"
+        "import sys; from jobs.cli import run_main; from pipeline.config_loading import load_config\n"
         "run_main(lambda argv: load_config(overrides=['optim.iterations=-3']) and 0)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import ConfigError, load_config, preset_path
+from pipeline.config import ConfigError
+from pipeline.config_loading import load_config, preset_path
 
 
 def test_monitoring_off_leaves_the_hash_and_the_paper_preset_keeps_it_off() -> None:

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.prompts import prompt_table
-from pipeline.config import ConfigError, load_config, preset_path
+from pipeline.config import ConfigError
+from pipeline.config_loading import load_config, preset_path
 from pipeline.io.compbench_data import COMPBENCH_DIR
 from pipeline.io.shards import ShardSpec, shard_paths
 from pipeline.io.storage import filesystem_for

@@ -103,7 +103,7 @@ def test_accept_until_target_refills_as_samples_finish(tiny_cfg, generator_model
 _KILLED = """
 import os, signal, sys
 from tests.pipeline.test_process_shard_monitor import _cfg, _rows
-from pipeline.config import from_dict
+from pipeline.config_loading import from_dict
 from pipeline.io.shards import ShardSpec
 from pipeline.io.storage import filesystem_for
 from pipeline.models.loading import load_generator_models, load_vqa_models

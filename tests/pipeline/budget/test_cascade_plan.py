@@ -9,7 +9,7 @@ import json
 import pytest
 
 from pipeline.budget.cascade_plan import StageRates, choose_auto, choose_first_budget, expect
-from pipeline.config import load_config
+from pipeline.config_loading import load_config
 from schemas.prompts import PromptRow
 
 
@@ -133,7 +133,8 @@ def test_a_run_with_auto_records_the_choice_the_plan_prints(tmp_path) -> None:
     import pyarrow.parquet as pq
 
     from jobs import synthesize
-    from pipeline.config import cascade_budgets, from_dict
+    from pipeline.config import cascade_budgets
+    from pipeline.config_loading import from_dict
 
     prompts = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt": ["a red cube", "a cat left of a dog"], "category": ["color", "spatial"]}),

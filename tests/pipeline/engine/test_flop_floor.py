@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipeline.budget.run_plan import exit_fractions, rates_from_floor
-from pipeline.config import load_config, preset_path
+from pipeline.config_loading import load_config, preset_path
 from pipeline.engine.flop_floor import REAL_FLOPS_PER_CALL as F
 from pipeline.engine.flop_floor import Assumptions, calls_per_image, floor_per_image
 from schemas.prompts import PromptRow

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import load_config, preset_path
+from pipeline.config_loading import load_config, preset_path
 from pipeline.engine.gpu_plan import cast_frozen_weights, divisors, plan_view_chunk, transformer_blocks
 from pipeline.engine.invert import InversionEngine, SampleRequest
 from pipeline.errors import UserError

@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def finetune_cfg(tiny_cache):
-    from pipeline.config import load_config, preset_path
+    from pipeline.config_loading import load_config, preset_path
 
     return load_config(preset_path("tiny"), [f"models.tiny_cache_dir={tiny_cache}"])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.config import load_config, preset_path
+from pipeline.config_loading import load_config, preset_path
 from pipeline.finetune.lora import adapted_layers, save_lora
 from pipeline.finetune.loss import training_loss
 from pipeline.finetune.train import build_loop

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import ConfigError, load_config, preset_path
+from pipeline.config import ConfigError
+from pipeline.config_loading import load_config, preset_path
 from pipeline.finetune.record import GORS_BASE, objective_record
 from pipeline.models.lora_files import resolve_lora
 

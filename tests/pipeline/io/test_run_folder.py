@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pipeline import versions
-from pipeline.config import load_config
+from pipeline.config_loading import load_config
 from pipeline.errors import UserError
 from pipeline.io.run_folder import brace_pattern, make_run_info, prepare_run
 from pipeline.io.storage import filesystem_for
@@ -56,7 +56,8 @@ def test_a_library_upgrade_changes_the_hash_and_a_resume_is_refused(tmp_path, mo
 
 def test_ray_is_not_an_output_library_and_hashing_imports_no_torch() -> None:
     assert "ray" not in versions.OUTPUT_LIBRARIES
-    code = "import sys; from pipeline.config import load_config; load_config().hash(); print('torch' in sys.modules)"
+    code = ("import sys; from pipeline.config_loading import load_config; load_config().hash(); "
+            "print('torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "False", proc.stderr
 

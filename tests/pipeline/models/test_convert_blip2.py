@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.config_loading import load_config
 from pipeline.errors import UserError
 from pipeline.models.convert_blip2 import convert_lavis_blip2
 from pipeline.models.loading import load_generator_models, model_sources

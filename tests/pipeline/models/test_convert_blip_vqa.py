@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import load_config, preset_path
+from pipeline.config_loading import load_config, preset_path
 from pipeline.errors import UserError
 from pipeline.models.convert_blip_vqa import convert_blip_vqa, infer_config, rename_key
 from pipeline.models.loading import load_vqa_models

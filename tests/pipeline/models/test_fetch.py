@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from jobs.models import needs_of
-from pipeline.config import load_config, preset_path
+from pipeline.config_loading import load_config, preset_path
 from pipeline.errors import UserError
 from pipeline.models import convert_blip2, convert_blip_vqa
 from pipeline.models.download import DownloadError

@@ -67,7 +67,7 @@ def test_concurrent_builds_do_not_corrupt(tmp_path) -> None:
     assert outs[0] == outs[1]
     # Only the final folder remains; no half-built temp folders are left behind.
     assert [p.name for p in tmp_path.iterdir()] == [Path(outs[0]).name]
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
 
     cfg = load_config(overrides=["models.tiny=true", f"models.tiny_cache_dir={tmp_path}", "models.tiny_seed=3"])
     assert load_generator_models(cfg).vae is not None
@@ -98,7 +98,7 @@ def test_zoo_models_load_frozen_from_the_tiny_set(tiny_cfg) -> None:
 
 
 def test_zoo_source_is_the_id_without_the_tiny_set() -> None:
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
     from pipeline.models.loading import zoo_source
 
     cfg = load_config()
@@ -108,7 +108,7 @@ def test_zoo_source_is_the_id_without_the_tiny_set() -> None:
 
 def _load_missing(kind: str, value: str) -> subprocess.CompletedProcess:
     code = (
-        "import sys; from jobs.cli import run_main; from pipeline.config import load_config\n"
+        "import sys; from jobs.cli import run_main; from pipeline.config_loading import load_config\n"
         "from pipeline.models.loading import load_generator_models, load_vqa_models\n"
         f"cfg = load_config(overrides=['models.{kind}={value}', 'models.device=cpu'])\n"
         f"run_main(lambda argv: (load_vqa_models if '{kind}' == 'vqa' else load_generator_models)(cfg) and 0)\n"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import ConfigError, load_config, preset_path
+from pipeline.config import ConfigError
+from pipeline.config_loading import load_config, preset_path
 from pipeline.models.loading import load_generator_models, model_sources
 from pipeline.models.tiny import SMALL_SIZES, small_root
 

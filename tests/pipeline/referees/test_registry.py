@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from pipeline.config import ConfigError, RefereeSpec, load_config
+from pipeline.config import ConfigError, RefereeSpec
+from pipeline.config_loading import load_config
 from pipeline.engine.invert import InversionEngine
 from pipeline.referees import registry
 from pipeline.referees.base import EncodedPrompts, TensorRows, ViewLosses, ZooReferee

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import FilterConfig, load_config, preset_path
+from pipeline.config import FilterConfig
+from pipeline.config_loading import load_config, preset_path
 from pipeline.scoring.filter import accept, decide, threshold_for
 
 

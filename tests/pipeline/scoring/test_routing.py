@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import ConfigError, from_dict
+from pipeline.config import ConfigError
+from pipeline.config_loading import from_dict
 from pipeline.scoring.routing import (
     BLIP_VQA,
     CLIPSCORE,

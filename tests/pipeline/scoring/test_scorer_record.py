@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from pipeline.config import DEFAULT_VQA_FOLDER, HUB_VQA_ID, load_config, preset_path
+from pipeline.config import DEFAULT_VQA_FOLDER, HUB_VQA_ID
+from pipeline.config_loading import load_config, preset_path
 from pipeline.errors import UserError
 from pipeline.scoring.scorer_record import check_vqa_source, planned_record, spacy_info
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.config import load_config, preset_path
+from pipeline.config_loading import load_config, preset_path
 from pipeline.errors import UserError
 from pipeline.scoring.vqa import SpecialIds, VqaScorer, combine, format_score, round_answer, yes_ratio
 
