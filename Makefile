@@ -43,8 +43,11 @@ lint: setup
 # TEST_JOBS pytest workers (pytest-xdist); tests sharing a module fixture stay on one worker (tests/conftest.py).
 # Most of the suite's time is job subprocesses and Ray waiting on each other, so 2 workers pay even on 2 cores.
 TEST_JOBS ?= 2
+# The project's modules compiled once: the tests start hundreds of job, actor and Ray worker processes, and where
+# PYTHONDONTWRITEBYTECODE is set each would compile them again. The slowest tests are listed at the end.
 test: setup
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup
+	$(PY) -m compileall -q pipeline jobs actors schemas benchmarks tests >/dev/null
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup --durations=15
 
 # The numerically sensitive tests (marker `numerics`) on torch's other CPU kernel paths, as other CPUs run them
 # (docs/REPRODUCIBILITY.md): each leg is ATEN_CPU_CAPABILITY (native: unset) and OMP_NUM_THREADS. Legs are
