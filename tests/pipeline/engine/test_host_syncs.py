@@ -4,40 +4,27 @@ per-step host check and the boolean-mask caption indexing it replaced (both kept
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.engine.invert import INJECT_NAN_ENV, InversionEngine, SampleRequest, _Batch, _nonfinite, _Slot
+from pipeline.engine.invert import INJECT_NAN_ENV, InversionEngine, _Batch, _nonfinite, _Slot
 from pipeline.referees.blip2 import Referee, TextBatch, caption_token_terms
-from tests.conftest import compbench_prompts
+from tests.pipeline.engine.engine_inputs import color_requests, with_changes
 from tests.pipeline.engine.syncs import SyncCounter
 
-PROMPTS = compbench_prompts("color_val", 3)
 # Host-side reads only: Adam's step counter is a CPU tensor (capturable=False); kornia draws its parameters on
 # the CPU (pipeline/engine/augment.py ``_params``), so reads of them never wait for the device.
 HOST_SIDE = ("torch/optim", "/kornia/", "augment.py:_params")
 
 
-def _requests(n: int, seed0: int = 100) -> list[SampleRequest]:
-    return [SampleRequest(PROMPTS[i % len(PROMPTS)], f"p{i}", 0, seed0 + i) for i in range(n)]
-
-
-def _cfg(base, **changes):
-    cfg = copy.deepcopy(base)
-    for name, value in changes.items():
-        section, key = name.split("__")
-        setattr(getattr(cfg, section), key, value)
-    return cfg
 
 
 @pytest.mark.parametrize("batch,chunk", [(1, 0), (3, 5)])
 def test_joint_and_tail_steps_read_nothing_from_the_device(generator_models, tiny_cfg, batch, chunk) -> None:
-    cfg = _cfg(tiny_cfg, engine__view_chunk=chunk)
+    cfg = with_changes(tiny_cfg, engine__view_chunk=chunk)
     engine = InversionEngine(generator_models, cfg)
-    slots = [_Slot(r, r.seed) for r in _requests(batch)]
+    slots = [_Slot(r, r.seed) for r in color_requests(batch)]
     prompts = [s.request.prompt for s in slots]
     text = engine.referee.encode(prompts)
     state = _Batch(engine._initial_latents([s.seed for s in slots]), cfg.optim)
@@ -53,10 +40,10 @@ def test_joint_and_tail_steps_read_nothing_from_the_device(generator_models, tin
 
 
 def test_a_run_reads_the_failures_every_check_every_iterations(generator_models, tiny_cfg) -> None:
-    cfg = _cfg(tiny_cfg, engine__check_every=3, engine__trace=False)  # 6 + 2 iterations: reads after 3 and 6
+    cfg = with_changes(tiny_cfg, engine__check_every=3, engine__trace=False)  # 6 + 2 iterations: reads after 3 and 6
     engine = InversionEngine(generator_models, cfg)
     with SyncCounter(HOST_SIDE) as syncs:
-        engine.run(_requests(2))
+        engine.run(color_requests(2))
     reads = sum(n for site, n in syncs.where.items() if site.startswith("tolist invert.py"))
     assert reads == 2 + 1  # + the one in _finish
 
@@ -92,12 +79,12 @@ def _mask_caption_terms(self, caption_hidden: torch.Tensor, text: TextBatch):
 
 
 def test_results_equal_the_host_checked_boolean_mask_path(generator_models, tiny_cfg, monkeypatch) -> None:
-    cfg = _cfg(tiny_cfg, engine__check_every=4, engine__max_restarts=1, engine__view_chunk=3)
+    cfg = with_changes(tiny_cfg, engine__check_every=4, engine__max_restarts=1, engine__view_chunk=3)
     monkeypatch.setenv(INJECT_NAN_ENV, "p1:2:1")  # p1 fails at iteration 2 on its first attempt, then restarts
-    new = InversionEngine(generator_models, cfg).run(_requests(3))
+    new = InversionEngine(generator_models, cfg).run(color_requests(3))
     monkeypatch.setattr(InversionEngine, "_check", _host_check)
     monkeypatch.setattr(Referee, "_caption_terms", _mask_caption_terms)
-    old = InversionEngine(generator_models, cfg).run(_requests(3))
+    old = InversionEngine(generator_models, cfg).run(color_requests(3))
     assert new[1].restarts and new[1].restarts == old[1].restarts
     for a, b in zip(new, old):
         assert torch.equal(a.image, b.image)

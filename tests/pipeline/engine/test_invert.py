@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 
@@ -19,40 +18,26 @@ from pipeline.engine.invert import (
     parse_nan_injection,
     sample_seed,
 )
-from tests.conftest import compbench_prompts
+from tests.pipeline.engine.engine_inputs import PROMPTS, color_requests, with_changes
 
 # Float results that depend on the CPU's kernels: `make test-numerics` runs them on other kernel paths.
 pytestmark = pytest.mark.numerics
 
-PROMPTS = compbench_prompts("color_val", 3)
-
-
-def _cfg(base, **changes):
-    """A copy of the tiny config with ``section__key=value`` changes."""
-    cfg = copy.deepcopy(base)
-    for name, value in changes.items():
-        section, key = name.split("__")
-        setattr(getattr(cfg, section), key, value)
-    return cfg
-
-
-def _requests(n: int = 3, seed0: int = 100) -> list[SampleRequest]:
-    return [SampleRequest(PROMPTS[i % len(PROMPTS)], f"p{i}", 0, seed0 + i) for i in range(n)]
 
 
 @pytest.fixture(scope="module")
 def engine(generator_models, tiny_cfg) -> InversionEngine:
-    return InversionEngine(generator_models, _cfg(tiny_cfg, engine__trace=True))
+    return InversionEngine(generator_models, with_changes(tiny_cfg, engine__trace=True))
 
 
 @pytest.fixture(scope="module")
 def batch_of_3(engine):
-    return engine.run(_requests(3))
+    return engine.run(color_requests(3))
 
 
 def test_results_have_the_contracted_fields(batch_of_3, tiny_cfg) -> None:
     total = tiny_cfg.optim.iterations + tiny_cfg.optim.tail_iterations
-    for req, r in zip(_requests(3), batch_of_3):
+    for req, r in zip(color_requests(3), batch_of_3):
         assert r.request == req and r.error is None and r.seed == req.seed and r.restarts == []
         assert r.image.shape == (3, 64, 64) and r.image.dtype == torch.float32 and r.image.device.type == "cpu"
         assert 0 <= float(r.image.min()) and float(r.image.max()) <= 1
@@ -94,7 +79,7 @@ def test_ema_restart_copies_and_never_aliases() -> None:
 
 
 def test_learning_rate_warms_up_then_decays_by_cosine(tiny_cfg) -> None:
-    o = _cfg(tiny_cfg, optim__iterations=150, optim__warmup=10).optim
+    o = with_changes(tiny_cfg, optim__iterations=150, optim__warmup=10).optim
     lrs = [learning_rate(o, i) for i in range(o.iterations)]
     assert lrs[0] == pytest.approx(o.lr_start / 10) and lrs[9] == pytest.approx(o.lr_start)
     assert lrs[10] == pytest.approx(o.lr_start) and lrs[-1] == pytest.approx(o.lr_end, abs=1e-3)
@@ -102,11 +87,11 @@ def test_learning_rate_warms_up_then_decays_by_cosine(tiny_cfg) -> None:
 
 
 def test_same_seed_same_image_bit_identical(engine, batch_of_3) -> None:
-    again = engine.run(_requests(3))
+    again = engine.run(color_requests(3))
     for a, b in zip(batch_of_3, again):
         assert torch.equal(a.image, b.image)
         assert a.final_losses == b.final_losses
-    other = engine.run(_requests(1, seed0=999))
+    other = engine.run(color_requests(1, seed0=999))
     assert not torch.allclose(other[0].image, batch_of_3[0].image)
 
 
@@ -123,7 +108,7 @@ RUN_MEAN_DRIFT = 1e-3
 
 def _one_iteration(engine, idx: list[int]) -> dict[str, torch.Tensor]:
     """Iteration 0's per-sample tensors for the requests ``idx`` optimised together."""
-    reqs = [_requests(3)[i] for i in idx]
+    reqs = [color_requests(3)[i] for i in idx]
     prompts, seeds = [r.prompt for r in reqs], [r.seed for r in reqs]
     z = engine._initial_latents(seeds).requires_grad_(True)
     text = engine.referee.encode(prompts)
@@ -144,7 +129,7 @@ def test_one_iteration_of_a_sample_does_not_depend_on_its_batch_mates(engine) ->
 
 
 def test_a_sample_alone_stays_within_the_documented_drift_of_the_batched_one(engine, batch_of_3) -> None:
-    alone = engine.run([_requests(3)[1]])[0]
+    alone = engine.run([color_requests(3)[1]])[0]
     diff = (alone.image - batch_of_3[1].image).abs()
     assert float(diff.max()) <= RUN_MAX_DRIFT and float(diff.mean()) <= RUN_MEAN_DRIFT
     assert alone.seed == batch_of_3[1].seed and alone.iterations == batch_of_3[1].iterations
@@ -154,17 +139,17 @@ def test_same_batch_composition_is_bit_identical_in_any_position_of_the_run(
     generator_models, tiny_cfg, batch_of_3
 ) -> None:
     """The same batch, run after another batch (batches of 3 here), gives the same bytes."""
-    eng = InversionEngine(generator_models, _cfg(tiny_cfg, engine__batch_size=3))
-    later = eng.run(_requests(3, seed0=500) + _requests(3))[3:]
+    eng = InversionEngine(generator_models, with_changes(tiny_cfg, engine__batch_size=3))
+    later = eng.run(color_requests(3, seed0=500) + color_requests(3))[3:]
     for a, b in zip(later, batch_of_3):
         assert torch.equal(a.image, b.image)
 
 
 def test_batches_are_split_and_progress_is_reported(generator_models, tiny_cfg) -> None:
-    eng = InversionEngine(generator_models, _cfg(tiny_cfg, engine__batch_size=2, optim__iterations=2,
+    eng = InversionEngine(generator_models, with_changes(tiny_cfg, engine__batch_size=2, optim__iterations=2,
                                                  optim__tail_iterations=1, optim__warmup=1))
     seen = []
-    results = eng.run(_requests(5), progress=seen.append)
+    results = eng.run(color_requests(5), progress=seen.append)
     assert seen == [2, 2, 1]
     assert [r.request.prompt_id for r in results] == [f"p{i}" for i in range(5)]
     assert all(r.trace is None for r in results)
@@ -172,8 +157,9 @@ def test_batches_are_split_and_progress_is_reported(generator_models, tiny_cfg) 
 
 def test_view_chunks_do_not_change_the_math(generator_models, tiny_cfg) -> None:
     short = dict(optim__iterations=3, optim__tail_iterations=1, optim__warmup=1)
-    whole = InversionEngine(generator_models, _cfg(tiny_cfg, **short)).run(_requests(2))
-    chunked = InversionEngine(generator_models, _cfg(tiny_cfg, engine__view_chunk=3, **short)).run(_requests(2))
+    whole = InversionEngine(generator_models, with_changes(tiny_cfg, **short)).run(color_requests(2))
+    chunked_cfg = with_changes(tiny_cfg, engine__view_chunk=3, **short)
+    chunked = InversionEngine(generator_models, chunked_cfg).run(color_requests(2))
     # Chunks change the ViT's batch, hence rounding: measured <= 3.9e-6 on the image over ATen AVX512 / AVX2 /
     # default and 1 and 2 threads; views dropped or weighted wrongly move it by ~1e-2.
     for a, b in zip(whole, chunked):
@@ -193,7 +179,7 @@ def test_referee_gradient_equals_plain_autograd(engine) -> None:
 
 
 def test_top_k_keeps_the_hardest_views(generator_models, tiny_cfg) -> None:
-    eng = InversionEngine(generator_models, _cfg(tiny_cfg, augment__top_k=2))
+    eng = InversionEngine(generator_models, with_changes(tiny_cfg, augment__top_k=2))
     text = eng.referee.encode(PROMPTS[:2])
     views = eng.augmenter(torch.rand(2, 3, 64, 64), [1, 2], 0)
     kept = eng._hardest(views, text)
@@ -202,14 +188,14 @@ def test_top_k_keeps_the_hardest_views(generator_models, tiny_cfg) -> None:
     for b in range(2):
         want = views[b, losses[b].topk(2).indices]
         torch.testing.assert_close(kept[b], want)
-    full = InversionEngine(generator_models, _cfg(tiny_cfg, augment__top_k=tiny_cfg.augment.num_views))
+    full = InversionEngine(generator_models, with_changes(tiny_cfg, augment__top_k=tiny_cfg.augment.num_views))
     assert full._hardest(views, text) is views  # top_k == N: no selection pass
 
 
 def test_referee_loss_falls_over_30_iterations(generator_models, tiny_cfg) -> None:
     # The referee alone (no SDS step, no noise), plain views: the tiny random referee is nearly
     # image-blind, so augmentation noise would hide its small but steady descent.
-    cfg = _cfg(
+    cfg = with_changes(
         tiny_cfg, engine__trace=True, optim__iterations=30, optim__tail_iterations=0, optim__ema_restarts=[],
         optim__sds_step=0.0, optim__noise_std=0.0, optim__lr_start=0.1, optim__lr_end=0.1, optim__warmup=0,
         augment__affine_degrees=0.0, augment__affine_translate=[0.0, 0.0], augment__perspective_p=0.0,
@@ -224,8 +210,8 @@ def test_referee_loss_falls_over_30_iterations(generator_models, tiny_cfg) -> No
 
 def test_nan_injection_restarts_only_that_sample(generator_models, tiny_cfg, batch_of_3, monkeypatch) -> None:
     monkeypatch.setenv(INJECT_NAN_ENV, "p1:2:1")  # first attempt only
-    eng = InversionEngine(generator_models, _cfg(tiny_cfg, engine__trace=True))
-    results = eng.run(_requests(3))
+    eng = InversionEngine(generator_models, with_changes(tiny_cfg, engine__trace=True))
+    results = eng.run(color_requests(3))
     hit = results[1]
     assert hit.error is None and hit.image is not None and torch.isfinite(hit.image).all()
     assert len(hit.restarts) == 1 and "non-finite latents at iteration 2" in hit.restarts[0]
@@ -237,8 +223,8 @@ def test_nan_injection_restarts_only_that_sample(generator_models, tiny_cfg, bat
 
 def test_nan_every_attempt_fails_with_a_reason(generator_models, tiny_cfg, batch_of_3, monkeypatch) -> None:
     monkeypatch.setenv(INJECT_NAN_ENV, "p0:3")
-    eng = InversionEngine(generator_models, _cfg(tiny_cfg, engine__max_restarts=1))
-    results = eng.run(_requests(3))
+    eng = InversionEngine(generator_models, with_changes(tiny_cfg, engine__max_restarts=1))
+    results = eng.run(color_requests(3))
     bad = results[0]
     assert bad.image is None and bad.error.startswith("non-finite latents at iteration 3")
     assert "after 2 attempts" in bad.error and len(bad.restarts) == 1 and math.isnan(bad.itm_score)
@@ -266,7 +252,7 @@ def test_sample_seed_is_a_stable_hash() -> None:
 
 
 def test_bf16_autocast_and_sgd_run(generator_models, tiny_cfg) -> None:
-    cfg = _cfg(tiny_cfg, engine__autocast="bf16", optim__optimizer="sgd", optim__iterations=2,
+    cfg = with_changes(tiny_cfg, engine__autocast="bf16", optim__optimizer="sgd", optim__iterations=2,
                optim__tail_iterations=1, optim__warmup=1)
-    r = InversionEngine(generator_models, cfg).run(_requests(1))[0]
+    r = InversionEngine(generator_models, cfg).run(color_requests(1))[0]
     assert r.error is None and torch.isfinite(r.image).all() and r.image.dtype == torch.float32

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from pipeline.engine.invert import INJECT_NAN_ENV, InversionEngine, SampleRequest, restart_seed
 from pipeline.engine.sample_sd import SamplingEngine
 from tests.conftest import compbench_prompts
+from tests.pipeline.engine.engine_inputs import with_changes
 
 # Float results that depend on the CPU's kernels: `make test-numerics` runs them on other kernel paths.
 pytestmark = pytest.mark.numerics
@@ -20,13 +19,7 @@ STEPS = 4  # a short schedule keeps the CPU tests fast; the code path is the ful
 
 def _cfg(base, **changes):
     """A copy of the tiny config with ``section__key=value`` changes, generator sd_sampling."""
-    cfg = copy.deepcopy(base)
-    cfg.engine.generator = "sd_sampling"
-    cfg.sampling.steps = STEPS
-    for name, value in changes.items():
-        section, key = name.split("__")
-        setattr(getattr(cfg, section), key, value)
-    return cfg
+    return with_changes(base, **{"engine__generator": "sd_sampling", "sampling__steps": STEPS, **changes})
 
 
 def _req(i: int, seed: int | None = None) -> SampleRequest:
