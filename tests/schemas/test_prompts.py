@@ -1,29 +1,18 @@
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.io.prompt_files import read_prompt_tables
-from schemas.prompts import STATUS_INVALID, STATUS_OK, samples_of, validate_rows
-
-
-def _write(path, **cols) -> str:
-    pq.write_table(pa.table(cols), path)
-    return str(path)
-
-
-def _rows(path: str, samples: int = 2):
-    _, tables = read_prompt_tables(path)
-    return validate_rows(tables, samples, max_prompt_chars=50, max_id_chars=8)
+from schemas.prompts import STATUS_INVALID, STATUS_OK, samples_of
+from tests.prompt_tables import read_rows, write_prompts
 
 
 def test_bad_rows_get_statuses_and_good_rows_pass(tmp_path) -> None:
-    path = _write(
+    path = write_prompts(
         tmp_path / "p.parquet",
         prompt=["a red car", None, "", "   \t", "x" * 51, "a blue cup", "a cat 🐱\x07", "ok"],
         prompt_id=["a", "b", "c", "d", "e", "a", "g", "waytoolongid"],
     )
-    rows = _rows(path)
+    rows = read_rows(path)
     by_id = {r.row: r for r in rows}
     assert [r.status for r in rows] == [STATUS_OK] + [STATUS_INVALID] * 5 + [STATUS_OK, STATUS_INVALID]
     assert by_id[1].error == "prompt is null"
@@ -39,32 +28,32 @@ def test_bad_rows_get_statuses_and_good_rows_pass(tmp_path) -> None:
 
 def test_defaults_and_extra_columns(tmp_path) -> None:
     num = pa.array([3, None], pa.int32())
-    path = _write(tmp_path / "p.parquet", prompt=["a", "b"], source=["x", "y"], num_samples=num)
-    rows = _rows(path, samples=5)
+    path = write_prompts(tmp_path / "p.parquet", prompt=["a", "b"], source=["x", "y"], num_samples=num)
+    rows = read_rows(path, samples=5)
     assert [r.prompt_id for r in rows] == ["0", "1"]
     assert [r.num_samples for r in rows] == [3, 5]
     assert rows[0].extra == {"source": "x"}
 
 
 def test_bom_nan_null_ids_and_seed_overflow_are_row_level(tmp_path) -> None:
-    path = _write(
+    path = write_prompts(
         tmp_path / "p.parquet",
         prompt=["\ufeffa red cube", "a blue ball", "a green bench", "a pink chair", "a cat"],
         prompt_id=[None, "0", None, "2", "big"],
         score=[float("nan"), float("inf"), 1.5, None, float("-inf")],
         seed=pa.array([None, None, None, None, 2**63 - 1], pa.int64()),
     )
-    rows = _rows(path, samples=2)
+    rows = read_rows(path, samples=2)
     assert rows[0].prompt == "a red cube"
     ids = [r.prompt_id for r in rows]
     assert len(set(ids)) == 5 and ids[1] == "0" and ids[3] == "2"  # explicit ids keep their text
     assert [r.status for r in rows] == [STATUS_OK] * 4 + [STATUS_INVALID]
     assert "does not fit int64" in rows[4].error
     assert [r.extra["score"] for r in rows] == [None, None, 1.5, None, None]
-    one = _rows(path, samples=1)  # seed + index 0 fits
+    one = read_rows(path, samples=1)  # seed + index 0 fits
     assert one[4].status == STATUS_OK
 
 
 def test_integer_prompt_ids_are_accepted_as_text(tmp_path) -> None:
-    path = _write(tmp_path / "p.parquet", prompt=["a", "b"], prompt_id=[7, 9])
-    assert [r.prompt_id for r in _rows(path)] == ["7", "9"]
+    path = write_prompts(tmp_path / "p.parquet", prompt=["a", "b"], prompt_id=[7, 9])
+    assert [r.prompt_id for r in read_rows(path)] == ["7", "9"]

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import UserError
 from pipeline.io.prompt_files import fingerprint, read_prompt_tables
 from schemas.prompts import validate_rows
-
-
-def _write(path, **cols) -> str:
-    pq.write_table(pa.table(cols), path)
-    return str(path)
-
-
-def _rows(path: str, samples: int = 2):
-    _, tables = read_prompt_tables(path)
-    return validate_rows(tables, samples, max_prompt_chars=50, max_id_chars=8)
+from tests.prompt_tables import read_rows, write_prompts
 
 
 def test_folder_is_read_in_sorted_order_and_fingerprinted(tmp_path) -> None:
     (tmp_path / "in").mkdir()
-    _write(tmp_path / "in" / "b.parquet", prompt=["b0", "b1"])
-    _write(tmp_path / "in" / "a.parquet", prompt=["a0"])
+    write_prompts(tmp_path / "in" / "b.parquet", prompt=["b0", "b1"])
+    write_prompts(tmp_path / "in" / "a.parquet", prompt=["a0"])
     files, tables = read_prompt_tables(str(tmp_path / "in"))
     rows = validate_rows(tables, 1, 100, 100)
     assert [r.prompt for r in rows] == ["a0", "b0", "b1"]
@@ -38,35 +27,35 @@ def _fp(path) -> str:
 
 
 def test_fingerprint_is_the_content_not_the_path_size_or_row_count(tmp_path) -> None:
-    a = _write(tmp_path / "a.parquet", prompt=["a red cube", "a blue ball"])
+    a = write_prompts(tmp_path / "a.parquet", prompt=["a red cube", "a blue ball"])
     before = _fp(a)
-    _write(tmp_path / "a.parquet", prompt=["a red cubE", "a blue ball"])  # same length, same rows
+    write_prompts(tmp_path / "a.parquet", prompt=["a red cubE", "a blue ball"])  # same length, same rows
     assert _fp(a) != before
     (tmp_path / "moved").mkdir()
-    _write(tmp_path / "moved" / "b.parquet", prompt=["a red cube", "a blue ball"])
+    write_prompts(tmp_path / "moved" / "b.parquet", prompt=["a red cube", "a blue ball"])
     assert _fp(tmp_path / "moved" / "b.parquet") == before
 
 
 def test_hive_partition_folders_are_columns(tmp_path) -> None:
     for cat in ("color", "shape"):
         (tmp_path / "in" / f"category={cat}" / "seed=7").mkdir(parents=True)
-        _write(tmp_path / "in" / f"category={cat}" / "seed=7" / "part-0.parquet", prompt=[f"a {cat}"])
+        write_prompts(tmp_path / "in" / f"category={cat}" / "seed=7" / "part-0.parquet", prompt=[f"a {cat}"])
     (tmp_path / "in" / "category=color" / "_SUCCESS").write_text("")
-    rows = _rows(str(tmp_path / "in"))
+    rows = read_rows(str(tmp_path / "in"))
     assert [(r.prompt, r.category, r.seed) for r in rows] == [("a color", "color", 7), ("a shape", "shape", 7)]
     assert all(r.extra == {} for r in rows)
 
 
 def test_hive_partition_that_does_not_fit_its_column_is_one_line(tmp_path) -> None:
     (tmp_path / "in" / "seed=abc").mkdir(parents=True)
-    _write(tmp_path / "in" / "seed=abc" / "p.parquet", prompt=["a"])
+    write_prompts(tmp_path / "in" / "seed=abc" / "p.parquet", prompt=["a"])
     with pytest.raises(UserError, match="hive partition seed=abc does not fit int64"):
         read_prompt_tables(str(tmp_path / "in"))
 
 
 def test_symlink_loops_end_and_each_file_is_read_once(tmp_path) -> None:
     (tmp_path / "in" / "sub").mkdir(parents=True)
-    _write(tmp_path / "in" / "sub" / "a.parquet", prompt=["a"])
+    write_prompts(tmp_path / "in" / "sub" / "a.parquet", prompt=["a"])
     (tmp_path / "in" / "sub" / "loop").symlink_to(tmp_path / "in")
     (tmp_path / "in" / "also.parquet").symlink_to(tmp_path / "in" / "sub" / "a.parquet")
     files, tables = read_prompt_tables(str(tmp_path / "in"))
@@ -75,9 +64,9 @@ def test_symlink_loops_end_and_each_file_is_read_once(tmp_path) -> None:
 
 def test_a_run_folder_inside_the_prompts_folder_is_refused(tmp_path) -> None:
     (tmp_path / "in" / "run" / "shards").mkdir(parents=True)
-    _write(tmp_path / "in" / "p.parquet", prompt=["a"])
+    write_prompts(tmp_path / "in" / "p.parquet", prompt=["a"])
     (tmp_path / "in" / "run" / "run.json").write_text("{}")
-    _write(tmp_path / "in" / "run" / "shards" / "000000.parquet", prompt=["old"])
+    write_prompts(tmp_path / "in" / "run" / "shards" / "000000.parquet", prompt=["old"])
     with pytest.raises(UserError, match="holds a run folder"):
         read_prompt_tables(str(tmp_path / "in"))
 
@@ -87,9 +76,9 @@ def test_a_run_folder_inside_the_prompts_folder_is_refused(tmp_path) -> None:
     [
         (lambda p: str(p / "missing.parquet"), "no such file or folder"),
         (lambda p: (p.joinpath("x.parquet").write_text("junk"), str(p / "x.parquet"))[1], "not a readable Parquet"),
-        (lambda p: _write(p / "n.parquet", text=["a"]), "no 'prompt' column"),
-        (lambda p: _write(p / "t.parquet", prompt=[1, 2]), "column 'prompt' must be string"),
-        (lambda p: _write(p / "s.parquet", prompt=["a"], seed=["x"]), "column 'seed' must be int64"),
+        (lambda p: write_prompts(p / "n.parquet", text=["a"]), "no 'prompt' column"),
+        (lambda p: write_prompts(p / "t.parquet", prompt=[1, 2]), "column 'prompt' must be string"),
+        (lambda p: write_prompts(p / "s.parquet", prompt=["a"], seed=["x"]), "column 'seed' must be int64"),
         (lambda p: (p.joinpath("empty").mkdir(), str(p / "empty"))[1], "holds no .parquet files"),
         (lambda p: "", "the path is empty"),
     ],
@@ -102,7 +91,7 @@ def test_file_level_problems_are_one_line(tmp_path, make, needle) -> None:
 
 def test_one_corrupt_file_among_good_ones_names_it(tmp_path) -> None:
     (tmp_path / "in").mkdir()
-    _write(tmp_path / "in" / "a.parquet", prompt=["a"])
+    write_prompts(tmp_path / "in" / "a.parquet", prompt=["a"])
     (tmp_path / "in" / "b.parquet").write_bytes(b"PAR1garbage")
     with pytest.raises(UserError, match="b.parquet: not a readable Parquet"):
         read_prompt_tables(str(tmp_path / "in"))
