@@ -160,18 +160,27 @@ class _HubHandler(_Handler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _repo_at(self, repo_id: str, rev: str):
+        """The repository at ``rev`` (main or its commit), or None once the error is answered."""
+        repo = self._repo(repo_id)
+        if repo is _ANSWERED:
+            return None
+        if repo is None:
+            self._error(404, {"X-Error-Code": "RepoNotFound"})
+            return None
+        if rev not in ("main", repo.commit):
+            self._error(404, {"X-Error-Code": "RevisionNotFound"})
+            return None
+        return repo
+
     def _api(self, path: str) -> None:
         rest = path[len("/api/models/"):]
         for marker in ("/revision/", "/tree/"):
             if marker in rest:
                 repo_id, _, rev = rest.partition(marker)
-                repo = self._repo(repo_id)
-                if repo is _ANSWERED:
-                    return None
+                repo = self._repo_at(repo_id, rev)
                 if repo is None:
-                    return self._error(404, {"X-Error-Code": "RepoNotFound"})
-                if rev not in ("main", repo.commit):
-                    return self._error(404, {"X-Error-Code": "RevisionNotFound"})
+                    return None
                 if marker == "/revision/":
                     return self._json({"id": repo_id, "sha": repo.commit, "siblings": [
                         {"rfilename": p} for p in sorted(repo.files)]})
@@ -190,13 +199,9 @@ class _HubHandler(_Handler):
         repo_id = head.lstrip("/")
         rev, _, file = tail.partition("/")
         rev, file = urllib.parse.unquote(rev), urllib.parse.unquote(file)
-        repo = self._repo(repo_id)
-        if repo is _ANSWERED:
-            return None
+        repo = self._repo_at(repo_id, rev)
         if repo is None:
-            return self._error(404, {"X-Error-Code": "RepoNotFound"})
-        if rev not in ("main", repo.commit):
-            return self._error(404, {"X-Error-Code": "RevisionNotFound"})
+            return None
         if file not in repo.files:
             return self._error(404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": repo.commit})
         headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{repo.etag(file)}"'}
