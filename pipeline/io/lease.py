@@ -134,9 +134,9 @@ class RunLease:
         self.ensure_held()
         try:
             self.fence.check()
-        except LeaseLost as err:
-            self.lost = str(err)
-            raise
+        except LeaseLost as err:  # found here before the heartbeat did: the same fault, said the same way
+            self.lost = f"{self.uri}: this driver lost the run lease ({err})"
+            raise LeaseLost(self.lost) from None
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lease if it is still ours (idempotent)."""

@@ -118,6 +118,19 @@ def _wait_for(predicate, timeout: float = 10.0) -> bool:
     return predicate()
 
 
+def test_a_take_over_found_by_verify_before_the_heartbeat_says_the_lease_was_lost(tmp_path) -> None:
+    lease = _lease(tmp_path, heartbeat_s=60.0, stale_s=120.0).acquire()  # no beat runs during the test
+    try:
+        _write_holder(tmp_path, host="node-b", token="driver-b")
+        with pytest.raises(LeaseLost, match="this driver lost the run lease .*host node-b"):
+            lease.verify()
+        with pytest.raises(LeaseLost, match="lost the run lease"):
+            lease.ensure_held()  # and it stays lost
+    finally:
+        lease.release()
+    assert json.loads((tmp_path / LEASE_NAME).read_text())["token"] == "driver-b"  # not removed: not ours
+
+
 @pytest.mark.parametrize("how", ["taken over", "removed"])
 def test_a_driver_that_lost_its_lease_never_writes_it_again(tmp_path, how) -> None:
     lease = _lease(tmp_path, heartbeat_s=0.05, stale_s=1.0).acquire()
