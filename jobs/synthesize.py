@@ -128,10 +128,17 @@ def start_ray(dashboard: bool = True) -> bool:
     return True
 
 
-def _pool_size(cfg: Config, local: bool) -> tuple[int, float]:
+def _pool_size(cfg: Config, local: bool, shards: int) -> tuple[int, float]:
     """(actors, GPUs per actor) from the config. Never from what a cluster has at start: an autoscaler
     adds GPU nodes only for actors that ask for GPUs. A local Ray's resources are the machine's own,
-    so there a GPU-less machine falls back to CPU actors and num_actors 0 means one per local GPU."""
+    so there a GPU-less machine falls back to CPU actors and num_actors 0 means one per local GPU.
+    Never more actors than ``shards`` to do: an actor without a shard would only load the models (a resumed
+    run, a short night)."""
+    n, per = _configured_pool_size(cfg, local)
+    return min(n, max(1, shards)), per
+
+
+def _configured_pool_size(cfg: Config, local: bool) -> tuple[int, float]:
     import ray
 
     per, n = cfg.job.gpus_per_actor, cfg.job.num_actors
@@ -182,12 +189,12 @@ class RunMetrics:
         self.rate.set(images_per_hour, tags=self.tags)
 
 
-def check_placement(cfg: Config, local: bool) -> None:
+def check_placement(cfg: Config, local: bool, shards: int) -> None:
     """Actors this Ray can never place would wait forever: refuse on a local Ray (fixed size), say so
     on a cluster (an autoscaler may add nodes)."""
     import ray
 
-    n, gpus = _pool_size(cfg, local)
+    n, gpus = _pool_size(cfg, local, shards)
     total = ray.cluster_resources()
     need = {"CPU": n * cfg.job.cpus_per_actor, "GPU": n * gpus}
     short = [f"{need[k]:g} {k} (has {total.get(k, 0):g})" for k in need if need[k] > total.get(k, 0) + 1e-9]
@@ -260,10 +267,10 @@ def _run(args: argparse.Namespace, cfg: Config, plan: dict[str, Any]) -> int:
     pool = None
     t0 = time.time()
     try:
-        check_placement(cfg, local)
+        check_placement(cfg, local, len(plan["todo"]))
         lease = plan["lease"]
         pool, request = _make_pool(cfg, args.output, plan["model_ids"], plan["info"].config_hash, local,
-                                   lease.me.token)
+                                   lease.me.token, len(plan["todo"]))
         progress = Progress(plan["total_samples"], plan["done_samples"], args.no_progress)
         result = _run_pool(pool, request, plan["todo"], progress, RunMetrics(args.output), lease.ensure_held)
         progress.close()
@@ -502,12 +509,13 @@ def _zoo_models(cfg: Config) -> list[tuple[str, str, str]]:
             for s in cfg.zoo.referees if s.kind != "blip2"]
 
 
-def _make_pool(cfg: Config, output: str, model_ids: dict[str, str], config_hash: str, local: bool, lease_token: str):
+def _make_pool(cfg: Config, output: str, model_ids: dict[str, str], config_hash: str, local: bool, lease_token: str,
+               shards: int):
     """The pool (actors start now, asynchronously) and the resources each actor asks for."""
     from actors.pool import ShardPool
     from actors.shard_worker import remote_worker_class
 
-    n, gpus = _pool_size(cfg, local)
+    n, gpus = _pool_size(cfg, local, shards)
     env = {} if local else _forwarded_env(local=False)
     worker = remote_worker_class(cfg.job.cpus_per_actor, gpus, env)
     cfg_dict = cfg.to_dict()

@@ -82,3 +82,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         defs = info.name2fixturedefs.values() if info is not None else []
         if any(d.scope in ("module", "class", "package") for chain in defs for d in chain):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse `--dist loadgroup` where the groups cannot reach the scheduler: pytest-xdist (3.8 and older) names a
+    test's group by rewriting its node id, which pytest 9.2 ignores (pytest-xdist issue 1386). Every worker would
+    then build every module fixture (a tiny run each), silently: ~100 s more on 2 cores."""
+    if hasattr(config, "workerinput") or config.getoption("dist", "no") != "loadgroup":
+        return
+    from importlib.metadata import version
+
+    if version("pytest").startswith("9.2.") and tuple(map(int, version("pytest-xdist").split(".")[:2])) <= (3, 8):
+        raise pytest.UsageError(
+            f"pytest {version('pytest')} with pytest-xdist {version('pytest-xdist')} drops --dist loadgroup's "
+            "groups: install the versions in requirements-lock.txt (make setup)")

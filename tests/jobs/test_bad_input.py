@@ -314,7 +314,10 @@ def test_ctrl_c_while_an_object_store_retries_stops_at_once(tmp_path, tiny_cache
 
     cmd = [sys.executable, str(ROOT / "jobs" / "synthesize.py"), "--config", "configs/tiny.yaml", "--no-progress",
            "--prompts", "gs://missing-bucket-referee-synth/p.parquet", "--output", str(tmp_path / "run")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tiny_cache), stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it: a suite started in the background (`make test &`) ignores SIGINT, and its
+    # children inherit that, so Python would never raise KeyboardInterrupt in the job.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tiny_cache), stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(4)  # well inside job.storage_retry_time_s
     t0 = time.time()
     proc.send_signal(signal.SIGINT)

@@ -46,7 +46,7 @@ def test_run_folder_loads_with_datasets_accepted_of_complete_shards_only(tmp_pat
     out = tmp_path / "run"
     # Shard 1's marker can never be written: it stays incomplete (tar and sidecar present, no marker).
     thresholds = "{" + ", ".join(f"{c}: {1.0 if c == 'shape' else 0.0}" for c in CATEGORIES) + "}"
-    args = ["--prompts", str(path), "--output", str(out), "--num-actors", "2", "--shard-size", "2",
+    args = ["--prompts", str(path), "--output", str(out), "--shard-size", "2",
             "--set", f"filter.thresholds={thresholds}", "--set", "job.max_shard_retries=0",
             "--set", "job.publish_attempts=2"]
     proc = _run(args, _env(tiny_cache, **shared_ray, REFEREE_SYNTH_REFUSE_WRITES="000001.stats.json"))

@@ -82,7 +82,7 @@ def test_scoring_exception_fails_one_sample_and_the_shard_completes(tmp_path, ti
 def test_actor_killed_twice_on_one_shard_moves_on(tmp_path, tiny_cache, shared_ray) -> None:
     path = _table(tmp_path, 6)
     out = tmp_path / "run"
-    proc = _run(["--prompts", str(path), "--output", str(out), "--num-actors", "2", "--shard-size", "2"],
+    proc = _run(["--prompts", str(path), "--output", str(out), "--shard-size", "2"],
                 _env(tiny_cache, **shared_ray, REFEREE_SYNTH_KILL_ACTOR_ON_SHARD="1:2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_complete_run(out, {(r, 0) for r in range(6)})
@@ -124,7 +124,7 @@ def test_sigterm_stops_actors_and_the_rerun_resumes(tmp_path, tiny_cache) -> Non
 def test_crash_leftovers_are_detected_and_redone(tmp_path, tiny_cache, shared_ray) -> None:
     path = _table(tmp_path, 6)
     out = tmp_path / "run"
-    args = ["--prompts", str(path), "--output", str(out), "--num-actors", "2", "--shard-size", "2"]
+    args = ["--prompts", str(path), "--output", str(out), "--shard-size", "2"]
     assert _run(args, _env(tiny_cache, **shared_ray)).returncode == 0
     shards = out / "shards"
     tar0 = shards / "000000.tar"
@@ -174,8 +174,7 @@ def test_rerun_after_faults_has_exactly_one_record_per_row_and_sample(tmp_path, 
     prompts = compbench_prompts("color_val", 8)
     path = _prompts(tmp_path / "p.parquet", prompts, num_samples=pa.array([2] * 8, pa.int32()))
     out = tmp_path / "run"
-    args = ["--prompts", str(path), "--output", str(out), "--num-actors", "2", "--shard-size", "2",
-            "--set", "job.max_shard_retries=0"]
+    args = ["--prompts", str(path), "--output", str(out), "--shard-size", "2", "--set", "job.max_shard_retries=0"]
     env = _env(tiny_cache, **shared_ray, REFEREE_SYNTH_KILL_ACTOR_ON_SHARD="0:1", REFEREE_SYNTH_RAISE_ON_SHARD="2:1")
     first = _run(args, env)
     assert first.returncode == 1

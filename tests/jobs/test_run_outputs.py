@@ -38,7 +38,7 @@ def tiny_run(tmp_path_factory, tiny_cache, shared_ray) -> Path:
     cats = ["color"] * 10 + ["shape"] * 10 + ["color"]
     pq.write_table(pa.table({"prompt": prompts, "category": cats}), tmp / "p.parquet")
     proc = _job("synthesize.py", ["--prompts", str(tmp / "p.parquet"), "--output", str(tmp / "run"),
-                                  "--config", "configs/tiny.yaml", "--no-progress", "--num-actors", "2",
+                                  "--config", "configs/tiny.yaml", "--no-progress", "--num-actors", "1",
                                   "--set", "filter.thresholds={color: 0.0, shape: 1.0}"],
                 _env(tiny_cache, **shared_ray))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -32,7 +32,9 @@ def _env(tiny_cache: Path, **extra: str) -> dict[str, str]:
 
 
 def _run(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, SYNTH, "--config", "configs/tiny.yaml", "--no-progress", *args]
+    # One actor unless a test asks for more (a later --num-actors wins): each actor costs ~4 CPU-s of imports and
+    # model loading, most of a tiny run, and the tests share 2 cores.
+    cmd = [sys.executable, SYNTH, "--config", "configs/tiny.yaml", "--no-progress", "--num-actors", "1", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -190,8 +192,7 @@ def test_actor_death_or_error_mid_shard_is_retried(tmp_path, tiny_cache, shared_
 def test_shard_failing_every_retry_exits_1_then_rerun_completes(tmp_path, tiny_cache, shared_ray) -> None:
     path = _prompts(tmp_path / "p.parquet", compbench_prompts("color_val", 4))
     out = tmp_path / "run"
-    args = ["--prompts", str(path), "--output", str(out), "--num-actors", "2", "--shard-size", "2",
-            "--set", "job.max_shard_retries=1"]
+    args = ["--prompts", str(path), "--output", str(out), "--shard-size", "2", "--set", "job.max_shard_retries=1"]
     proc = _run(args, _env(tiny_cache, **shared_ray, REFEREE_SYNTH_KILL_ACTOR_ON_SHARD="1:5"))
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "000001" in proc.stderr.strip().splitlines()[-1]
@@ -276,6 +277,18 @@ def test_cluster_file_validates_against_rays_schema() -> None:
     # No dashboard or client port opened beyond localhost.
     head_cmds = " ".join(cluster["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_cmds
+
+
+def test_never_more_actors_than_shards_to_do() -> None:
+    """A resumed run or a short night with fewer shards left than --num-actors starts one actor per shard:
+    the others would only load the models (on a cluster, GPU time) and wait."""
+    from jobs.synthesize import _pool_size
+    from pipeline.config_loading import load_config, preset_path
+
+    cfg = load_config(preset_path("tiny"), ["job.num_actors=4", "job.gpus_per_actor=0.5"])
+    assert _pool_size(cfg, local=False, shards=1) == (1, 0.5)
+    assert _pool_size(cfg, local=False, shards=3) == (3, 0.5)
+    assert _pool_size(cfg, local=False, shards=40) == (4, 0.5)
 
 
 def test_driver_plans_without_loading_model_libraries(tmp_path) -> None:
