@@ -267,10 +267,11 @@ def _run(args: argparse.Namespace, cfg: Config, plan: dict[str, Any]) -> int:
     pool = None
     t0 = time.time()
     try:
-        check_placement(cfg, local, len(plan["todo"]))
+        shards = len(plan["todo"])
+        check_placement(cfg, local, shards)
         lease = plan["lease"]
         pool, request = _make_pool(cfg, args.output, plan["model_ids"], plan["info"].config_hash, local,
-                                   lease.me.token, len(plan["todo"]))
+                                   lease.me.token, shards)
         progress = Progress(plan["total_samples"], plan["done_samples"], args.no_progress)
         result = _run_pool(pool, request, plan["todo"], progress, RunMetrics(args.output), lease.ensure_held)
         progress.close()

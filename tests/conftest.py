@@ -87,7 +87,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_configure(config: pytest.Config) -> None:
     """Refuse `--dist loadgroup` where the groups cannot reach the scheduler: pytest-xdist (3.8 and older) names a
     test's group by rewriting its node id, which pytest 9.2 ignores (pytest-xdist issue 1386). Every worker would
-    then build every module fixture (a tiny run each), silently: ~100 s more on 2 cores."""
+    then build every module fixture (a tiny run each), silently: the nightly scenario's five job runs twice."""
     if hasattr(config, "workerinput") or config.getoption("dist", "no") != "loadgroup":
         return
     from importlib.metadata import version

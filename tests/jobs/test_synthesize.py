@@ -32,7 +32,7 @@ def _env(tiny_cache: Path, **extra: str) -> dict[str, str]:
 
 
 def _run(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
-    # One actor unless a test asks for more (a later --num-actors wins): each actor costs ~4 CPU-s of imports and
+    # One actor unless a test asks for more (a later --num-actors wins): each actor costs ~7 CPU-s of imports and
     # model loading, most of a tiny run, and the tests share 2 cores.
     cmd = [sys.executable, SYNTH, "--config", "configs/tiny.yaml", "--no-progress", "--num-actors", "1", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
