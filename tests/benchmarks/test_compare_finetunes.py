@@ -9,14 +9,13 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from tests.jobs.conftest import shared_ray  # noqa: F401 - the job tests' shared Ray head
 from tests.jobs.test_synthesize import _env
 from tests.pipeline.finetune.runs import write_run
 
 pytestmark = pytest.mark.slow
 
 
-def test_the_four_rows_come_from_their_own_generators_and_loras(tmp_path, tiny_cache, shared_ray) -> None:  # noqa: F811
+def test_the_four_rows_come_from_their_own_generators_and_loras(tmp_path, tiny_cache, shared_ray) -> None:
     from pipeline.io.reader import sidecar_records
 
     write_run(tmp_path / "sd", per_shard=3, generator="sd_sampling", config_hash="sd")

@@ -128,16 +128,39 @@ def test_the_console_script_and_a_bad_config_are_one_line(tmp_path) -> None:
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("form", ["gcs", "dashboard"])
-def test_a_reachable_cluster_reports_its_nodes(clean, capsys, monkeypatch, tiny_cfg, shared_ray, form) -> None:
-    """The shared head (token auth on), by its GCS address and by the dashboard address `ray job submit` uses."""
-    for key, value in shared_ray.items():
+def _reports_the_cluster(capsys, monkeypatch, tiny_cfg, auth: dict[str, str], address: str) -> None:
+    for key, value in auth.items():
         monkeypatch.setenv(key, value)
-    address = shared_ray["RAY_ADDRESS"] if form == "gcs" else shared_ray["REFEREE_SYNTH_TEST_DASHBOARD"]
     monkeypatch.setenv("RAY_ADDRESS", address)
     code, out = _doctor(capsys, *TINY, "--set", f"models.tiny_cache_dir={tiny_cfg.models.tiny_cache_dir}",
                         "--ray-timeout", "60")
     assert code == 0, out
     assert f"RAY_ADDRESS={address}: 1 nodes alive, 0 GPUs, 2 CPUs" in _line(out, "cluster")
     assert "RAY_AUTH_MODE=token, token found" in _line(out, "token auth")
+
+
+@pytest.mark.slow
+def test_a_reachable_cluster_reports_its_nodes_by_its_gcs_address(clean, capsys, monkeypatch, tiny_cfg,
+                                                                    shared_ray) -> None:
+    """The shared head (token auth on, no dashboard)."""
+    _reports_the_cluster(capsys, monkeypatch, tiny_cfg, shared_ray, shared_ray["RAY_ADDRESS"])
+
+
+@pytest.mark.slow
+def test_a_reachable_cluster_reports_its_nodes_by_its_dashboard_address(clean, capsys, monkeypatch, tiny_cfg,
+                                                                       tiny_cache) -> None:
+    """A head of its own with a dashboard: the address `ray job submit` uses (the shared head has none)."""
+    import os
+    import secrets
+    from pathlib import Path
+
+    from tests.jobs.ray_head import start_head, stop_head
+
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    head = start_head(str(Path(sys.executable).parent / "ray"), {**env, **auth, "RAY_USAGE_STATS_ENABLED": "0"},
+                      str(ROOT))
+    try:
+        _reports_the_cluster(capsys, monkeypatch, tiny_cfg, auth, f"http://127.0.0.1:{head.dashboard_port}")
+    finally:
+        stop_head(head)
