@@ -99,23 +99,40 @@ def head_processes(head: RayHead) -> list[psutil.Process]:
     return list(found.values())
 
 
-def stop_head(head: RayHead, grace: float = 15) -> None:
-    """Stop exactly this head: its processes get SIGTERM, then SIGKILL after ``grace`` seconds."""
-    procs = head_processes(head)
-    if head.proc is not None and head.proc.poll() is None:
-        procs.append(psutil.Process(head.proc.pid))
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _signal_and_wait(procs: list[psutil.Process], kill: bool, timeout: float) -> list[psutil.Process]:
+    """Send SIGTERM (or SIGKILL) to ``procs``; the ones still running (zombies are done) after ``timeout`` s."""
     for p in procs:
         try:
-            p.terminate()
+            p.kill() if kill else p.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for p in alive:
+    deadline = time.time() + timeout
+    while (left := [p for p in procs if _alive(p)]) and time.time() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def stop_head(head: RayHead, grace: float = 15, straggler_grace: float = 3) -> None:
+    """Stop exactly this head. A blocking `ray start` gets SIGTERM first and stops its own processes (~2 s: SIGTERM to
+    all of them at once left the GCS and raylet up for over 15 s). What is left (a head started elsewhere, workers)
+    gets SIGTERM, and SIGKILL after ``straggler_grace`` seconds: a test head has nothing to save."""
+    procs = {p.pid: p for p in head_processes(head)}  # while `ray start` lives: its descendants are found through it
+    if head.proc is not None and head.proc.poll() is None:
+        head.proc.terminate()
         try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=grace)
+            head.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            procs[head.proc.pid] = psutil.Process(head.proc.pid)
+    procs.update({p.pid: p for p in head_processes(head)})
+    left = _signal_and_wait([p for p in procs.values() if _alive(p)], kill=False, timeout=straggler_grace)
+    _signal_and_wait(left, kill=True, timeout=grace)
     if head.proc is not None:
         head.proc.wait(timeout=grace)
         if head.proc.stderr:

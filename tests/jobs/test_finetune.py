@@ -100,13 +100,19 @@ def _first_step_gradients(trainer_pt: Path) -> list[torch.Tensor]:
 
 
 def test_ray_train_two_workers_give_the_first_step_gradients_of_one_process(run_folder, tiny_cache, shared_ray) -> None:
-    common = ["--run", str(run_folder), "--steps", "1", "--set", "finetune.checkpoint_every=1"]
+    def steps(n: int, out: Path) -> list[str]:
+        return ["--run", str(run_folder), "--steps", str(n), "--set", "finetune.checkpoint_every=1",
+                "--output", str(out)]
+
+    two_workers = ["--num-workers", "2", "--set", "finetune.batch_size=2"]
+    # One process, both steps at once: it keeps the step-1 checkpoint (finetune.checkpoints_kept 2) and ends with the
+    # weights the two workers' resumed run must reach. Its own resume is tested above.
     one = run_folder.parent / "one-process"
-    proc = _finetune([*common, "--output", str(one), "--set", "finetune.batch_size=4"], _env(tiny_cache))
+    proc = _finetune([*steps(2, one), "--set", "finetune.batch_size=4"], _env(tiny_cache))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {"step-0000001", "step-0000002"} <= {p.name for p in (one / "checkpoints").iterdir()}
     two = run_folder.parent / "two-workers"
-    proc = _finetune([*common, "--output", str(two), "--num-workers", "2", "--set", "finetune.batch_size=2"],
-                     _env(tiny_cache, **shared_ray))
+    proc = _finetune([*steps(1, two), *two_workers], _env(tiny_cache, **shared_ray))
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
     ray_ckpts = sorted((two / "ray" / "finetune").glob("checkpoint_*/trainer.pt"))
     assert ray_ckpts, os.listdir(two / "ray" / "finetune")
@@ -121,14 +127,11 @@ def test_ray_train_two_workers_give_the_first_step_gradients_of_one_process(run_
     card = json.loads((two / "finetune.json").read_text())
     assert card["processes"] == 2 and card["global_batch"] == 4
 
-    # A rerun with more steps resumes from the newest checkpoint: Ray Train's (same storage path and name) and
-    # the single process's; both then end with the same weights.
+    # A rerun with more steps resumes from Ray Train's newest checkpoint (same storage path and name) and ends with
+    # the single process's weights.
     first = (two / "loss.csv").read_text().splitlines()
-    for out, extra in ((one, ["--set", "finetune.batch_size=4"]),
-                       (two, ["--num-workers", "2", "--set", "finetune.batch_size=2"])):
-        args = ["--run", str(run_folder), "--steps", "2", "--set", "finetune.checkpoint_every=1", "--output", str(out)]
-        proc = _finetune([*args, *extra], _env(tiny_cache, **(shared_ray if out == two else {})))
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _finetune([*steps(2, two), *two_workers], _env(tiny_cache, **shared_ray))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (two / "loss.csv").read_text().splitlines()
     assert lines[:2] == first and len(lines) == 3
     assert json.loads((two / "finetune.json").read_text())["steps"] == 2
