@@ -18,7 +18,6 @@ placed under ``{prompt_id}\\x1f{n}`` (its n-th repeat), so it has its own slot t
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -229,7 +228,11 @@ def read_placement(fs: pafs.FileSystem, out: str) -> Placement | None:
     if not storage.exists(fs, path):
         return None
     try:
-        return Placement.from_table(pq.read_table(io.BytesIO(storage.read_bytes(fs, path))))
+        # A native file, never Python bytes: the reader's pre-buffer futures can outlive read_table, and releasing a
+        # Python-backed buffer on an Arrow I/O thread while the interpreter exits aborts the process
+        # ("terminate called without an active exception": a refused night exited -6 instead of 2 under load).
+        with fs.open_input_file(path) as handle:
+            return Placement.from_table(pq.read_table(handle))
     except (pa.ArrowException, KeyError, ValueError) as err:
         raise UserError(f"output {out}: {PLACEMENT_FILE} cannot be read ({str(err).splitlines()[0][:120]}); "
                         "it records which shard every prompt has: restore it, or use a new --output") from None
