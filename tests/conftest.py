@@ -37,22 +37,14 @@ def shared_ray(tiny_cache: Path):
     process (defined here, not in a test module: a module importing it would start a second head). It has no
     dashboard (up for the whole suite, one costs ~3% of a core); `ray job submit` and the dashboard address are
     tested on heads of their own."""
-    import secrets
-    import sys
+    from tests.jobs.ray_head import start_token_head, stop_head
 
-    from tests.jobs.ray_head import start_head, stop_head
-
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    full = dict(os.environ, **env, RAY_USAGE_STATS_ENABLED="0", REFEREE_SYNTH_CACHE=str(tiny_cache), PATH=path)
-    full.pop("RAY_ADDRESS", None)
     try:
-        head = start_head(ray_bin, full, str(ROOT), dashboard=False)
+        head, auth = start_token_head(tiny_cache, dashboard=False)
     except RuntimeError as err:
         pytest.fail(str(err))
     try:
-        yield {**env, "RAY_ADDRESS": head.address}
+        yield {**auth, "RAY_ADDRESS": head.address}
     finally:
         stop_head(head)  # this head only: other Ray clusters on the machine are left alone
 

@@ -7,15 +7,20 @@ stopped.
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from tests.conftest import ROOT
 
 
 @dataclass
@@ -43,18 +48,17 @@ def listening(port: int) -> bool:
 
 def private_ports(port: int, dashboard_port: int) -> list[str]:
     """Flags that keep a second head off the fixed ports of another Ray on the machine (the GCS,
-    the dashboard and the dashboard agent's 52365, without which `ray job submit` finds no agent)."""
-    return [f"--port={port}", f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={free_port()}"]
+    the dashboard unless ``dashboard_port`` is 0, and the dashboard agent's 52365, without which
+    `ray job submit` finds no agent)."""
+    dashboard = [f"--dashboard-port={dashboard_port}"] if dashboard_port else []
+    return [f"--port={port}", *dashboard, f"--dashboard-agent-listen-port={free_port()}"]
 
 
 def head_command(ray_bin: str, temp_dir: str, port: int, dashboard_port: int) -> list[str]:
     """`ray start --head` on private ports; ``dashboard_port`` 0 starts no dashboard."""
-    if dashboard_port:
-        ports = [*private_ports(port, dashboard_port), "--dashboard-host=127.0.0.1"]
-    else:
-        ports = [f"--port={port}", "--include-dashboard=false", f"--dashboard-agent-listen-port={free_port()}"]
-    return [ray_bin, "start", "--head", *ports, "--node-ip-address=127.0.0.1", "--num-cpus=2",
-            "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    dashboard = ["--dashboard-host=127.0.0.1"] if dashboard_port else ["--include-dashboard=false"]
+    return [ray_bin, "start", "--head", *private_ports(port, dashboard_port), *dashboard, "--node-ip-address=127.0.0.1",
+            "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
 
 
 def start_head(ray_bin: str, env: dict[str, str], cwd: str, timeout: float = 180, dashboard: bool = True) -> RayHead:
@@ -130,7 +134,7 @@ def stop_head(head: RayHead, grace: float = 15, straggler_grace: float = 3) -> N
             head.proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             procs[head.proc.pid] = psutil.Process(head.proc.pid)
-    procs.update({p.pid: p for p in head_processes(head)})
+        procs.update({p.pid: p for p in head_processes(head)})  # any it started while stopping
     left = _signal_and_wait([p for p in procs.values() if _alive(p)], kill=False, timeout=straggler_grace)
     _signal_and_wait(left, kill=True, timeout=grace)
     if head.proc is not None:
@@ -138,3 +142,16 @@ def stop_head(head: RayHead, grace: float = 15, straggler_grace: float = 3) -> N
         if head.proc.stderr:
             head.proc.stderr.close()
     shutil.rmtree(head.temp_dir, ignore_errors=True)
+
+
+
+def start_token_head(tiny_cache: Path, dashboard: bool) -> tuple[RayHead, dict[str, str]]:
+    """A test's own head with token authentication, as on a real cluster: (the head, the auth entries a client needs).
+    Its processes see the tiny cache, this interpreter's bin folder and no outer RAY_ADDRESS. Stop it with stop_head."""
+    bin_dir = str(Path(sys.executable).parent)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = dict(os.environ, **auth, RAY_USAGE_STATS_ENABLED="0", REFEREE_SYNTH_CACHE=str(tiny_cache),
+               PATH=os.pathsep.join([bin_dir, os.environ.get("PATH", "")]))
+    env.pop("RAY_ADDRESS", None)
+    head = start_head(str(Path(bin_dir) / "ray"), env, str(ROOT), dashboard=dashboard)
+    return head, auth

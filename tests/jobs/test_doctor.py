@@ -150,16 +150,9 @@ def test_a_reachable_cluster_reports_its_nodes_by_its_gcs_address(clean, capsys,
 def test_a_reachable_cluster_reports_its_nodes_by_its_dashboard_address(clean, capsys, monkeypatch, tiny_cfg,
                                                                        tiny_cache) -> None:
     """A head of its own with a dashboard: the address `ray job submit` uses (the shared head has none)."""
-    import os
-    import secrets
-    from pathlib import Path
+    from tests.jobs.ray_head import start_token_head, stop_head
 
-    from tests.jobs.ray_head import start_head, stop_head
-
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    head = start_head(str(Path(sys.executable).parent / "ray"), {**env, **auth, "RAY_USAGE_STATS_ENABLED": "0"},
-                      str(ROOT))
+    head, auth = start_token_head(tiny_cache, dashboard=True)
     try:
         _reports_the_cluster(capsys, monkeypatch, tiny_cfg, auth, f"http://127.0.0.1:{head.dashboard_port}")
     finally:
