@@ -134,16 +134,16 @@ class RunLease:
         self.ensure_held()
         try:
             self.fence.check()
-        except LeaseLost as err:  # found here before the heartbeat did: the same fault, said the same way
-            self.lost = f"{self.uri}: this driver lost the run lease ({err})"
+        except LeaseLost as err:
+            # The heartbeat may find the same loss at this moment: stop it first, so that its warning (if any)
+            # comes before the caller's error, which must be the driver's last line.
+            self._halt_heartbeat()
+            self.lost = self.lost or f"{self.uri}: this driver lost the run lease ({err})"
             raise LeaseLost(self.lost) from None
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lease if it is still ours (idempotent)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        self._halt_heartbeat()
         try:
             current = self._read()
             if current is not None and current.token == self.me.token:
@@ -158,6 +158,12 @@ class RunLease:
         self.release()
 
     # ---- internals ----------------------------------------------------------------------------
+    def _halt_heartbeat(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
     def _payload(self) -> bytes:
         return json.dumps(asdict(self.me)).encode()
 
@@ -252,9 +258,10 @@ class RunLease:
             if current is None or current.token != self.me.token:
                 # Gone (another driver finished and released it) or taken: never write it again.
                 whose = "removed" if current is None else f"taken over by {current.describe(time.time())}"
-                self.lost = f"{self.uri}: this driver lost the run lease ({whose}); it publishes nothing more"
-                log.error(self.lost)
-                print(f"warning: {self.lost}", file=sys.stderr)
+                lost = f"{self.uri}: this driver lost the run lease ({whose}); it publishes nothing more"
+                log.error(lost)
+                print(f"warning: {lost}", file=sys.stderr)
+                self.lost = lost  # only now: the driver's error, raised on seeing it, must come after the warning
                 return
             self.me.heartbeat = time.time()
             try:

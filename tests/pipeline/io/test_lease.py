@@ -131,6 +131,31 @@ def test_a_take_over_found_by_verify_before_the_heartbeat_says_the_lease_was_los
     assert json.loads((tmp_path / LEASE_NAME).read_text())["token"] == "driver-b"  # not removed: not ours
 
 
+def test_the_heartbeats_warning_never_comes_after_the_drivers_error(tmp_path, capsys) -> None:
+    # The driver's last stderr line is its error: whichever of verify and the heartbeat finds the loss first,
+    # nothing is printed once verify has raised (CI once saw the heartbeat's warning land after the error).
+    for attempt in range(20):
+        out = tmp_path / str(attempt)
+        lease = _lease(out, heartbeat_s=0.005, stale_s=1.0).acquire()
+        try:
+            time.sleep(0.005 * (attempt % 4))  # the beat and the take-over meet at different moments
+            for _ in range(100):  # a beat that read the lease just before may write it back once: take it again
+                _write_holder(tmp_path / "next", host="node-b", token="driver-b")
+                os.replace(tmp_path / "next" / LEASE_NAME, out / LEASE_NAME)  # atomic, as a take-over writes it
+                try:
+                    lease.verify()
+                except LeaseLost as err:
+                    assert "host node-b" in str(err)
+                    break
+            else:
+                pytest.fail("verify never saw the take-over")
+            said = capsys.readouterr().err
+            time.sleep(0.05)  # ten beat periods
+            assert capsys.readouterr().err == "", f"printed after verify raised (attempt {attempt}); before: {said}"
+        finally:
+            lease.release()
+
+
 @pytest.mark.parametrize("how", ["taken over", "removed"])
 def test_a_driver_that_lost_its_lease_never_writes_it_again(tmp_path, how) -> None:
     lease = _lease(tmp_path, heartbeat_s=0.05, stale_s=1.0).acquire()
