@@ -123,15 +123,16 @@ def _signal_and_wait(procs: list[psutil.Process], kill: bool, timeout: float) ->
     return left
 
 
-def stop_head(head: RayHead, grace: float = 15, straggler_grace: float = 3) -> None:
+def stop_head(head: RayHead, grace: float = 15, straggler_grace: float = 3, start_grace: float = 5) -> None:
     """Stop exactly this head. A blocking `ray start` gets SIGTERM first and stops its own processes (~2 s: SIGTERM to
-    all of them at once left the GCS and raylet up for over 15 s). What is left (a head started elsewhere, workers)
-    gets SIGTERM, and SIGKILL after ``straggler_grace`` seconds: a test head has nothing to save."""
+    all of them at once left the GCS and raylet up for over 15 s); it gets ``start_grace`` seconds (after a whole
+    suite's jobs one took over 15 s). What is left (a head started elsewhere, workers) gets SIGTERM, and SIGKILL
+    after ``straggler_grace`` seconds: a test head has nothing to save."""
     procs = {p.pid: p for p in head_processes(head)}  # while `ray start` lives: its descendants are found through it
     if head.proc is not None and head.proc.poll() is None:
         head.proc.terminate()
         try:
-            head.proc.wait(timeout=grace)
+            head.proc.wait(timeout=start_grace)
         except subprocess.TimeoutExpired:
             procs[head.proc.pid] = psutil.Process(head.proc.pid)
         procs.update({p.pid: p for p in head_processes(head)})  # any it started while stopping

@@ -89,7 +89,7 @@ def test_actor_killed_twice_on_one_shard_moves_on(tmp_path, tiny_cache, shared_r
     assert json.loads((out / "summary.json").read_text())["retries"] == 2
 
 
-def test_sigterm_stops_actors_and_the_rerun_resumes(tmp_path, tiny_cache) -> None:
+def test_sigterm_stops_actors_and_the_rerun_resumes(tmp_path, tiny_cache, shared_ray) -> None:
     path = _table(tmp_path, 12)
     out = tmp_path / "run"
     args = ["--prompts", str(path), "--output", str(out), "--num-actors", "1", "--shard-size", "2"]
@@ -116,7 +116,7 @@ def test_sigterm_stops_actors_and_the_rerun_resumes(tmp_path, tiny_cache) -> Non
     # The actors are gone with the driver's local Ray.
     time.sleep(2)
     assert _tagged_processes("ray::ShardWorker", tag) == []
-    again = _run(args, _env(tiny_cache))
+    again = _run(args, _env(tiny_cache, **shared_ray))  # the resume itself needs no Ray of its own
     assert again.returncode == 0, again.stderr[-3000:]
     _check_complete_run(out, {(r, 0) for r in range(12)})
 
