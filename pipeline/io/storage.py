@@ -98,20 +98,18 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 
 
 # Debug hook for fault tests, off unless set: writes whose path contains TEXT are refused ("TEXT"),
-# or only the first N tries in this process ("TEXT:N", a transient fault).
+# or only the first N tries in this process ("TEXT:N", a transient fault); several faults: "TEXT:N,OTHER".
 REFUSE_WRITES_ENV = "REFEREE_SYNTH_REFUSE_WRITES"
 _refused: dict[str, int] = {}
 
 
 def _maybe_refuse(path: str) -> None:
-    spec = os.environ.get(REFUSE_WRITES_ENV)
-    if not spec:
-        return
-    needle, _, times = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
-    if needle not in path or (times and _refused.get(path, 0) >= int(times)):
-        return
-    _refused[path] = _refused.get(path, 0) + 1
-    raise OSError(errno.EACCES, f"injected: write refused for {path}")
+    for spec in filter(None, os.environ.get(REFUSE_WRITES_ENV, "").split(",")):
+        needle, _, times = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
+        if needle not in path or (times and _refused.get(path, 0) >= int(times)):
+            continue
+        _refused[path] = _refused.get(path, 0) + 1
+        raise OSError(errno.EACCES, f"injected: write refused for {path}")
 
 
 def upload_file_atomic(fs: pafs.FileSystem, local_file: str, path: str) -> None:

@@ -159,14 +159,14 @@ def test_transient_publish_faults_are_retried_without_recomputing_the_shard(tmp_
     """The sidecar upload fails twice and the marker once (a flaky object store): the actor retries each
     upload with backoff, so the shard completes on its first attempt and no GPU work is redone."""
     path = _table(tmp_path, 4)
-    for i, needle in enumerate(("000001.parquet:2", "000000.stats.json:1")):
-        out = tmp_path / f"run{i}"
-        args = ["--prompts", str(path), "--output", str(out), "--num-actors", "1", "--shard-size", "2",
-                "--set", "job.max_shard_retries=0"]
-        proc = _run(args, _env(tiny_cache, **shared_ray, REFEREE_SYNTH_REFUSE_WRITES=needle))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert json.loads((out / "summary.json").read_text())["retries"] == 0
-        _check_complete_run(out, {(r, 0) for r in range(4)})
+    out = tmp_path / "run"
+    args = ["--prompts", str(path), "--output", str(out), "--num-actors", "1", "--shard-size", "2",
+            "--set", "job.max_shard_retries=0"]
+    faults = "000001.parquet:2,000000.stats.json:1"  # both in one run
+    proc = _run(args, _env(tiny_cache, **shared_ray, REFEREE_SYNTH_REFUSE_WRITES=faults))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["retries"] == 0
+    _check_complete_run(out, {(r, 0) for r in range(4)})
 
 
 def test_rerun_after_faults_has_exactly_one_record_per_row_and_sample(tmp_path, tiny_cache, shared_ray) -> None:

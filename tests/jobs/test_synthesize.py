@@ -107,7 +107,7 @@ def _check_complete_run(out: Path, expected: set[tuple[int, int]]) -> list[dict]
     return side
 
 
-def test_end_to_end_two_actors_with_bad_rows(tmp_path, tiny_cache) -> None:
+def test_end_to_end_two_actors_with_bad_rows(tmp_path, tiny_cache, shared_ray) -> None:
     good = compbench_prompts("color_val", 7)
     prompts = good[:3] + [None, "", "   ", "x" * 1001] + good[3:] + [good[0]]
     ids = [f"id{i}" for i in range(len(prompts) - 1)] + ["id0"]  # last one duplicates id0
@@ -138,9 +138,9 @@ def test_end_to_end_two_actors_with_bad_rows(tmp_path, tiny_cache) -> None:
     run = json.loads((out / "run.json").read_text())
     assert run["input"]["total_rows"] == len(prompts) and run["num_shards"] == 4
 
-    # Rerun: everything complete, nothing rewritten.
+    # Rerun (on the shared head: the local Ray was tested above): everything complete, nothing rewritten.
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
-    again = _run(job, _env(tiny_cache))
+    again = _run(job, _env(tiny_cache, **shared_ray))
     assert again.returncode == 0, again.stderr[-2000:]
     assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == mtimes
 
@@ -152,7 +152,7 @@ def test_end_to_end_two_actors_with_bad_rows(tmp_path, tiny_cache) -> None:
     assert "--force" in changed.stderr and "Traceback" not in changed.stderr
 
 
-def test_driver_sigkill_then_resume(tmp_path, tiny_cache) -> None:
+def test_driver_sigkill_then_resume(tmp_path, tiny_cache, shared_ray) -> None:
     prompts = compbench_prompts("shape_val", 12)
     path = _prompts(tmp_path / "p.parquet", prompts)
     out = tmp_path / "run"
@@ -170,7 +170,7 @@ def test_driver_sigkill_then_resume(tmp_path, tiny_cache) -> None:
     kept = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()
             if p.name.split(".")[0] + ".stats.json" in done_before}
     time.sleep(3)  # let the orphaned local Ray notice its driver is gone
-    again = _run(args, _env(tiny_cache))
+    again = _run(args, _env(tiny_cache, **shared_ray))  # the resume needs no Ray of its own
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming:" in again.stderr
     _check_complete_run(out, {(r, 0) for r in range(len(prompts))})

@@ -109,6 +109,14 @@ def test_transient_publish_faults_are_retried_with_backoff(tmp_path, monkeypatch
     w.add(_rec(6, 0, 0, "accepted"), encode_image(torch.rand(3, 8, 8), "png"))
     w.finish(rows=1, seconds=0.1, config_hash="h")
     assert shard_is_complete(fs, out, 6, "h")
+    capsys.readouterr()
+    monkeypatch.setenv(storage.REFUSE_WRITES_ENV, "000008.parquet:1,000008.stats.json:1")  # two faults at once
+    w = ShardWriter(fs, out, 8, "png", keep_rejected=False, retry=_retry(2))
+    w.add(_rec(8, 0, 0, "accepted"), encode_image(torch.rand(3, 8, 8), "png"))
+    w.finish(rows=1, seconds=0.1, config_hash="h")
+    assert shard_is_complete(fs, out, 8, "h")
+    err = capsys.readouterr().err
+    assert "000008.parquet" in err and "000008.stats.json" in err and err.count("publishing") == 2
 
 
 def test_a_lasting_publish_fault_fails_the_shard_after_the_bounded_tries(tmp_path, monkeypatch) -> None:
