@@ -45,6 +45,9 @@ lint: setup
 TEST_JOBS ?= 2
 # The project's modules compiled once: the tests start hundreds of job, actor and Ray worker processes, and where
 # PYTHONDONTWRITEBYTECODE is set each would compile them again. The slowest tests are listed at the end.
+# Torch on one thread per process unless OMP_NUM_THREADS says otherwise: the TEST_JOBS workers and their jobs already
+# fill the cores, and on 2 cores the suite took 716 s on one thread against 776-816 s on two (oversubscribed).
+test: export OMP_NUM_THREADS ?= 1
 test: setup
 	$(PY) -m compileall -q pipeline jobs actors schemas benchmarks tests >/dev/null
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup --durations=15
