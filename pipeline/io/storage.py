@@ -105,7 +105,9 @@ _refused: dict[str, int] = {}
 
 def _maybe_refuse(path: str) -> None:
     for spec in filter(None, os.environ.get(REFUSE_WRITES_ENV, "").split(",")):
-        needle, _, times = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
+        needle, _, times = spec.rpartition(":")
+        if not times.isdigit():  # no count: the whole spec is the text
+            needle, times = spec, ""
         if needle not in path or (times and _refused.get(path, 0) >= int(times)):
             continue
         _refused[path] = _refused.get(path, 0) + 1

@@ -145,7 +145,6 @@ def stop_head(head: RayHead, grace: float = 15, straggler_grace: float = 3, star
     shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
-
 def start_token_head(tiny_cache: Path, dashboard: bool) -> tuple[RayHead, dict[str, str]]:
     """A test's own head with token authentication, as on a real cluster: (the head, the auth entries a client needs).
     Its processes see the tiny cache, this interpreter's bin folder and no outer RAY_ADDRESS. Stop it with stop_head."""
